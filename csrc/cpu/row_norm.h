@@ -1,0 +1,253 @@
+// CPU LayerNorm / RMSNorm over rows of a [M, N] view. Parallel over rows (at::parallel_for);
+// each row is read from memory once: converted into a cache-resident accumulation buffer
+// (or used in place for fp32/fp64), then reduced twice from cache (exact two-pass) and written.
+// Hot loops are plain loops over arrays that the compiler vectorizes (-O3, host ISA flags):
+// fixed-width accumulator arrays make the reductions vectorize without -ffast-math and keep
+// the summation order fixed, so results are bitwise reproducible.
+#pragma once
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <type_traits>
+#include <vector>
+
+#include "common/dispatch.h"
+#include "common/row_norm_args.h"
+#include "common/welford.h"
+
+namespace fusenorm::cpu {
+
+constexpr int kLanes = 32;  // independent partial sums: 4 AVX2 vectors of fp32
+
+// sum_i (v_i - c)
+template <typename A>
+inline A sum_of(const A* v, int64_t n, A c) {
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += v[i + j] - c;
+  A s = 0;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += v[i] - c;
+  return s;
+}
+
+// sum_i ((v_i - c) - m)^2
+template <typename A>
+inline A sq_dev_of(const A* v, int64_t n, A c, A m) {
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      A d = (v[i + j] - c) - m;
+      acc[j] += d * d;
+    }
+  A s = 0;
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (; i < n; ++i) s += ((v[i] - c) - m) * ((v[i] - c) - m);
+  return s;
+}
+
+// (sum_i g_i, sum_i g_i * (v_i - c)) with g = dy * w
+template <typename A>
+inline void grad_sums(const A* dy, const A* w, const A* v, int64_t n, A c, A& s_g, A& s_gx) {
+  A a1[kLanes] = {}, a2[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) {
+      A g = dy[i + j] * w[i + j];
+      a1[j] += g;
+      a2[j] += g * (v[i + j] - c);
+    }
+  s_g = 0;
+  s_gx = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    s_g += a1[j];
+    s_gx += a2[j];
+  }
+  for (; i < n; ++i) {
+    A g = dy[i] * w[i];
+    s_g += g;
+    s_gx += g * (v[i] - c);
+  }
+}
+
+template <typename T, typename A>
+inline void to_acc(const T* src, A* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<A>(src[i]);
+}
+
+// Row as an accumulation-type array: in place when T == A, else converted into buf.
+template <typename T, typename A>
+inline const A* row_as_acc(const T* src, A* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, A>) {
+    return src;
+  } else {
+    to_acc(src, buf, n);
+    return buf;
+  }
+}
+
+// Parameters as accumulation-type arrays; ones/zeros stand in for absent weight/bias.
+template <typename W, typename A>
+std::vector<A> param_as_acc(const at::Tensor* p, int64_t n, A fill) {
+  std::vector<A> out(n, fill);
+  if (p) {
+    at::Tensor c = p->contiguous();
+    to_acc(c.data_ptr<W>(), out.data(), n);
+  }
+  return out;
+}
+
+inline int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)); }
+
+template <typename T, typename W, bool RMS>
+void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias, int64_t M,
+                         int64_t N, double eps, at::Tensor& y, at::Tensor* mean, at::Tensor& rstd) {
+  using A = acc_t<T>;
+  const std::vector<A> w = param_as_acc<W, A>(weight, N, A(1));
+  const std::vector<A> b = param_as_acc<W, A>(bias, N, A(0));
+  const T* X = x.data_ptr<T>();
+  T* Y = y.data_ptr<T>();
+  A* MEAN = mean ? mean->data_ptr<A>() : nullptr;
+  A* RSTD = rstd.data_ptr<A>();
+  const A* wp = w.data();
+  const A* bp = b.data();
+  at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+    std::vector<A> buf(std::is_same_v<T, A> ? 0 : N);
+    for (int64_t r = begin; r < end; ++r) {
+      const A* v = row_as_acc(X + r * N, buf.data(), N);
+      // Statistics of v - c with the pivot c = v[0]: exact differences keep a large mean from
+      // swamping a small spread (mean 1e4, std 1e-2 in fp32).
+      const A c = RMS ? A(0) : v[0];
+      const A mu = RMS ? A(0) : sum_of(v, N, c) / A(N);
+      const A var = sq_dev_of(v, N, c, mu) / A(N);
+      const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));
+      T* out = Y + r * N;
+      for (int64_t i = 0; i < N; ++i) out[i] = static_cast<T>(((v[i] - c) - mu) * rs * wp[i] + bp[i]);
+      if (MEAN) MEAN[r] = c + mu;
+      RSTD[r] = rs;
+    }
+  });
+}
+
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dy * w   (RMS: no mean(g) term)
+// dw = sum_rows dy * xhat, db = sum_rows dy, from per-chunk partials summed in a fixed order.
+template <typename T, typename W, bool RMS>
+void row_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* mean, const at::Tensor& rstd,
+                         const at::Tensor* weight, int64_t M, int64_t N, bool want_dx, bool want_dw, bool want_db,
+                         at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+  using A = acc_t<T>;
+  const std::vector<A> w = param_as_acc<W, A>(weight, N, A(1));
+  const T* X = x.data_ptr<T>();
+  const T* DY = dy.data_ptr<T>();
+  T* DX = want_dx ? dx.data_ptr<T>() : nullptr;
+  const A* MEAN = mean ? mean->data_ptr<A>() : nullptr;
+  const A* RSTD = rstd.data_ptr<A>();
+  const bool want_params = want_dw || want_db;
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(M, at::get_num_threads()));
+  std::vector<A> part_w(want_dw ? chunks * N : 0, A(0)), part_b(want_db ? chunks * N : 0, A(0));
+  const A* wp = w.data();
+  at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+    std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), dybuf(std::is_same_v<T, A> ? 0 : N);
+    for (int64_t c = cb; c < ce; ++c) {
+      A* pw = want_dw ? part_w.data() + c * N : nullptr;
+      A* pb = want_db ? part_b.data() + c * N : nullptr;
+      for (int64_t r = M * c / chunks; r < M * (c + 1) / chunks; ++r) {
+        const A* v = row_as_acc(X + r * N, xbuf.data(), N);
+        const A* g = row_as_acc(DY + r * N, dybuf.data(), N);
+        const A mu = MEAN ? MEAN[r] : A(0);
+        const A rs = RSTD[r];
+        if (want_dx) {
+          A s_g, s_gx;
+          grad_sums(g, wp, v, N, mu, s_g, s_gx);
+          const A a = RMS ? A(0) : s_g / A(N);
+          const A cc = s_gx * rs / A(N);
+          T* out = DX + r * N;
+          for (int64_t i = 0; i < N; ++i) {
+            A xhat = (v[i] - mu) * rs;
+            out[i] = static_cast<T>(rs * (g[i] * wp[i] - a - xhat * cc));
+          }
+        }
+        if (want_params) {
+          if (pw)
+            for (int64_t i = 0; i < N; ++i) pw[i] += g[i] * ((v[i] - mu) * rs);
+          if (pb)
+            for (int64_t i = 0; i < N; ++i) pb[i] += g[i];
+        }
+      }
+    }
+  });
+  auto finish = [&](const std::vector<A>& part, at::Tensor& out) {
+    W* o = out.data_ptr<W>();
+    at::parallel_for(0, N, 4096, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        A s = 0;
+        for (int64_t c = 0; c < chunks; ++c) s += part[c * N + i];
+        o[i] = static_cast<W>(s);
+      }
+    });
+  };
+  if (want_dw) finish(part_w, dw);
+  if (want_db) finish(part_b, db);
+}
+
+// Op-level entry points shared by layer_norm.cpp and rms_norm.cpp.
+template <bool RMS>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_forward(const char* op, const at::Tensor& x,
+                                                                at::IntArrayRef normalized_shape,
+                                                                const std::optional<at::Tensor>& weight,
+                                                                const std::optional<at::Tensor>& bias, double eps) {
+  RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
+  at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
+  at::Tensor mean = RMS ? at::Tensor() : at::empty(s.stat_shape, sopt);
+  at::Tensor rstd = at::empty(s.stat_shape, sopt);
+  if (s.M > 0 && s.N > 0) {
+    FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), op, [&] {
+      row_norm_fwd_kernel<scalar_t, param_t, RMS>(xc, opt_ptr(weight), opt_ptr(bias), s.M, s.N, eps, y,
+                                                  RMS ? nullptr : &mean, rstd);
+    });
+  } else if (s.M > 0) {  // empty rows: variance 0
+    if (!RMS) mean.zero_();
+    rstd.fill_(1.0 / std::sqrt(eps));
+  }
+  return {y, mean, rstd};
+}
+
+template <bool RMS>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_backward(
+    const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor* mean, const at::Tensor& rstd,
+    at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, bool want_dx, bool want_dw, bool want_db) {
+  RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
+  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output of size ", dy.sizes(), " does not match input of size ",
+              x.sizes());
+  want_dw = want_dw && opt_ptr(weight);
+  want_db = want_db && opt_ptr(bias);
+  at::Tensor xc = x.contiguous(), dyc = dy.to(x.scalar_type()).contiguous();
+  at::Tensor dx = want_dx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
+                          : at::empty({0}, x.options());
+  at::Tensor dw = want_dw ? at::empty(weight->sizes(), weight->options()) : at::empty({0}, x.options());
+  at::Tensor db = want_db ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, x.options());
+  if (s.M == 0 || s.N == 0) {
+    if (want_dw) dw.zero_();
+    if (want_db) db.zero_();
+    return {dx, dw, db};
+  }
+  at::Tensor meanc = mean ? mean->contiguous() : at::Tensor();
+  at::Tensor rstdc = rstd.contiguous();
+  FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), op, [&] {
+    row_norm_bwd_kernel<scalar_t, param_t, RMS>(dyc, xc, mean ? &meanc : nullptr, rstdc, opt_ptr(weight), s.M,
+                                                s.N, want_dx, want_dw, want_db, dx, dw, db);
+  });
+  return {dx, dw, db};
+}
+
+}  // namespace fusenorm::cpu

@@ -1,0 +1,41 @@
+// Every fusenorm schema, in one place. Implementations live in csrc/<backend>/<norm>.{cpp,cu};
+// fake (meta) kernels are registered from python/fusenorm/_ops.py.
+//
+// Conventions:
+//  * forward ops return (y, <statistics>); statistics are fp32 (fp64 for fp64 inputs) and have the
+//    input's leading shape, so that backward never recomputes them.
+//  * backward ops take an output mask; an output that is not asked for comes back as an empty tensor.
+//  * no op mutates its arguments, so torch.compile keeps them in the graph.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusenorm, m) {
+  // LayerNorm over the trailing dims given by normalized_shape.
+  m.def("layer_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
+        " -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, int[] normalized_shape,"
+        " Tensor? weight, Tensor? bias, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // RMSNorm: no mean, no bias.
+  m.def("rms_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
+  m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor rstd, int[] normalized_shape, Tensor? weight,"
+        " bool[2] output_mask) -> (Tensor dx, Tensor dweight)");
+}
+
+// fusenorm._C is a plain module: importing it runs the registrations above.
+static struct PyModuleDef fusenorm_module = {PyModuleDef_HEAD_INIT, "_C", "fusenorm kernels", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&fusenorm_module);
+  if (m == nullptr) return nullptr;
+#ifdef FUSENORM_WITH_CUDA
+  PyModule_AddIntConstant(m, "WITH_CUDA", 1);
+#else
+  PyModule_AddIntConstant(m, "WITH_CUDA", 0);
+#endif
+#if defined(__AVX2__)
+  PyModule_AddStringConstant(m, "CPU_ISA", "avx2");
+#else
+  PyModule_AddStringConstant(m, "CPU_ISA", "baseline");
+#endif
+  return m;
+}

@@ -1,0 +1,31 @@
+"""fusenorm: fused CPU and CUDA kernels for torch.nn's normalization layers."""
+from __future__ import annotations
+
+import torch
+
+from . import _C, _ops  # noqa: F401  (ops, fakes)
+from .functional import layer_norm, rms_norm
+from .modules import LayerNorm, RMSNorm, convert
+
+__version__ = "0.1.0"
+
+
+def cuda_kernels_compiled() -> bool:
+    """True when this build of fusenorm contains the CUDA kernels (whether or not a GPU is present)."""
+    return bool(_C.WITH_CUDA)
+
+
+def cpu_isa() -> str:
+    """The vector ISA the CPU kernels were compiled for ('avx2' or 'baseline')."""
+    return _C.CPU_ISA
+
+
+__all__ = [
+    "LayerNorm",
+    "RMSNorm",
+    "layer_norm",
+    "rms_norm",
+    "convert",
+    "cuda_kernels_compiled",
+    "cpu_isa",
+]

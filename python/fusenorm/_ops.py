@@ -1,0 +1,49 @@
+"""Fake (meta) kernels for every fusenorm op: shapes and dtypes only, never data."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import _C  # noqa: F401  (registers the ops)
+
+
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _lead(x: torch.Tensor, normalized_shape: Sequence[int]) -> list:
+    return list(x.shape[: x.dim() - len(normalized_shape)])
+
+
+def _masked(want: bool, like: Optional[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    if want and like is not None:
+        return torch.empty_like(like, memory_format=torch.contiguous_format)
+    return x.new_empty((0,))
+
+
+@torch.library.register_fake("fusenorm::layer_norm_fwd")
+def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps):
+    lead = _lead(x, normalized_shape)
+    stat = x.new_empty(lead, dtype=_stat_dtype(x))
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stat, stat.clone()
+
+
+@torch.library.register_fake("fusenorm::layer_norm_bwd")
+def _layer_norm_bwd_fake(dy, x, mean, rstd, normalized_shape, weight, bias, output_mask):
+    return (
+        _masked(output_mask[0], x, x),
+        _masked(output_mask[1], weight, x),
+        _masked(output_mask[2], bias, x),
+    )
+
+
+@torch.library.register_fake("fusenorm::rms_norm_fwd")
+def _rms_norm_fwd_fake(x, normalized_shape, weight, eps):
+    lead = _lead(x, normalized_shape)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(lead, dtype=_stat_dtype(x))
+
+
+@torch.library.register_fake("fusenorm::rms_norm_bwd")
+def _rms_norm_bwd_fake(dy, x, rstd, normalized_shape, weight, output_mask):
+    return _masked(output_mask[0], x, x), _masked(output_mask[1], weight, x)

@@ -1,0 +1,111 @@
+"""Functional API with the signatures of torch.nn.functional, backed by torch.ops.fusenorm.*.
+
+The autograd Functions call only fusenorm ops (which have fake kernels), so
+torch.compile(fullgraph=True) traces them without a graph break and keeps our kernels.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from . import _ops  # noqa: F401  (ops + fakes)
+
+_ShapeT = Union[int, Sequence[int], torch.Size]
+
+
+def _as_shape(normalized_shape: _ShapeT) -> List[int]:
+    if isinstance(normalized_shape, int):
+        return [normalized_shape]
+    return [int(s) for s in normalized_shape]
+
+
+def _autocast_fp32(x: torch.Tensor, *params: Optional[torch.Tensor]):
+    """torch's autocast runs layer_norm / rms_norm in fp32 on CUDA (and casts nothing on CPU)."""
+    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        cast = lambda t: t.float() if t is not None and t.is_floating_point() else t  # noqa: E731
+        return (cast(x),) + tuple(cast(p) for p in params)
+    return (x,) + params
+
+
+def _need(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and t.requires_grad
+
+
+def _or_none(t: torch.Tensor, want: bool) -> Optional[torch.Tensor]:
+    return t if want else None
+
+
+class LayerNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps):
+        y, mean, rstd = torch.ops.fusenorm.layer_norm_fwd(x, normalized_shape, weight, bias, eps)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.normalized_shape = normalized_shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
+                bias is not None and ctx.needs_input_grad[3]]
+        dx, dw, db = torch.ops.fusenorm.layer_norm_bwd(
+            dy, x, mean, rstd, ctx.normalized_shape, weight, bias, mask
+        )
+        return _or_none(dx, mask[0]), None, _or_none(dw, mask[1]), _or_none(db, mask[2]), None
+
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, eps):
+        y, rstd = torch.ops.fusenorm.rms_norm_fwd(x, normalized_shape, weight, eps)
+        ctx.save_for_backward(x, rstd, weight)
+        ctx.normalized_shape = normalized_shape
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, rstd, weight = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]]
+        dx, dw = torch.ops.fusenorm.rms_norm_bwd(dy, x, rstd, ctx.normalized_shape, weight, mask)
+        return _or_none(dx, mask[0]), None, _or_none(dw, mask[1]), None
+
+
+def layer_norm(
+    input: torch.Tensor,
+    normalized_shape: _ShapeT,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm over the trailing dims. input: [*, *normalized_shape]; weight, bias: normalized_shape."""
+    x, weight, bias = _autocast_fp32(input, weight, bias)
+    shape = _as_shape(normalized_shape)
+    if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
+        return LayerNormFunction.apply(x, shape, weight, bias, float(eps))
+    return torch.ops.fusenorm.layer_norm_fwd(x, shape, weight, bias, float(eps))[0]
+
+
+def rms_norm(
+    input: torch.Tensor,
+    normalized_shape: _ShapeT,
+    weight: Optional[torch.Tensor] = None,
+    eps: Optional[float] = None,
+) -> torch.Tensor:
+    """RMSNorm over the trailing dims. input: [*, *normalized_shape]; weight: normalized_shape.
+
+    eps=None uses the machine epsilon of the computation type (fp32 for half types), as torch does."""
+    x, weight = _autocast_fp32(input, weight)
+    if eps is None:
+        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+    shape = _as_shape(normalized_shape)
+    if torch.is_grad_enabled() and (x.requires_grad or _need(weight)):
+        return RMSNormFunction.apply(x, shape, weight, float(eps))
+    return torch.ops.fusenorm.rms_norm_fwd(x, shape, weight, float(eps))[0]
+
+
+def layer_norm_with_stats(
+    input: torch.Tensor, normalized_shape: _ShapeT, weight=None, bias=None, eps: float = 1e-5
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Forward only: (y, mean, rstd) with fp32 statistics of shape input.shape[:-len(normalized_shape)]."""
+    return torch.ops.fusenorm.layer_norm_fwd(input, _as_shape(normalized_shape), weight, bias, float(eps))

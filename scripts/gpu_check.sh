@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The GPU evidence: build for the local GPU only, run the whole test suite (CUDA included),
+# a compute-sanitizer sweep (memcheck + racecheck) and the GPU benchmark; write logs and JSON
+# into the folder given as $1. Budget: under 8 minutes on an H100 machine.
+#   usage: scripts/gpu_check.sh OUTDIR
+set -u
+OUTDIR=${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
+mkdir -p "$OUTDIR"
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD/python${PYTHONPATH:+:$PYTHONPATH}
+START=$(date +%s)
+step() { echo "=== [$(( $(date +%s) - START ))s] $*"; }
+
+step "device"
+nvidia-smi -L | tee "$OUTDIR/device.txt"
+$PY -c "import torch;print('torch',torch.__version__,'cuda',torch.version.cuda,torch.cuda.get_device_name())" | tee -a "$OUTDIR/device.txt"
+
+step "build (local arch only, $(nproc) jobs)"
+ARCH=$($PY -c "import torch;print('%d.%d'%torch.cuda.get_device_capability())")
+rm -rf build python/fusenorm/_C*.so
+BUILD_T0=$(date +%s)
+if ! TORCH_CUDA_ARCH_LIST=$ARCH MAX_JOBS=$(nproc) FUSENORM_CUDA=1 $PY setup.py build_ext --inplace >"$OUTDIR/build.log" 2>&1; then
+  tail -40 "$OUTDIR/build.log"; echo "BUILD FAILED"; exit 1
+fi
+BUILD_S=$(( $(date +%s) - BUILD_T0 ))
+grep -iE "ptxas.*(spill|stack)" "$OUTDIR/build.log" | head -5
+
+step "tests"
+timeout 240 $PY -m pytest -q -p no:cacheprovider --timeout 120 tests -rfE >"$OUTDIR/pytest.log" 2>&1
+TEST_RC=$?
+tail -15 "$OUTDIR/pytest.log"
+
+step "compute-sanitizer"
+SAN_RC=0
+{
+  timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
+  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
+} >"$OUTDIR/sanitizer.log" 2>&1
+grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize sweep|MISMATCH" "$OUTDIR/sanitizer.log" | head -20
+
+step "benchmark"
+timeout 200 $PY -m benchmarks --full --device cuda --out "$OUTDIR" >"$OUTDIR/bench.log" 2>&1
+BENCH_RC=$?
+tail -60 "$OUTDIR/bench.log"
+
+$PY - "$OUTDIR" "$TEST_RC" "$SAN_RC" "$BENCH_RC" "$BUILD_S" <<'PYEOF'
+import json, sys, re, datetime, torch
+out, test_rc, san_rc, bench_rc, build_s = sys.argv[1], *map(int, sys.argv[2:])
+log = open(f"{out}/pytest.log").read()
+m = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", log.splitlines()[-1] if log else "")}
+json.dump({
+    "device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
+    "commit": __import__("os").environ.get("FUSENORM_COMMIT", "unknown"),
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "build_seconds": build_s, "tests": m, "tests_rc": test_rc, "sanitizer_rc": san_rc, "bench_rc": bench_rc,
+}, open(f"{out}/summary.json", "w"), indent=1)
+print(open(f"{out}/summary.json").read())
+PYEOF
+step "done"

@@ -1,0 +1,49 @@
+"""Shared test setup: devices, dtypes, tolerances, and the comparison rule.
+
+Rule (flash-attention's): fusenorm's error against an fp64 reference may be at most twice
+torch.nn's own error in the same dtype, plus a small per-dtype atol."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+sys.path.insert(0, os.path.dirname(__file__))
+
+import fusenorm  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+CUDA_SKIP = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU visible (CUDA kernels are compiled but cannot run here)")
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=CUDA_SKIP)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+# atol added to 2x torch's own error, per dtype
+ATOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    if a.numel() == 0:
+        return 0.0
+    return (a.double() - ref.double()).abs().max().item()
+
+
+def assert_close_as_torch(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.Tensor, dtype, what: str = "",
+                          scale: float = 1.0) -> None:
+    """ours and theirs (torch.nn in the same dtype) against an fp64 reference."""
+    assert ours.shape == ref.shape, (what, ours.shape, ref.shape)
+    assert ours.dtype == theirs.dtype, (what, ours.dtype, theirs.dtype)
+    assert torch.isfinite(ours).all() == torch.isfinite(ref).all(), f"{what}: non-finite values differ"
+    e_ours, e_torch = max_err(ours, ref), max_err(theirs, ref)
+    bound = 2 * e_torch + ATOL[dtype] * scale
+    assert e_ours <= bound, f"{what}: fusenorm error {e_ours:.3g} > bound {bound:.3g} (torch.nn error {e_torch:.3g})"
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    # fresh random data per test, but reproducible from the test id
+    torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
+    yield

@@ -1,0 +1,37 @@
+"""fusenorm::layer_norm_fwd / layer_norm_bwd, fusenorm.layer_norm and fusenorm.LayerNorm against torch.nn."""
+import pytest
+import torch
+from row_norm_cases import *  # noqa: F401,F403
+from row_norm_cases import NormSpec
+
+import fusenorm
+
+
+@pytest.fixture
+def spec():
+    return NormSpec(
+        name="layer_norm",
+        ours=fusenorm.layer_norm,
+        theirs=torch.nn.functional.layer_norm,
+        has_bias=True,
+        ours_module=fusenorm.LayerNorm,
+        theirs_module=torch.nn.LayerNorm,
+        fwd_op=torch.ops.fusenorm.layer_norm_fwd,
+        bwd_op=torch.ops.fusenorm.layer_norm_bwd,
+    )
+
+
+def test_statistics_are_fp32_and_exact():
+    x = torch.randn(5, 7, 300, dtype=torch.bfloat16)
+    y, mean, rstd = torch.ops.fusenorm.layer_norm_fwd(x, [300], None, None, 1e-5)
+    assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (5, 7)
+    xd = x.double()
+    torch.testing.assert_close(mean.double(), xd.mean(-1), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(rstd.double(), (xd.var(-1, unbiased=False) + 1e-5).rsqrt(), atol=1e-5, rtol=1e-5)
+
+
+def test_bias_false_module():
+    m = fusenorm.LayerNorm(16, bias=False)
+    assert m.bias is None and "bias" not in m.state_dict()
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(m(x), torch.nn.functional.layer_norm(x, (16,), m.weight, None))

@@ -1,0 +1,30 @@
+"""fusenorm::rms_norm_fwd / rms_norm_bwd, fusenorm.rms_norm and fusenorm.RMSNorm against torch.nn."""
+import pytest
+import torch
+from row_norm_cases import *  # noqa: F401,F403
+from row_norm_cases import NormSpec
+
+import fusenorm
+
+
+@pytest.fixture
+def spec():
+    return NormSpec(
+        name="rms_norm",
+        ours=fusenorm.rms_norm,
+        theirs=torch.nn.functional.rms_norm,
+        has_bias=False,
+        ours_module=fusenorm.RMSNorm,
+        theirs_module=torch.nn.RMSNorm,
+        fwd_op=torch.ops.fusenorm.rms_norm_fwd,
+        bwd_op=torch.ops.fusenorm.rms_norm_bwd,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_default_eps_matches_torch(dtype):
+    """eps=None: the epsilon of the computation type (fp32 for half inputs), as torch uses."""
+    x = torch.full((2, 4), 1e-4, dtype=dtype)
+    torch.testing.assert_close(fusenorm.rms_norm(x, (4,)), torch.nn.functional.rms_norm(x, (4,)))
+    m, t = fusenorm.RMSNorm(4), torch.nn.RMSNorm(4)
+    assert m.eps is None and repr(m) == repr(t).replace("RMSNorm", "RMSNorm")
