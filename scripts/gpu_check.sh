@@ -27,20 +27,20 @@ BUILD_S=$(( $(date +%s) - BUILD_T0 ))
 grep -iE "ptxas.*(spill|stack)" "$OUTDIR/build.log" | head -5
 
 step "tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider --timeout 120 tests -rfE >"$OUTDIR/pytest.log" 2>&1
+timeout 200 $PY -m pytest -q -p no:cacheprovider --timeout 120 tests -rfE >"$OUTDIR/pytest.log" 2>&1
 TEST_RC=$?
 tail -15 "$OUTDIR/pytest.log"
 
 step "compute-sanitizer"
 SAN_RC=0
 {
-  timeout 100 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
-  timeout 100 compute-sanitizer --tool racecheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
+  timeout 80 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
+  timeout 80 compute-sanitizer --tool racecheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
 } >"$OUTDIR/sanitizer.log" 2>&1
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize sweep|MISMATCH" "$OUTDIR/sanitizer.log" | head -20
 
 step "benchmark"
-timeout 200 $PY -m benchmarks --full --device cuda --out "$OUTDIR" >"$OUTDIR/bench.log" 2>&1
+timeout 170 $PY -m benchmarks --full --device cuda --out "$OUTDIR" >"$OUTDIR/bench.log" 2>&1
 BENCH_RC=$?
 tail -60 "$OUTDIR/bench.log"
 
