@@ -1,0 +1,14 @@
+"""One suite module per norm; each exposes ``cases(device, full, dtypes)`` and ``peers()``."""
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Dict
+
+from . import layer_norm, rms_norm
+
+SUITES: Dict[str, ModuleType] = {
+    "layer_norm": layer_norm,
+    "rms_norm": rms_norm,
+}
+
+__all__ = ["SUITES"]
