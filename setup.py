@@ -98,8 +98,8 @@ def _default_arch_list():
 
 
 def extensions():
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-fvisibility=hidden"] + _host_vector_flags()
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-fopenmp"] + _host_vector_flags()
     macros = []
     if _want_cuda():
         _default_arch_list()

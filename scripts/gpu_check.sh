@@ -43,10 +43,13 @@ SAN_RC=0
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize sweep|MISMATCH" "$OUTDIR/sanitizer.log" | head -20
 else SAN_RC=-1; fi
 
+BENCH_RC=-1
+if [ "${SKIP_BENCH:-0}" != 1 ]; then
 step "benchmark"
 timeout ${BENCH_TIMEOUT:-170} $PY -m benchmarks ${BENCH_SUITE:---full} --device cuda --out "$OUTDIR" --quiet >"$OUTDIR/bench.log" 2>&1
 BENCH_RC=$?
 tail -60 "$OUTDIR/bench.log"
+fi
 
 $PY - "$OUTDIR" "$TEST_RC" "$SAN_RC" "$BENCH_RC" "$BUILD_S" <<'PYEOF'
 import json, sys, re, datetime, torch

@@ -32,6 +32,11 @@ __device__ __forceinline__ A rsqrt_acc(A v) {
   return ::rsqrt(v);
 }
 
+// dy * w rounded once, never contracted into an FMA: the backward computes it twice (for the row
+// sums and for dx), and the two must agree bit for bit or g - mean(g) stops cancelling exactly.
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
 // Threads per block for a kernel with G threads per row.
 constexpr int block_threads(int G) { return G < 128 ? 128 : G; }
 
@@ -218,7 +223,7 @@ __global__ void __launch_bounds__(block_threads(G))
         for (int j = 0; j < V; ++j) {
           xv[k][j] = (static_cast<A>(tx.v[j]) - mu) * rs;  // xhat
           gv[k][j] = static_cast<A>(td.v[j]);              // dy
-          const A g = w ? gv[k][j] * static_cast<A>(wv.v[j]) : gv[k][j];
+          const A g = w ? mul_rn(gv[k][j], static_cast<A>(wv.v[j])) : gv[k][j];
           s_g += g;
           s_gx += g * xv[k][j];
         }
@@ -240,7 +245,7 @@ __global__ void __launch_bounds__(block_threads(G))
         Vec<T, V> o;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const A g = w ? gv[k][j] * static_cast<A>(wv.v[j]) : gv[k][j];
+          const A g = w ? mul_rn(gv[k][j], static_cast<A>(wv.v[j])) : gv[k][j];
           o.v[j] = static_cast<T>(rs * (g - a - xv[k][j] * c));
           dwa[k][j] += gv[k][j] * xv[k][j];
           dba[k][j] += gv[k][j];
@@ -309,7 +314,7 @@ __global__ void __launch_bounds__(kRowBlock)
     const A rs = rstd[row];
     A s_g = A(0), s_gx = A(0);
     for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
-      const A g = w ? static_cast<A>(dr[i]) * static_cast<A>(w[i]) : static_cast<A>(dr[i]);
+      const A g = w ? mul_rn(static_cast<A>(dr[i]), static_cast<A>(w[i])) : static_cast<A>(dr[i]);
       s_g += g;
       s_gx += g * (static_cast<A>(xr[i]) - mu) * rs;
     }
@@ -320,7 +325,7 @@ __global__ void __launch_bounds__(kRowBlock)
     for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
       const A d = static_cast<A>(dr[i]);
       const A xhat = (static_cast<A>(xr[i]) - mu) * rs;
-      const A g = w ? d * static_cast<A>(w[i]) : d;
+      const A g = w ? mul_rn(d, static_cast<A>(w[i])) : d;
       if (dx) dx[row * N + i] = static_cast<T>(rs * (g - a - xhat * c));
       if (part_w) part_w[blockIdx.x * N + i] = (first ? A(0) : part_w[blockIdx.x * N + i]) + d * xhat;
       if (part_b) part_b[blockIdx.x * N + i] = (first ? A(0) : part_b[blockIdx.x * N + i]) + d;

@@ -21,7 +21,8 @@ def _as_shape(normalized_shape: _ShapeT) -> List[int]:
 
 
 def _autocast_fp32(x: torch.Tensor, *params: Optional[torch.Tensor]):
-    """torch's autocast runs layer_norm / rms_norm in fp32 on CUDA (and casts nothing on CPU)."""
+    """torch's CUDA autocast runs layer_norm in fp32 (and casts nothing on CPU). rms_norm is not
+    cast: torch returns the input's dtype under autocast, computing in fp32 inside, as we do."""
     if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
         cast = lambda t: t.float() if t is not None and t.is_floating_point() else t  # noqa: E731
         return (cast(x),) + tuple(cast(p) for p in params)
@@ -95,7 +96,7 @@ def rms_norm(
     """RMSNorm over the trailing dims. input: [*, *normalized_shape]; weight: normalized_shape.
 
     eps=None uses the machine epsilon of the computation type (fp32 for half types), as torch does."""
-    x, weight = _autocast_fp32(input, weight)
+    x = input
     if eps is None:
         eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     shape = _as_shape(normalized_shape)

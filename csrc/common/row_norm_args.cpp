@@ -1,0 +1,59 @@
+// Argument checks shared by LayerNorm and RMSNorm on every backend, worded like torch.nn's.
+#include "common/row_norm_args.h"
+
+#include <string>
+
+namespace fusenorm {
+
+RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape,
+                                    const std::optional<at::Tensor>& weight,
+                                    const std::optional<at::Tensor>& bias) {
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
+              "element, but got normalized_shape = ", normalized_shape);
+  // torch.nn raises NotImplementedError for non-floating inputs; so do we.
+  TORCH_CHECK_NOT_IMPLEMENTED(
+      x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
+          x.scalar_type() == at::kBFloat16,
+      "\"", op, "\" not implemented for '", c10::toString(x.scalar_type()),
+      "' (expected a float32, float64, float16 or bfloat16 input)");
+  const int64_t d = x.dim();
+  bool ok = d >= k;
+  for (int64_t i = 0; ok && i < k; ++i) ok = x.size(d - k + i) == normalized_shape[i];
+  if (!ok) {
+    std::string dims;
+    for (auto v : normalized_shape) dims += ", " + std::to_string(v);
+    TORCH_CHECK(false, "Given normalized_shape=", normalized_shape, ", expected input with shape [*", dims,
+                "], but got input of size", x.sizes());
+  }
+  for (int which = 0; which < 2; ++which) {
+    const std::optional<at::Tensor>& p = which == 0 ? weight : bias;
+    const char* name = which == 0 ? "weight" : "bias";
+    if (!p.has_value() || !p->defined()) continue;
+    TORCH_CHECK(p->sizes().equals(normalized_shape), "Expected ", name,
+                " to be of same shape as normalized_shape, but got ", name, " of shape ", p->sizes(),
+                " and normalized_shape = ", normalized_shape);
+    TORCH_CHECK(p->device() == x.device(), op, ": expected ", name, " on ", x.device(), " like the input, got ",
+                p->device());
+    TORCH_CHECK(p->scalar_type() == x.scalar_type() ||
+                    (p->scalar_type() == at::kFloat &&
+                     (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)),
+                op, ": mixed dtype: ", name, " is ", p->scalar_type(), " but the input is ", x.scalar_type(),
+                "; parameters must match the input, or be float32 for a float16/bfloat16 input");
+  }
+  if (weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
+    TORCH_CHECK(weight->scalar_type() == bias->scalar_type(), op, ": weight (", weight->scalar_type(),
+                ") and bias (", bias->scalar_type(), ") must have the same dtype");
+  }
+  RowShape s;
+  s.N = 1;
+  for (auto v : normalized_shape) s.N *= v;
+  s.M = 1;
+  for (int64_t i = 0; i < d - k; ++i) {
+    s.M *= x.size(i);
+    s.stat_shape.push_back(x.size(i));
+  }
+  return s;
+}
+
+}  // namespace fusenorm
