@@ -41,6 +41,6 @@
           return __VA_ARGS__();                                                               \
         }                                                                                     \
       default:                                                                                \
-        TORCH_CHECK(false, NAME, ": expected a floating-point input, but got ", (XTYPE));     \
+        TORCH_CHECK(false, NAME, ": expected a floating-point input, but got ", c10::toString(XTYPE)); \
     }                                                                                         \
   }()

@@ -5,12 +5,22 @@
 
 namespace fusenorm {
 
+// Sizes formatted as "[4, 8]" with std::to_string. Messages never stream integers through
+// std::ostream: with a libstdc++ at run time older than the compiler's (seen on a GPU machine),
+// the inlined numeric insertion crashes, and an error message must never crash.
+std::string shape_str(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
+
 RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape,
                                     const std::optional<at::Tensor>& weight,
                                     const std::optional<at::Tensor>& bias) {
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  const std::string ns = shape_str(normalized_shape);
   TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
-              "element, but got normalized_shape = ", normalized_shape);
+              "element, but got normalized_shape = ", ns);
   // torch.nn raises NotImplementedError for non-floating inputs; so do we.
   TORCH_CHECK_NOT_IMPLEMENTED(
       x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
@@ -23,27 +33,28 @@ RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRe
   if (!ok) {
     std::string dims;
     for (auto v : normalized_shape) dims += ", " + std::to_string(v);
-    TORCH_CHECK(false, "Given normalized_shape=", normalized_shape, ", expected input with shape [*", dims,
-                "], but got input of size", x.sizes());
+    TORCH_CHECK(false, "Given normalized_shape=", ns, ", expected input with shape [*", dims,
+                "], but got input of size", shape_str(x.sizes()));
   }
   for (int which = 0; which < 2; ++which) {
     const std::optional<at::Tensor>& p = which == 0 ? weight : bias;
     const char* name = which == 0 ? "weight" : "bias";
     if (!p.has_value() || !p->defined()) continue;
     TORCH_CHECK(p->sizes().equals(normalized_shape), "Expected ", name,
-                " to be of same shape as normalized_shape, but got ", name, " of shape ", p->sizes(),
-                " and normalized_shape = ", normalized_shape);
-    TORCH_CHECK(p->device() == x.device(), op, ": expected ", name, " on ", x.device(), " like the input, got ",
-                p->device());
+                " to be of same shape as normalized_shape, but got ", name, " of shape ", shape_str(p->sizes()),
+                " and normalized_shape = ", ns);
+    TORCH_CHECK(p->device() == x.device(), op, ": expected ", name, " on ", x.device().str(), " like the input, got ",
+                p->device().str());
     TORCH_CHECK(p->scalar_type() == x.scalar_type() ||
                     (p->scalar_type() == at::kFloat &&
                      (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16)),
-                op, ": mixed dtype: ", name, " is ", p->scalar_type(), " but the input is ", x.scalar_type(),
+                op, ": mixed dtype: ", name, " is ", c10::toString(p->scalar_type()), " but the input is ",
+                c10::toString(x.scalar_type()),
                 "; parameters must match the input, or be float32 for a float16/bfloat16 input");
   }
   if (weight.has_value() && weight->defined() && bias.has_value() && bias->defined()) {
-    TORCH_CHECK(weight->scalar_type() == bias->scalar_type(), op, ": weight (", weight->scalar_type(),
-                ") and bias (", bias->scalar_type(), ") must have the same dtype");
+    TORCH_CHECK(weight->scalar_type() == bias->scalar_type(), op, ": weight (", c10::toString(weight->scalar_type()),
+                ") and bias (", c10::toString(bias->scalar_type()), ") must have the same dtype");
   }
   RowShape s;
   s.N = 1;

@@ -3,6 +3,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <string>
 #include <vector>
 
 namespace fusenorm {
@@ -12,6 +13,9 @@ struct RowShape {
   int64_t N;  // row length: product of normalized_shape
   std::vector<int64_t> stat_shape;  // leading dims of x
 };
+
+// "[4, 8]": for error messages (see row_norm_args.cpp for why not operator<<).
+std::string shape_str(at::IntArrayRef sizes);
 
 // Validates x / normalized_shape / weight / bias like torch.nn and returns the [M, N] view.
 // Defined once, in row_norm_args.cpp, for every backend.

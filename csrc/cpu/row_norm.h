@@ -227,8 +227,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_backward(
     at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, bool want_dx, bool want_dw, bool want_db) {
   RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output of size ", dy.sizes(), " does not match input of size ",
-              x.sizes());
+  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output of size ", shape_str(dy.sizes()),
+              " does not match input of size ", shape_str(x.sizes()));
   want_dw = want_dw && opt_ptr(weight);
   want_db = want_db && opt_ptr(bias);
   at::Tensor xc = x.contiguous(), dyc = dy.to(x.scalar_type()).contiguous();
