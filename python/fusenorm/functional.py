@@ -20,10 +20,14 @@ def _as_shape(normalized_shape: _ShapeT) -> List[int]:
     return [int(s) for s in normalized_shape]
 
 
+_LN_FWD = torch.ops.fusenorm.layer_norm_fwd.default
+_RMS_FWD = torch.ops.fusenorm.rms_norm_fwd.default
+
+
 def _autocast_fp32(x: torch.Tensor, *params: Optional[torch.Tensor]):
     """torch's CUDA autocast runs layer_norm in fp32 (and casts nothing on CPU). rms_norm is not
     cast: torch returns the input's dtype under autocast, computing in fp32 inside, as we do."""
-    if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+    if x.is_cuda and torch.is_autocast_enabled("cuda"):
         cast = lambda t: t.float() if t is not None and t.is_floating_point() else t  # noqa: E731
         return (cast(x),) + tuple(cast(p) for p in params)
     return (x,) + params
@@ -84,7 +88,7 @@ def layer_norm(
     shape = _as_shape(normalized_shape)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
         return LayerNormFunction.apply(x, shape, weight, bias, float(eps))
-    return torch.ops.fusenorm.layer_norm_fwd(x, shape, weight, bias, float(eps))[0]
+    return _LN_FWD(x, shape, weight, bias, float(eps))[0]
 
 
 def rms_norm(
@@ -102,7 +106,7 @@ def rms_norm(
     shape = _as_shape(normalized_shape)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight)):
         return RMSNormFunction.apply(x, shape, weight, float(eps))
-    return torch.ops.fusenorm.rms_norm_fwd(x, shape, weight, float(eps))[0]
+    return _RMS_FWD(x, shape, weight, float(eps))[0]
 
 
 def layer_norm_with_stats(
