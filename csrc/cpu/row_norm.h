@@ -18,6 +18,7 @@
 
 #include "common/dispatch.h"
 #include "common/row_norm_args.h"
+#include "common/row_norm_ops.h"
 #include "common/welford.h"
 
 #if defined(__AVX2__) && defined(__F16C__)
@@ -275,57 +276,19 @@ void row_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Te
   if (want_db) finish(part_b, db);
 }
 
-// Op-level entry points shared by layer_norm.cpp and rms_norm.cpp.
-template <bool RMS>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_forward(const char* op, const at::Tensor& x,
-                                                                at::IntArrayRef normalized_shape,
-                                                                const std::optional<at::Tensor>& weight,
-                                                                const std::optional<at::Tensor>& bias, double eps) {
-  RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
-  at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
-  at::Tensor mean = RMS ? at::Tensor() : at::empty(s.stat_shape, sopt);
-  at::Tensor rstd = at::empty(s.stat_shape, sopt);
-  if (s.M > 0 && s.N > 0) {
-    FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), op, [&] {
-      row_norm_fwd_kernel<scalar_t, param_t, RMS>(xc, opt_ptr(weight), opt_ptr(bias), s.M, s.N, eps, y,
-                                                  RMS ? nullptr : &mean, rstd);
-    });
-  } else if (s.M > 0) {  // empty rows: variance 0
-    if (!RMS) mean.zero_();
-    rstd.fill_(1.0 / std::sqrt(eps));
+// The backend that common/row_norm_ops.h wraps into ops.
+struct Backend {
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+  template <typename T, typename W, bool RMS, typename... Args>
+  static void fwd(Args&&... args) {
+    row_norm_fwd_kernel<T, W, RMS>(std::forward<Args>(args)...);
   }
-  return {y, mean, rstd};
-}
-
-template <bool RMS>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_backward(
-    const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor* mean, const at::Tensor& rstd,
-    at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool want_dx, bool want_dw, bool want_db) {
-  RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output of size ", shape_str(dy.sizes()),
-              " does not match input of size ", shape_str(x.sizes()));
-  want_dw = want_dw && opt_ptr(weight);
-  want_db = want_db && opt_ptr(bias);
-  at::Tensor xc = x.contiguous(), dyc = dy.to(x.scalar_type()).contiguous();
-  at::Tensor dx = want_dx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
-                          : at::empty({0}, x.options());
-  at::Tensor dw = want_dw ? at::empty(weight->sizes(), weight->options()) : at::empty({0}, x.options());
-  at::Tensor db = want_db ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, x.options());
-  if (s.M == 0 || s.N == 0) {
-    if (want_dw) dw.zero_();
-    if (want_db) db.zero_();
-    return {dx, dw, db};
+  template <typename T, typename W, bool RMS, typename... Args>
+  static void bwd(Args&&... args) {
+    row_norm_bwd_kernel<T, W, RMS>(std::forward<Args>(args)...);
   }
-  at::Tensor meanc = mean ? mean->contiguous() : at::Tensor();
-  at::Tensor rstdc = rstd.contiguous();
-  FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), op, [&] {
-    row_norm_bwd_kernel<scalar_t, param_t, RMS>(dyc, xc, mean ? &meanc : nullptr, rstdc, opt_ptr(weight), s.M,
-                                                s.N, want_dx, want_dw, want_db, dx, dw, db);
-  });
-  return {dx, dw, db};
-}
+};
 
 }  // namespace fusenorm::cpu

@@ -1,27 +1,11 @@
-// fusenorm::rms_norm_fwd / rms_norm_bwd on CUDA. Kernels: row_norm.cuh (shared with LayerNorm).
+// fusenorm::rms_norm_fwd / rms_norm_bwd on CUDA. Kernels: cuda/row_norm.cuh (shared by the row norms);
+// the op wrappers: common/row_norm_ops.h.
 #include <torch/library.h>
 
 #include "cuda/row_norm.cuh"
 
-namespace fusenorm::cuda {
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_fwd(const at::Tensor& x, at::IntArrayRef normalized_shape,
-                                                const std::optional<at::Tensor>& weight, double eps) {
-  auto [y, mean, rstd] = row_norm_forward<true>("fusenorm.rms_norm", x, normalized_shape, weight, std::nullopt, eps);
-  return {y, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rstd,
-                                                at::IntArrayRef normalized_shape,
-                                                const std::optional<at::Tensor>& weight, std::array<bool, 2> mask) {
-  auto [dx, dw, db] = row_norm_backward<true>("fusenorm.rms_norm", dy, x, nullptr, rstd, normalized_shape, weight,
-                                              std::nullopt, mask[0], mask[1], false);
-  return {dx, dw};
-}
-
-}  // namespace fusenorm::cuda
-
 TORCH_LIBRARY_IMPL(fusenorm, CUDA, m) {
-  m.impl("rms_norm_fwd", &fusenorm::cuda::rms_norm_fwd);
-  m.impl("rms_norm_bwd", &fusenorm::cuda::rms_norm_bwd);
+  using Ops = fusenorm::RowNormOps<fusenorm::cuda::Backend>;
+  m.impl("rms_norm_fwd", &Ops::rms_norm_fwd);
+  m.impl("rms_norm_bwd", &Ops::rms_norm_bwd);
 }

@@ -22,6 +22,7 @@
 #include "common/dispatch.h"
 #include "common/reduce.cuh"
 #include "common/row_norm_args.h"
+#include "common/row_norm_ops.h"
 #include "common/vec.cuh"
 #include "common/welford.h"
 
@@ -487,75 +488,40 @@ void launch_bwd(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* r
 }
 
 template <typename P>
-inline const P* param_ptr(const std::optional<at::Tensor>& t, at::Tensor& keep) {
-  if (!(t.has_value() && t->defined())) return nullptr;
+inline const P* param_ptr(const at::Tensor* t, at::Tensor& keep) {
+  if (!t) return nullptr;
   keep = t->contiguous();
   return keep.data_ptr<P>();
 }
 
-// Op-level entry points shared by layer_norm.cu and rms_norm.cu.
-template <bool RMS>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_forward(const char* op, const at::Tensor& x,
-                                                                at::IntArrayRef normalized_shape,
-                                                                const std::optional<at::Tensor>& weight,
-                                                                const std::optional<at::Tensor>& bias, double eps) {
-  RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
-  c10::cuda::CUDAGuard guard(x.device());
-  at::Tensor xc = x.contiguous();
-  at::Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
-  at::Tensor mean = RMS ? at::Tensor() : at::empty(s.stat_shape, sopt);
-  at::Tensor rstd = at::empty(s.stat_shape, sopt);
-  if (s.M > 0 && s.N > 0) {
-    FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), op, [&] {
-      using A = acc_t<scalar_t>;
-      at::Tensor wk, bk;
-      launch_fwd<scalar_t, param_t, RMS>(xc.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                         param_ptr<param_t>(weight, wk), param_ptr<param_t>(bias, bk),
-                                         RMS ? nullptr : mean.data_ptr<A>(), rstd.data_ptr<A>(), s.M, s.N, eps,
-                                         x.get_device(), c10::cuda::getCurrentCUDAStream());
-    });
-  } else if (s.M > 0) {
-    if (!RMS) mean.zero_();
-    rstd.fill_(1.0 / std::sqrt(eps));
-  }
-  return {y, mean, rstd};
-}
+// The backend that common/row_norm_ops.h wraps into ops.
+struct Backend {
+  struct Guard {
+    c10::cuda::CUDAGuard guard;
+    explicit Guard(const at::Tensor& x) : guard(x.device()) {}
+  };
 
-template <bool RMS>
-std::tuple<at::Tensor, at::Tensor, at::Tensor> row_norm_backward(
-    const char* op, const at::Tensor& dy, const at::Tensor& x, const at::Tensor* mean, const at::Tensor& rstd,
-    at::IntArrayRef normalized_shape, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, bool want_dx, bool want_dw, bool want_db) {
-  RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
-  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output of size ", shape_str(dy.sizes()),
-              " does not match input of size ", shape_str(x.sizes()));
-  c10::cuda::CUDAGuard guard(x.device());
-  want_dw = want_dw && opt_ptr(weight);
-  want_db = want_db && opt_ptr(bias);
-  at::Tensor xc = x.contiguous(), dyc = dy.to(x.scalar_type()).contiguous();
-  at::Tensor dx = want_dx ? at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous))
-                          : at::empty({0}, x.options());
-  at::Tensor dw = want_dw ? at::empty(weight->sizes(), weight->options()) : at::empty({0}, x.options());
-  at::Tensor db = want_db ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, x.options());
-  if (s.M == 0 || s.N == 0) {
-    if (want_dw) dw.zero_();
-    if (want_db) db.zero_();
-    return {dx, dw, db};
-  }
-  if (!want_dx && !want_dw && !want_db) return {dx, dw, db};
-  at::Tensor meanc = mean ? mean->contiguous() : at::Tensor();
-  at::Tensor rstdc = rstd.contiguous();
-  FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), op, [&] {
-    using A = acc_t<scalar_t>;
+  template <typename T, typename W, bool RMS>
+  static void fwd(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias, int64_t M, int64_t N,
+                  double eps, at::Tensor& y, at::Tensor* mean, at::Tensor& rstd) {
+    using A = acc_t<T>;
     at::Tensor wk, bk;
-    launch_bwd<scalar_t, param_t, RMS>(
-        dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), mean ? meanc.data_ptr<A>() : nullptr,
-        rstdc.data_ptr<A>(), param_ptr<param_t>(weight, wk), want_dx ? dx.data_ptr<scalar_t>() : nullptr,
-        want_dw ? dw.data_ptr<param_t>() : nullptr, want_db ? db.data_ptr<param_t>() : nullptr, s.M, s.N,
-        x.get_device(), c10::cuda::getCurrentCUDAStream(), x.options().dtype(stat_dtype(x.scalar_type())));
-  });
-  return {dx, dw, db};
-}
+    launch_fwd<T, W, RMS>(x.data_ptr<T>(), y.data_ptr<T>(), param_ptr<W>(weight, wk), param_ptr<W>(bias, bk),
+                          mean ? mean->data_ptr<A>() : nullptr, rstd.data_ptr<A>(), M, N, eps, x.get_device(),
+                          c10::cuda::getCurrentCUDAStream());
+  }
+
+  template <typename T, typename W, bool RMS>
+  static void bwd(const at::Tensor& dy, const at::Tensor& x, const at::Tensor* mean, const at::Tensor& rstd,
+                  const at::Tensor* weight, int64_t M, int64_t N, bool want_dx, bool want_dw, bool want_db,
+                  at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+    using A = acc_t<T>;
+    at::Tensor wk;
+    launch_bwd<T, W, RMS>(dy.data_ptr<T>(), x.data_ptr<T>(), mean ? mean->data_ptr<A>() : nullptr,
+                          rstd.data_ptr<A>(), param_ptr<W>(weight, wk), want_dx ? dx.data_ptr<T>() : nullptr,
+                          want_dw ? dw.data_ptr<W>() : nullptr, want_db ? db.data_ptr<W>() : nullptr, M, N,
+                          x.get_device(), c10::cuda::getCurrentCUDAStream(), rstd.options());
+  }
+};
 
 }  // namespace fusenorm::cuda
