@@ -23,6 +23,8 @@ test: build
 	$(PY) -m pytest -q tests
 
 bench: build
+	@$(PY) -c "import matplotlib" 2>/dev/null || \
+		$(PY) -m pip install --quiet --disable-pip-version-check matplotlib || echo "matplotlib unavailable: no PNG chart"
 	$(PY) -m benchmarks --quick
 
 clean:
