@@ -15,8 +15,7 @@ std::string shape_str(at::IntArrayRef sizes) {
 }
 
 RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape,
-                                    const std::optional<at::Tensor>& weight,
-                                    const std::optional<at::Tensor>& bias) {
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
   const std::string ns = shape_str(normalized_shape);
   TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
@@ -30,12 +29,9 @@ RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRe
   const int64_t d = x.dim();
   bool ok = d >= k;
   for (int64_t i = 0; ok && i < k; ++i) ok = x.size(d - k + i) == normalized_shape[i];
-  if (!ok) {
-    std::string dims;
-    for (auto v : normalized_shape) dims += ", " + std::to_string(v);
-    TORCH_CHECK(false, "Given normalized_shape=", ns, ", expected input with shape [*", dims,
-                "], but got input of size", shape_str(x.sizes()));
-  }
+  // "[*, 8, 8]" is ns = "[8, 8]" with "*, " after its bracket (k >= 1 here)
+  TORCH_CHECK(ok, "Given normalized_shape=", ns, ", expected input with shape [*, ", ns.substr(1),
+              ", but got input of size", shape_str(x.sizes()));
   for (int which = 0; which < 2; ++which) {
     const std::optional<at::Tensor>& p = which == 0 ? weight : bias;
     const char* name = which == 0 ? "weight" : "bias";

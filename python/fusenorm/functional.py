@@ -5,7 +5,7 @@ torch.compile(fullgraph=True) traces them without a graph break and keeps our ke
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -108,9 +108,3 @@ def rms_norm(
         return RMSNormFunction.apply(x, shape, weight, float(eps))
     return _RMS_FWD(x, shape, weight, float(eps))[0]
 
-
-def layer_norm_with_stats(
-    input: torch.Tensor, normalized_shape: _ShapeT, weight=None, bias=None, eps: float = 1e-5
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Forward only: (y, mean, rstd) with fp32 statistics of shape input.shape[:-len(normalized_shape)]."""
-    return torch.ops.fusenorm.layer_norm_fwd(input, _as_shape(normalized_shape), weight, bias, float(eps))
