@@ -1,9 +1,12 @@
 // CPU LayerNorm / RMSNorm over rows of a [M, N] view. Parallel over rows (at::parallel_for);
-// each row is read from memory once: converted into a cache-resident accumulation buffer
-// (or used in place for fp32/fp64), then reduced twice from cache (exact two-pass) and written.
-// Hot loops are plain loops over arrays that the compiler vectorizes (-O3, host ISA flags):
-// fixed-width accumulator arrays make the reductions vectorize without -ffast-math and keep
-// the summation order fixed, so results are bitwise reproducible.
+// each row is read from memory once, reduced from cache (exact two-pass) and written once.
+// Two paths with the same arithmetic and summation order:
+//  - AVX2 (fp32 accumulation, host has AVX2/FMA/F16C): intrinsics, conversions fused into the
+//    passes, the next row prefetched while the current one is reduced from cache.
+//  - portable (fp64, or no AVX2): plain loops over arrays that the compiler vectorizes; half
+//    types go through a cache-resident fp32 copy of the row.
+// Fixed-width accumulator arrays keep the summation order fixed without -ffast-math, so results
+// are bitwise reproducible.
 #pragma once
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -51,16 +54,27 @@ inline A sum_of(const A* v, int64_t n, A c) {
   return s;
 }
 
-// sum_i ((v_i - c) - m)^2
-template <typename A>
-inline A sq_dev_of(const A* v, int64_t n, A c, A m) {
+// Touch the cache lines of next[i, i + kLanes): spread over a reduction from cache, this fetches
+// the next row while the arithmetic runs, a few lines at a time.
+template <typename T>
+inline void prefetch_lanes(const T* next, int64_t i) {
+  if (!next) return;
+  const char* p = reinterpret_cast<const char*>(next + i);
+  for (int64_t off = 0; off < int64_t(kLanes * sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
+// sum_i ((v_i - c) - m)^2, prefetching the row `next` (of the same length) when given.
+template <typename A, typename T = A>
+inline A sq_dev_of(const A* v, int64_t n, A c, A m, const T* next = nullptr) {
   A acc[kLanes] = {};
   int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch_lanes(next, i);
     for (int j = 0; j < kLanes; ++j) {
       A d = (v[i + j] - c) - m;
       acc[j] += d * d;
     }
+  }
   A s = sum_lanes(acc);
   for (; i < n; ++i) s += ((v[i] - c) - m) * ((v[i] - c) - m);
   return s;
@@ -97,49 +111,144 @@ inline void from_acc(const A* src, T* dst, int64_t n) {
 }
 
 #ifdef FUSENORM_CPU_AVX2
-// Half/bfloat16 <-> fp32, 8 at a time (c10's scalar conversions do not vectorize).
-inline void to_acc(const c10::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+// The AVX2 path for fp32 accumulation (fp32, half, bfloat16). c10's scalar half/bfloat16
+// conversions do not vectorize, so rows are converted 8 at a time with intrinsics, fused into the
+// passes over the row: the row is read once, reduced from cache, and the output is written once.
+
+// 8 elements <-> 8 fp32 lanes. bfloat16 rounds to nearest even with NaN to the canonical quiet
+// NaN: the same bits as c10::BFloat16(float).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline __m256 load8(const c10::BFloat16* p) {
+  __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+}
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store8(c10::BFloat16* p, __m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+  t = _mm256_blendv_epi8(t, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
-inline void to_acc(const c10::BFloat16* src, float* dst, int64_t n) {
+// Reads a row once: converts it into buf (half types) and returns sum_i (v_i - c), or with SQ
+// sum_i v_i^2 (RMSNorm). Lane j of the four accumulators sums elements j mod 32, as sum_of does.
+template <bool SQ, typename T>
+inline float load_and_sum(const T* x, float* buf, int64_t n, float c) {
+  const __m256 cv = _mm256_set1_ps(c);
+  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < 4; ++k) {
+      __m256 v = load8(x + i + 8 * k);
+      if constexpr (!std::is_same_v<T, float>) _mm256_storeu_ps(buf + i + 8 * k, v);
+      if constexpr (SQ) {
+        acc[k] = _mm256_fmadd_ps(v, v, acc[k]);
+      } else {
+        acc[k] = _mm256_add_ps(acc[k], _mm256_sub_ps(v, cv));
+      }
+    }
+  alignas(32) float lanes[kLanes];
+  for (int k = 0; k < 4; ++k) _mm256_store_ps(lanes + 8 * k, acc[k]);
+  float s = sum_lanes(lanes);
+  for (; i < n; ++i) {
+    float v = static_cast<float>(x[i]);
+    if constexpr (!std::is_same_v<T, float>) buf[i] = v;
+    s += SQ ? v * v : v - c;
+  }
+  return s;
+}
+
+// y_i = ((v_i - c) - mu) * rs * w_i + b_i, converted and stored straight into the output row.
+template <typename T>
+inline void normalize_store(const float* v, const float* w, const float* b, T* y, int64_t n, float c, float mu,
+                            float rs) {
+  const __m256 cv = _mm256_set1_ps(c), muv = _mm256_set1_ps(mu), rsv = _mm256_set1_ps(rs);
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(h, 16)));
+    __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(v + i), cv), muv), rsv);
+    store8(y + i, _mm256_fmadd_ps(h, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i)));
   }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  for (; i < n; ++i) y[i] = static_cast<T>(((v[i] - c) - mu) * rs * w[i] + b[i]);
 }
 
-inline void from_acc(const float* src, c10::Half* dst, int64_t n) {
+// Backward, first read of a row: x and dy converted into xb/gb (half types) while summing
+// s_g = sum_i g_i and s_gx = sum_i g_i (x_i - mu) with g = dy * w, lanes as in grad_sums.
+template <typename T>
+inline void load_grad_sums(const T* x, const T* dy, const float* w, float* xb, float* gb, int64_t n, float mu,
+                           float& s_g, float& s_gx) {
+  const __m256 muv = _mm256_set1_ps(mu);
+  __m256 a1[4], a2[4];
+  for (int k = 0; k < 4; ++k) a1[k] = a2[k] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
-                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  for (; i < n; ++i) dst[i] = static_cast<c10::Half>(src[i]);
-}
-
-// Round to nearest even, NaN to the canonical quiet NaN: the same bits as c10::BFloat16(float).
-inline void from_acc(const float* src, c10::BFloat16* dst, int64_t n) {
-  const __m256i one = _mm256_set1_epi32(1), bias = _mm256_set1_epi32(0x7fff), qnan = _mm256_set1_epi32(0x7fc0);
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    __m256i r[2];
-    for (int h = 0; h < 2; ++h) {
-      __m256 v = _mm256_loadu_ps(src + i + 8 * h);
-      __m256i b = _mm256_castps_si256(v);
-      __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), one);
-      __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, bias), lsb), 16);
-      __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-      r[h] = _mm256_blendv_epi8(t, qnan, nan);
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < 4; ++k) {
+      const int64_t o = i + 8 * k;
+      __m256 v = load8(x + o), d = load8(dy + o);
+      if constexpr (!std::is_same_v<T, float>) {
+        _mm256_storeu_ps(xb + o, v);
+        _mm256_storeu_ps(gb + o, d);
+      }
+      __m256 g = _mm256_mul_ps(d, _mm256_loadu_ps(w + o));
+      a1[k] = _mm256_add_ps(a1[k], g);
+      a2[k] = _mm256_fmadd_ps(g, _mm256_sub_ps(v, muv), a2[k]);
     }
-    __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r[0], r[1]), 0xd8);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), packed);
+  alignas(32) float l1[kLanes], l2[kLanes];
+  for (int k = 0; k < 4; ++k) {
+    _mm256_store_ps(l1 + 8 * k, a1[k]);
+    _mm256_store_ps(l2 + 8 * k, a2[k]);
   }
-  for (; i < n; ++i) dst[i] = static_cast<c10::BFloat16>(src[i]);
+  s_g = sum_lanes(l1);
+  s_gx = sum_lanes(l2);
+  for (; i < n; ++i) {
+    float v = static_cast<float>(x[i]), d = static_cast<float>(dy[i]);
+    if constexpr (!std::is_same_v<T, float>) {
+      xb[i] = v;
+      gb[i] = d;
+    }
+    float g = d * w[i];
+    s_g += g;
+    s_gx += g * (v - mu);
+  }
+}
+
+// Backward, second pass from cache: dx_i = rs (dy_i w_i - a - xhat_i cc) stored into dx (if
+// given), and the dγ/dβ partials pw += dy xhat, pb += dy (if given). Prefetches the next row's
+// x and dy (when given) while it runs.
+template <typename T>
+inline void grad_store(const float* v, const float* d, const float* w, T* dx, float* pw, float* pb, int64_t n,
+                       float mu, float rs, float a, float cc, const T* next_x, const T* next_dy) {
+  const __m256 muv = _mm256_set1_ps(mu), rsv = _mm256_set1_ps(rs), av = _mm256_set1_ps(a),
+               ccv = _mm256_set1_ps(cc);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch_lanes(next_x, i);
+    prefetch_lanes(next_dy, i);
+    for (int k = 0; k < 4; ++k) {
+      const int64_t o = i + 8 * k;
+      __m256 dv = _mm256_loadu_ps(d + o);
+      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + o), muv), rsv);
+      if (dx) {
+        __m256 t = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(dv, _mm256_loadu_ps(w + o)), av), _mm256_mul_ps(xhat, ccv));
+        store8(dx + o, _mm256_mul_ps(rsv, t));
+      }
+      if (pw) _mm256_storeu_ps(pw + o, _mm256_fmadd_ps(dv, xhat, _mm256_loadu_ps(pw + o)));
+      if (pb) _mm256_storeu_ps(pb + o, _mm256_add_ps(_mm256_loadu_ps(pb + o), dv));
+    }
+  }
+  for (; i < n; ++i) {
+    float xhat = (v[i] - mu) * rs;
+    if (dx) dx[i] = static_cast<T>(rs * (d[i] * w[i] - a - xhat * cc));
+    if (pw) pw[i] += d[i] * xhat;
+    if (pb) pb[i] += d[i];
+  }
 }
 #endif
 
@@ -197,6 +306,23 @@ void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at
   at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
     std::vector<A> buf(std::is_same_v<T, A> ? 0 : N), obuf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t r = begin; r < end; ++r) {
+#ifdef FUSENORM_CPU_AVX2
+      if constexpr (std::is_same_v<A, float>) {
+        // One read of x (converted into buf on the way), one reduction from cache, one write of y.
+        const T* xr = X + r * N;
+        const float c = RMS ? 0.f : static_cast<float>(xr[0]);
+        const float s = load_and_sum<RMS>(xr, buf.data(), N, c);
+        const float* v = std::is_same_v<T, float> ? reinterpret_cast<const float*>(xr) : buf.data();
+        const float mu = RMS ? 0.f : s / float(N);
+        const T* next = r + 1 < end ? xr + N : nullptr;
+        const float var = (RMS ? s : sq_dev_of(v, N, c, mu, next)) / float(N);
+        const float rs = 1.f / std::sqrt(var + static_cast<float>(eps));
+        normalize_store(v, wp, bp, Y + r * N, N, c, mu, rs);
+        if (MEAN) MEAN[r] = c + mu;
+        RSTD[r] = rs;
+        continue;
+      }
+#endif
       const A* v = row_as_acc(X + r * N, buf.data(), N);
       // Statistics of v - c with the pivot c = v[0]: exact differences keep a large mean from
       // swamping a small spread (mean 1e4, std 1e-2 in fp32).
@@ -236,7 +362,27 @@ void row_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Te
     for (int64_t c = cb; c < ce; ++c) {
       A* pw = want_dw ? part_w.data() + c * N : nullptr;
       A* pb = want_db ? part_b.data() + c * N : nullptr;
-      for (int64_t r = M * c / chunks; r < M * (c + 1) / chunks; ++r) {
+      const int64_t r_end = M * (c + 1) / chunks;
+      for (int64_t r = M * c / chunks; r < r_end; ++r) {
+#ifdef FUSENORM_CPU_AVX2
+        if constexpr (std::is_same_v<A, float>) {
+          // One read of x and dy (converted on the way), one pass from cache writing dx and
+          // accumulating the parameter partials.
+          const T* xr = X + r * N;
+          const T* dyr = DY + r * N;
+          const float mu = MEAN ? MEAN[r] : 0.f;
+          const float rs = RSTD[r];
+          const bool half = !std::is_same_v<T, float>;
+          float s_g = 0.f, s_gx = 0.f;
+          load_grad_sums(xr, dyr, wp, xbuf.data(), dybuf.data(), N, mu, s_g, s_gx);
+          const float* v = half ? xbuf.data() : reinterpret_cast<const float*>(xr);
+          const float* d = half ? dybuf.data() : reinterpret_cast<const float*>(dyr);
+          const bool more = r + 1 < r_end;
+          grad_store(v, d, wp, want_dx ? DX + r * N : nullptr, pw, pb, N, mu, rs, RMS ? 0.f : s_g / float(N),
+                     s_gx * rs / float(N), more ? xr + N : nullptr, more ? dyr + N : nullptr);
+          continue;
+        }
+#endif
         const A* v = row_as_acc(X + r * N, xbuf.data(), N);
         const A* g = row_as_acc(DY + r * N, dybuf.data(), N);
         const A mu = MEAN ? MEAN[r] : A(0);
