@@ -1,6 +1,6 @@
 // Warp and block reductions shared by every CUDA kernel. Deterministic: a fixed shuffle tree.
 #pragma once
-#include <cuda_runtime.h>
+#include "common/simt.cuh"
 
 namespace fusenorm::cuda {
 
@@ -9,7 +9,13 @@ constexpr unsigned kFullMask = 0xffffffffu;
 // Sum over aligned groups of `width` lanes (a power of two <= 32); every lane gets the result.
 template <typename A>
 __device__ __forceinline__ A warp_allsum(A v, int width = 32) {
-  for (int o = width / 2; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o, width);
+  for (int o = width / 2; o > 0; o >>= 1) {
+    if constexpr (FUSENORM_PLANTED(2)) {
+      v += __shfl_down_sync(kFullMask, v, o, width);  // planted: only the first lane gets the sum
+    } else {
+      v += __shfl_xor_sync(kFullMask, v, o, width);
+    }
+  }
   return v;
 }
 
@@ -23,7 +29,7 @@ __device__ __forceinline__ A block_allsum(A v, A* shared) {
   v = warp_allsum(v);
   __syncthreads();  // the previous call's readers are done with `shared`
   if (lane == 0) shared[warp] = v;
-  __syncthreads();
+  if constexpr (!FUSENORM_PLANTED(1)) __syncthreads();  // planted: readers race the writers
   v = lane < nwarps ? shared[lane] : A(0);
   return warp_allsum(v);
 }

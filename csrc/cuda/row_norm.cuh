@@ -13,9 +13,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 
 #include <tuple>
 
@@ -23,20 +20,16 @@
 #include "common/reduce.cuh"
 #include "common/row_norm_args.h"
 #include "common/row_norm_ops.h"
+#include "common/simt.cuh"
 #include "common/vec.cuh"
 #include "common/welford.h"
 
 namespace fusenorm::cuda {
 
-template <typename A>
-__device__ __forceinline__ A rsqrt_acc(A v) {
-  return ::rsqrt(v);
-}
-
+using simt::rsqrt;
 // dy * w rounded once, never contracted into an FMA: the backward computes it twice (for the row
 // sums and for dx), and the two must agree bit for bit or g - mean(g) stops cancelling exactly.
-__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
-__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+using simt::mul_rn;
 
 // Threads per block for a kernel with G threads per row.
 constexpr int block_threads(int G) { return G < 128 ? 128 : G; }
@@ -64,7 +57,7 @@ __global__ void __launch_bounds__(block_threads(G))
   for (int k = 0; k < K; ++k) {
     const int64_t vi = static_cast<int64_t>(k) * G + lane;
     if (active && vi < nvec) {
-      const Vec<T, V> t = reinterpret_cast<const Vec<T, V>*>(xr)[vi];
+      const Vec<T, V> t = load_vec<V>(xr, vi);
 #pragma unroll
       for (int j = 0; j < V; ++j) v[k][j] = static_cast<A>(t.v[j]);
     } else {
@@ -101,7 +94,7 @@ __global__ void __launch_bounds__(block_threads(G))
       }
     }
   }
-  const A rs = rsqrt_acc(row_allsum<G>(q, red) / static_cast<A>(N) + eps);
+  const A rs = rsqrt(row_allsum<G>(q, red) / static_cast<A>(N) + eps);
   if (!active) return;
   T* yr = y + row * N;
 #pragma unroll
@@ -109,8 +102,8 @@ __global__ void __launch_bounds__(block_threads(G))
     const int64_t vi = static_cast<int64_t>(k) * G + lane;
     if (vi < nvec) {
       Vec<W, V> wv, bv;
-      if (w) wv = reinterpret_cast<const Vec<W, V>*>(w)[vi];
-      if (b) bv = reinterpret_cast<const Vec<W, V>*>(b)[vi];
+      if (w) wv = load_vec<V>(w, vi);
+      if (b) bv = load_vec<V>(b, vi);
       Vec<T, V> o;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
@@ -119,7 +112,7 @@ __global__ void __launch_bounds__(block_threads(G))
         if (b) t += static_cast<A>(bv.v[j]);
         o.v[j] = static_cast<T>(t);
       }
-      reinterpret_cast<Vec<T, V>*>(yr)[vi] = o;
+      store_vec<V>(yr, vi, o);
     }
   }
   if (lane == 0) {
@@ -138,7 +131,7 @@ __global__ void __launch_bounds__(kRowBlock)
                               const W* __restrict__ b, acc_t<T>* __restrict__ mean, acc_t<T>* __restrict__ rstd,
                               int64_t M, int64_t N, acc_t<T> eps) {
   using A = acc_t<T>;
-  extern __shared__ unsigned char smem_raw[];
+  FUSENORM_DYNAMIC_SMEM(unsigned char, smem_raw);
   A* cache = reinterpret_cast<A*>(smem_raw);
   __shared__ A red[32];
   const int64_t row = blockIdx.x;
@@ -149,7 +142,7 @@ __global__ void __launch_bounds__(kRowBlock)
   A mu = A(0);
   if constexpr (!RMS) {
     A s = A(0);
-    for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
+    for (int64_t i = threadIdx.x; i < N - FUSENORM_PLANTED(3); i += blockDim.x) {  // planted: drops the last
       const A a = static_cast<A>(xr[i]) - c;
       if constexpr (CACHE) cache[i] = a;
       s += a;
@@ -167,7 +160,7 @@ __global__ void __launch_bounds__(kRowBlock)
     }
     q += (a - mu) * (a - mu);
   }
-  const A rs = rsqrt_acc(block_allsum(q, red) / static_cast<A>(N) + eps);
+  const A rs = rsqrt(block_allsum(q, red) / static_cast<A>(N) + eps);
   T* yr = y + row * N;
   for (int64_t i = threadIdx.x; i < N; i += blockDim.x) {
     const A a = CACHE ? cache[i] : static_cast<A>(xr[i]) - c;
@@ -194,7 +187,7 @@ __global__ void __launch_bounds__(block_threads(G))
   constexpr int V = vec_width<T>();
   constexpr int R = block_threads(G) / G;
   __shared__ A red[32];
-  extern __shared__ unsigned char smem_raw[];  // R > 1: 2 * N accumulators to merge the block's rows
+  FUSENORM_DYNAMIC_SMEM(unsigned char, smem_raw);  // R > 1: 2 * N accumulators to merge the block's rows
   const int lane = threadIdx.x % G;
   const int sub = threadIdx.x / G;
   const int64_t nvec = N / V;
@@ -216,10 +209,10 @@ __global__ void __launch_bounds__(block_threads(G))
     for (int k = 0; k < K; ++k) {
       const int64_t vi = static_cast<int64_t>(k) * G + lane;
       if (active && vi < nvec) {
-        const Vec<T, V> tx = reinterpret_cast<const Vec<T, V>*>(x + row * N)[vi];
-        const Vec<T, V> td = reinterpret_cast<const Vec<T, V>*>(dy + row * N)[vi];
+        const Vec<T, V> tx = load_vec<V>(x + row * N, vi);
+        const Vec<T, V> td = load_vec<V>(dy + row * N, vi);
         Vec<W, V> wv;
-        if (w) wv = reinterpret_cast<const Vec<W, V>*>(w)[vi];
+        if (w) wv = load_vec<V>(w, vi);
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           xv[k][j] = (static_cast<A>(tx.v[j]) - mu) * rs;  // xhat
@@ -242,7 +235,7 @@ __global__ void __launch_bounds__(block_threads(G))
       const int64_t vi = static_cast<int64_t>(k) * G + lane;
       if (active && vi < nvec) {
         Vec<W, V> wv;
-        if (w) wv = reinterpret_cast<const Vec<W, V>*>(w)[vi];
+        if (w) wv = load_vec<V>(w, vi);
         Vec<T, V> o;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
@@ -251,7 +244,7 @@ __global__ void __launch_bounds__(block_threads(G))
           dwa[k][j] += gv[k][j] * xv[k][j];
           dba[k][j] += gv[k][j];
         }
-        if (dx) reinterpret_cast<Vec<T, V>*>(dx + row * N)[vi] = o;
+        if (dx) store_vec<V>(dx + row * N, vi, o);
       }
     }
   }
@@ -356,21 +349,6 @@ __global__ void __launch_bounds__(512) column_sum_kernel(const A* __restrict__ p
 
 // ---------------------------------------------------------------------------------------------
 // Launchers.
-struct DeviceInfo {
-  int sms = 0;
-  int smem_optin = 0;
-};
-
-inline DeviceInfo device_info(int dev) {
-  static DeviceInfo cache[64];
-  DeviceInfo& d = cache[dev & 63];
-  if (d.sms == 0) {
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
-  }
-  return d;
-}
-
 // Row lengths (in elements) the register paths cover with each (G, K); K counts 16-byte vectors.
 // Calls f(std::integral_constant<int, G>, std::integral_constant<int, K>) and returns true, or
 // returns false when the row is too long for registers.
@@ -406,9 +384,11 @@ bool pick_bwd_config(int64_t N, F&& f) {
   return false;
 }
 
+// The vectorized register path needs N % V == 0 and every pointer aligned to its vector.
 template <typename T, typename W>
 bool can_vectorize(int64_t N, const void* a, const void* b, const void* w, const void* bias) {
   constexpr int V = vec_width<T>();
+  if constexpr (FUSENORM_PLANTED(4)) return N % V == 0;  // planted: alignment not checked
   return N % V == 0 && is_aligned(a, 16) && is_aligned(b, 16) && is_aligned(w, sizeof(W) * V) &&
          is_aligned(bias, sizeof(W) * V);
 }
@@ -422,37 +402,35 @@ void launch_fwd(const T* x, T* y, const W* w, const W* b, acc_t<T>* mean, acc_t<
       pick_fwd_config<T>(N, [&](auto g, auto k) {
         constexpr int G = decltype(g)::value, K = decltype(k)::value;
         constexpr int R = block_threads(G) / G;
-        const int64_t blocks = (M + R - 1) / R;
-        row_norm_fwd_reg_kernel<T, W, RMS, G, K>
-            <<<blocks, block_threads(G), 0, stream>>>(x, y, w, b, mean, rstd, M, N, eps);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        simt::launch(row_norm_fwd_reg_kernel<T, W, RMS, G, K>, dim3((M + R - 1) / R), dim3(block_threads(G)), 0,
+                     stream, x, y, w, b, mean, rstd, M, N, eps);
       })) {
     return;
   }
   const int64_t smem = N * static_cast<int64_t>(sizeof(A));
-  const DeviceInfo info = device_info(dev);
-  if (smem <= info.smem_optin) {
+  if (smem <= simt::device_limits(dev).smem_optin) {
     auto kernel = row_norm_fwd_block_kernel<T, W, RMS, true>;
-    if (smem > 48 * 1024)
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    kernel<<<M, kRowBlock, smem, stream>>>(x, y, w, b, mean, rstd, M, N, eps);
+    simt::allow_dynamic_smem(kernel, smem);
+    simt::launch(kernel, dim3(M), dim3(kRowBlock), smem, stream, x, y, w, b, mean, rstd, M, N, eps);
   } else {
-    row_norm_fwd_block_kernel<T, W, RMS, false><<<M, kRowBlock, 0, stream>>>(x, y, w, b, mean, rstd, M, N, eps);
+    simt::launch(row_norm_fwd_block_kernel<T, W, RMS, false>, dim3(M), dim3(kRowBlock), 0, stream, x, y, w, b, mean,
+                 rstd, M, N, eps);
   }
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename T, typename W, bool RMS>
 void launch_bwd(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* rstd, const W* w, T* dx, W* dw,
                 W* db, int64_t M, int64_t N, int dev, cudaStream_t stream, const at::TensorOptions& acc_opts) {
   using A = acc_t<T>;
-  const DeviceInfo info = device_info(dev);
+  const int sms = simt::device_limits(dev).sms;
   at::Tensor part_w_t, part_b_t;
   int64_t blocks = 0;
-  auto alloc_partials = [&](int64_t nblocks) {
-    blocks = nblocks;
-    if (dw) part_w_t = at::empty({nblocks, N}, acc_opts);
-    if (db) part_b_t = at::empty({nblocks, N}, acc_opts);
+  // As many blocks as fit on the device at once (each walks rows grid-stride), one partial row each.
+  auto size_grid = [&](auto kernel, int threads, int64_t smem, int64_t max_blocks) {
+    const int per_sm = simt::max_active_blocks(kernel, threads, smem);
+    blocks = std::min<int64_t>(max_blocks, static_cast<int64_t>(std::max(per_sm, 1)) * sms);
+    if (dw) part_w_t = at::empty({blocks, N}, acc_opts);
+    if (db) part_b_t = at::empty({blocks, N}, acc_opts);
   };
   auto pw = [&] { return dw ? part_w_t.data_ptr<A>() : nullptr; };
   auto pb = [&] { return db ? part_b_t.data_ptr<A>() : nullptr; };
@@ -462,29 +440,17 @@ void launch_bwd(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* r
           constexpr int R = block_threads(G) / G;
           auto kernel = row_norm_bwd_reg_kernel<T, W, RMS, G, K>;
           const int64_t smem = (R > 1 && (dw || db)) ? 2 * N * static_cast<int64_t>(sizeof(A)) : 0;
-          int per_sm = 0;
-          C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, block_threads(G), smem));
-          alloc_partials(std::min<int64_t>((M + R - 1) / R, static_cast<int64_t>(std::max(per_sm, 1)) * info.sms));
-          kernel<<<blocks, block_threads(G), smem, stream>>>(dy, x, mean, rstd, w, dx, pw(), pb(), M, N);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          size_grid(kernel, block_threads(G), smem, (M + R - 1) / R);
+          simt::launch(kernel, dim3(blocks), dim3(block_threads(G)), smem, stream, dy, x, mean, rstd, w, dx, pw(),
+                       pb(), M, N);
         }))) {
     auto kernel = row_norm_bwd_block_kernel<T, W, RMS>;
-    int per_sm = 0;
-    C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRowBlock, 0));
-    alloc_partials(std::min<int64_t>(M, static_cast<int64_t>(std::max(per_sm, 1)) * info.sms));
-    kernel<<<blocks, kRowBlock, 0, stream>>>(dy, x, mean, rstd, w, dx, pw(), pb(), M, N);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    size_grid(kernel, kRowBlock, 0, M);
+    simt::launch(kernel, dim3(blocks), dim3(kRowBlock), 0, stream, dy, x, mean, rstd, w, dx, pw(), pb(), M, N);
   }
-  const dim3 cblock(32, 16);
   const int64_t cgrid = (N + 31) / 32;
-  if (dw) {
-    column_sum_kernel<A, W><<<cgrid, cblock, 0, stream>>>(pw(), blocks, N, dw);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  if (db) {
-    column_sum_kernel<A, W><<<cgrid, cblock, 0, stream>>>(pb(), blocks, N, db);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
+  if (dw) simt::launch(column_sum_kernel<A, W>, dim3(cgrid), dim3(32, 16), 0, stream, pw(), blocks, N, dw);
+  if (db) simt::launch(column_sum_kernel<A, W>, dim3(cgrid), dim3(32, 16), 0, stream, pb(), blocks, N, db);
 }
 
 template <typename P>
@@ -496,10 +462,7 @@ inline const P* param_ptr(const at::Tensor* t, at::Tensor& keep) {
 
 // The backend that common/row_norm_ops.h wraps into ops.
 struct Backend {
-  struct Guard {
-    c10::cuda::CUDAGuard guard;
-    explicit Guard(const at::Tensor& x) : guard(x.device()) {}
-  };
+  using Guard = simt::DeviceGuard;
 
   template <typename T, typename W, bool RMS>
   static void fwd(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias, int64_t M, int64_t N,
@@ -508,7 +471,7 @@ struct Backend {
     at::Tensor wk, bk;
     launch_fwd<T, W, RMS>(x.data_ptr<T>(), y.data_ptr<T>(), param_ptr<W>(weight, wk), param_ptr<W>(bias, bk),
                           mean ? mean->data_ptr<A>() : nullptr, rstd.data_ptr<A>(), M, N, eps, x.get_device(),
-                          c10::cuda::getCurrentCUDAStream());
+                          simt::current_stream());
   }
 
   template <typename T, typename W, bool RMS>
@@ -520,7 +483,7 @@ struct Backend {
     launch_bwd<T, W, RMS>(dy.data_ptr<T>(), x.data_ptr<T>(), mean ? mean->data_ptr<A>() : nullptr,
                           rstd.data_ptr<A>(), param_ptr<W>(weight, wk), want_dx ? dx.data_ptr<T>() : nullptr,
                           want_dw ? dw.data_ptr<W>() : nullptr, want_db ? db.data_ptr<W>() : nullptr, M, N,
-                          x.get_device(), c10::cuda::getCurrentCUDAStream(), rstd.options());
+                          x.get_device(), simt::current_stream(), rstd.options());
   }
 };
 

@@ -1,0 +1,336 @@
+"""The CUDA kernels of csrc/cuda/, run on the CPU by the host emulator (csrc/common/simt_host.h).
+
+The same kernel source that nvcc compiles is built here as host C++ (tests/simt/*.cpp, a small
+extension built on first use under build/simt/) and launched through the same launchers, with
+the real op wrappers, so every path the launchers can choose runs against torch.nn on small
+shapes. Planted-bug builds (FUSENORM_PLANT_BUG, see csrc/common/simt.cuh) show that a missing
+barrier, a wrong shuffle, an off-by-one in a loop bound and an unchecked alignment are caught.
+
+What the emulator cannot show (speed, true concurrency, hardware limits) is left to
+scripts/gpu_check.sh on a real GPU."""
+from __future__ import annotations
+
+import os
+import re
+from typing import Optional
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import assert_close_as_torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIMT_DIR = os.path.join(ROOT, "tests", "simt")
+BUILD_DIR = os.path.join(ROOT, "build", "simt")
+
+# The emulated device. Few multiprocessors, so that the backward's grid-stride loops and its
+# per-block partials see several rows per block.
+SMS, SMEM_OPTIN, BLOCKS_PER_SM = 2, 227 * 1024, 1
+
+
+def _build(name: str, sources, plant: int = 0) -> str:
+    from torch.utils import cpp_extension
+
+    build_dir = os.path.join(BUILD_DIR, name)
+    os.makedirs(build_dir, exist_ok=True)
+    flags = ["-O1", "-std=c++20", "-Wno-unknown-pragmas", "-DFUSENORM_SIMT_HOST", f"-DFUSENORM_SIMT_NS={name}"]
+    if plant:
+        flags.append(f"-DFUSENORM_PLANT_BUG={plant}")
+    cpp_extension.load(
+        name=name,
+        sources=sources,
+        extra_cflags=flags,
+        extra_include_paths=[os.path.join(ROOT, "csrc"), SIMT_DIR],
+        build_directory=build_dir,
+        is_python_module=False,
+        verbose=False,
+    )
+    return name
+
+
+@pytest.fixture(scope="module")
+def simt():
+    name = _build(
+        "fusenorm_simt",
+        [os.path.join(SIMT_DIR, f) for f in ("controls.cpp", "layer_norm.cpp", "rms_norm.cpp", "probes.cpp")]
+        + [os.path.join(ROOT, "csrc", "common", "row_norm_args.cpp")],
+    )
+    lib = getattr(torch.ops, name)
+    lib.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 1234)
+    lib.take_launch_log()
+    yield lib
+    lib.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 1234)
+
+
+def _launched(lib) -> list:
+    return [line for line in lib.take_launch_log().splitlines() if line]
+
+
+# ---------------------------------------------------------------------------------------------
+# Which kernel the launchers should pick (mirrors pick_fwd_config / pick_bwd_config).
+FWD_G = [(64, 8), (256, 32), (1024, 32), (2048, 128), (4096, 256), (8192, 512), (16384, 1024)]
+BWD_G = [(64, 8), (256, 32), (512, 32), (1024, 128), (2048, 256), (4096, 512), (8192, 512)]
+
+
+def expected_kernel(direction: str, n: int, dtype, aligned: bool, smem_optin: int = SMEM_OPTIN) -> str:
+    vec = 16 // torch.tensor([], dtype=dtype).element_size()
+    if aligned and n % vec == 0:
+        for limit, g in FWD_G if direction == "fwd" else BWD_G:
+            if n <= limit:
+                return f"row_norm_{direction}_reg_kernel G={g}"
+    if direction == "bwd":
+        return "row_norm_bwd_block_kernel"
+    acc = 8 if dtype == torch.float64 else 4
+    return "row_norm_fwd_block_kernel cache=" + ("true" if n * acc <= smem_optin else "false")
+
+
+def kernel_key(line: str) -> str:
+    m = re.search(r"(row_norm_(?:fwd|bwd)_reg_kernel)<[^>]*?, (\d+), (\d+)>", line)
+    if m:
+        return f"{m.group(1)} G={m.group(2)}"
+    m = re.search(r"row_norm_fwd_block_kernel<.*, (true|false)>", line)
+    if m:
+        return f"row_norm_fwd_block_kernel cache={m.group(1)}"
+    m = re.search(r"(row_norm_bwd_block_kernel|column_sum_kernel)<", line)
+    if m:
+        return m.group(1)
+    return line
+
+
+# ---------------------------------------------------------------------------------------------
+def _make_x(m: int, n: int, dtype, aligned: bool) -> torch.Tensor:
+    if aligned:
+        return torch.randn(m, n, dtype=dtype)
+    # contiguous rows whose storage starts one element past a 16-byte boundary
+    return torch.randn(m * n + 1, dtype=dtype)[1:].view(m, n)
+
+
+def _reference(norm: str, x, w, b, dy, eps: float):
+    """torch.nn's forward and gradients, in x's dtype and in fp64."""
+    out = []
+    for cast in (lambda t: t, lambda t: t.double()):
+        leaves = [None if t is None else cast(t).detach().requires_grad_() for t in (x, w, b)]
+        xx, ww, bb = leaves
+        if norm == "layer_norm":
+            y = F.layer_norm(xx, [x.shape[-1]], ww, bb, eps)
+        else:
+            y = F.rms_norm(xx, [x.shape[-1]], ww, eps)
+        grads = torch.autograd.grad(y, [t for t in leaves if t is not None], cast(dy))
+        it = iter(grads)
+        out.append((y.detach(),) + tuple(next(it) if t is not None else None for t in leaves))
+    return out
+
+
+def _check(lib, norm: str, m: int, n: int, dtype, pdtype, aligned: bool, affine=(True, True), mask=None):
+    eps = 1e-5
+    x = _make_x(m, n, dtype, aligned)
+    w = torch.randn(n, dtype=pdtype) if affine[0] else None
+    b = torch.randn(n, dtype=pdtype) if affine[1] and norm == "layer_norm" else None
+    dy = torch.randn(m, n, dtype=dtype)
+    theirs, ref = _reference(norm, x, w, b, dy, eps)
+    if norm == "layer_norm":
+        y, mean, rstd = lib.layer_norm_fwd(x, [n], w, b, eps)
+    else:
+        y, rstd = lib.rms_norm_fwd(x, [n], w, eps)
+    fwd_log = _launched(lib)
+    assert_close_as_torch(y, theirs[0], ref[0], dtype, f"{norm} y n={n}")
+
+    mask = mask or [True, w is not None, b is not None]
+    if norm == "layer_norm":
+        dx, dw, db = lib.layer_norm_bwd(dy, x, mean, rstd, [n], w, b, mask)
+    else:
+        dx, dw = lib.rms_norm_bwd(dy, x, rstd, [n], w, mask[:2])
+        db = None
+    bwd_log = _launched(lib)
+    for name, ours, t, r, want in (("dx", dx, theirs[1], ref[1], mask[0]), ("dw", dw, theirs[2], ref[2], mask[1]),
+                                   ("db", db, theirs[3], ref[3], mask[2] and norm == "layer_norm")):
+        if not want or r is None:
+            assert ours is None or ours.numel() == 0, name
+            continue
+        scale = n ** 0.5 if name == "dx" else max(1.0, m ** 0.5)
+        assert_close_as_torch(ours, t, r, dtype, f"{norm} {name} n={n}", scale=scale)
+    return [kernel_key(l) for l in fwd_log], [kernel_key(l) for l in bwd_log]
+
+
+DTYPE_CASES = [
+    pytest.param(torch.float32, torch.float32, id="fp32"),
+    pytest.param(torch.float64, torch.float64, id="fp64"),
+    pytest.param(torch.float16, torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, torch.bfloat16, id="bf16"),
+    pytest.param(torch.bfloat16, torch.float32, id="bf16-fp32params"),
+]
+# odd sizes (the block kernels, any alignment) and the register path of every (G, K)
+ODD_SIZES = [1, 3, 31, 33, 127, 769, 4097]
+REG_SIZES = [8, 64, 256, 512, 1024, 2048, 4096, 8192]
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype,pdtype", DTYPE_CASES)
+@pytest.mark.parametrize("n", ODD_SIZES + REG_SIZES)
+def test_kernels_match_torch(simt, norm, dtype, pdtype, n):
+    m = 5 if n <= 1024 else 3
+    fwd, bwd = _check(simt, norm, m, n, dtype, pdtype, aligned=True)
+    assert fwd == [expected_kernel("fwd", n, dtype, True)]
+    assert bwd[0] == expected_kernel("bwd", n, dtype, True)
+    assert bwd[1:] == ["column_sum_kernel"] * (2 if norm == "layer_norm" else 1)
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [64, 1024, 4096])
+def test_misaligned_input_takes_the_scalar_path(simt, norm, dtype, n):
+    fwd, bwd = _check(simt, norm, 3, n, dtype, dtype, aligned=False)
+    assert fwd == [expected_kernel("fwd", n, dtype, False)]
+    assert bwd[0] == "row_norm_bwd_block_kernel"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_beyond_shared_memory_take_the_global_path(simt, dtype):
+    simt.configure(SMS, 1024, BLOCKS_PER_SM, 99)  # 1 KiB of shared memory: 769 elements do not fit
+    try:
+        fwd, _ = _check(simt, "layer_norm", 4, 769, dtype, dtype, aligned=True)
+    finally:
+        simt.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 1234)
+    assert fwd == ["row_norm_fwd_block_kernel cache=false"]
+
+
+def test_longest_register_row(simt):
+    fwd, _ = _check(simt, "layer_norm", 2, 16384, torch.float32, torch.float32, aligned=True)
+    assert fwd == ["row_norm_fwd_reg_kernel G=1024"]
+
+
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("mask", [[True, True, True], [False, True, True], [True, False, False], [False, False, True]])
+@pytest.mark.parametrize("n", [96, 769])
+def test_affine_and_output_masks(simt, affine, mask, n):
+    _check(simt, "layer_norm", 7, n, torch.float32, torch.float32, aligned=True, affine=affine, mask=mask)
+
+
+@pytest.mark.parametrize("sms,blocks_per_sm", [(1, 1), (3, 2), (64, 4)])
+def test_backward_partials_for_any_grid(simt, sms, blocks_per_sm):
+    """More or fewer blocks than rows: grid-stride rows, [blocks, N] partials, column sums."""
+    simt.configure(sms, SMEM_OPTIN, blocks_per_sm, 7)
+    try:
+        for n in (32, 256, 769):  # R > 1 rows per block (smem merge), one warp per row, block kernel
+            _check(simt, "layer_norm", 9, n, torch.float32, torch.float32, aligned=True)
+    finally:
+        simt.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 1234)
+
+
+def test_numerics_large_mean_small_spread(simt):
+    x = 1e4 + 1e-2 * torch.randn(4, 1024, dtype=torch.float64)
+    for xx in (x.float(), x.float()[:, 1:].contiguous()):  # register and block kernels
+        y, _, _ = simt.layer_norm_fwd(xx, [xx.shape[-1]], None, None, 1e-5)
+        ref = F.layer_norm(xx.double(), [xx.shape[-1]], eps=1e-5)
+        assert torch.isfinite(y).all()
+        assert (y.double() - ref).abs().max().item() < 2e-2
+
+
+def test_constant_rows_give_bias(simt):
+    for n in (256, 769):
+        x = torch.full((3, n), 7.25)
+        b = torch.randn(n)
+        y, _, _ = simt.layer_norm_fwd(x, [n], torch.randn(n), b, 1e-5)
+        assert torch.equal(y, b.expand_as(y))
+
+
+def test_backward_is_deterministic(simt):
+    x, dy, w, b = torch.randn(33, 769), torch.randn(33, 769), torch.randn(769), torch.randn(769)
+    _, mean, rstd = simt.layer_norm_fwd(x, [769], w, b, 1e-5)
+    simt.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 1)
+    first = simt.layer_norm_bwd(dy, x, mean, rstd, [769], w, b, [True, True, True])
+    simt.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 2)  # another thread schedule
+    second = simt.layer_norm_bwd(dy, x, mean, rstd, [769], w, b, [True, True, True])
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# The emulator itself.
+@pytest.mark.parametrize("kind,arg,width", [(0, 5, 32), (0, 3, 8), (1, 1, 32), (1, 3, 8), (2, 2, 32), (2, 1, 4),
+                                            (3, 1, 32), (3, 16, 32), (3, 4, 8), (3, 8, 8)])
+def test_emulator_shuffles_follow_cuda(simt, kind, arg, width):
+    out = simt.probe_shuffle(kind, arg, width, 64).tolist()
+    for t in range(64):
+        lane = t % 32
+        seg = lane & ~(width - 1)
+        if kind == 0:
+            src = seg + arg % width
+        elif kind == 1:
+            src = lane - arg if lane - arg >= seg else lane
+        elif kind == 2:
+            src = lane + arg if lane + arg < seg + width else lane
+        else:
+            src = lane ^ arg if seg <= (lane ^ arg) < seg + width else lane
+        assert out[t] == t - lane + src, (t, out[t])
+
+
+def test_emulator_races_on_shared_memory(simt):
+    n = 256
+    good = simt.probe_shared_sum(True, n, 1000).tolist()
+    assert good == [(t + 1) % n + 1000 for t in range(n)]
+    bad = simt.probe_shared_sum(False, n, 2000).tolist()
+    assert bad != [(t + 1) % n + 2000 for t in range(n)], "a missing barrier went unnoticed"
+
+
+@pytest.mark.parametrize("kind,message", [
+    (0, "exited while"),
+    (1, "cannot make progress"),
+    (2, "excludes it"),
+    (3, "exited"),
+    (4, "misaligned"),
+    (5, "disagree on __syncthreads"),
+])
+def test_emulator_reports_misuse(simt, kind, message):
+    with pytest.raises(RuntimeError, match=message):
+        simt.probe_misuse(kind)
+
+
+def test_emulator_checks_shared_memory_limits(simt):
+    simt.probe_launch_with_smem(48 * 1024)
+    with pytest.raises(RuntimeError, match="dynamic shared memory"):
+        simt.probe_launch_with_smem(48 * 1024 + 4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planted bugs: each build compiles one known bug into the kernels; the harness must notice.
+PLANTS = {
+    1: ("a missing __syncthreads in block_allsum", 769, True),
+    2: ("a shuffle that gives the sum to the first lane only", 256, True),
+    3: ("a loop bound that drops the last element", 769, True),
+    4: ("a vector path taken without the alignment check", 1024, False),
+}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    """The planted-bug libraries, built two at a time (one source file each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    src = [os.path.join(SIMT_DIR, "planted.cpp")]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        names = list(pool.map(lambda p: _build(f"fusenorm_simt_plant{p}", src, plant=p), sorted(PLANTS)))
+    return {p: getattr(torch.ops, n) for p, n in zip(sorted(PLANTS), names)}
+
+
+@pytest.mark.parametrize("plant", sorted(PLANTS))
+def test_planted_bug_is_caught(simt, planted, plant):
+    what, n, aligned = PLANTS[plant]
+    lib = planted[plant]
+    lib.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 1234)
+    x = _make_x(6, n, torch.float32, aligned)
+    w, b = torch.randn(n), torch.randn(n)
+    ref = F.layer_norm(x.double(), [n], w.double(), b.double(), 1e-5)
+    # the clean build passes this very case
+    y_clean, _, _ = simt.layer_norm_fwd(x, [n], w, b, 1e-5)
+    assert (y_clean.double() - ref).abs().max().item() < 1e-4
+    caught: Optional[str] = None
+    try:
+        y, _, _ = lib.layer_norm_fwd(x, w, b, 1e-5)
+        err = (y.double() - ref).abs().max().item()
+        if not err < 1e-4:  # NaN counts as caught
+            caught = f"wrong answer (max error {err:.3g})"
+    except RuntimeError as e:
+        caught = f"error: {e}"
+    assert caught, f"planted bug {plant} ({what}) went unnoticed"
+    print(f"planted bug {plant} ({what}): caught as {caught}")
