@@ -319,7 +319,7 @@ def run_case(
     # fp64 reference on the same inputs (on the same device).
     xr, pr = _leaf(x.double(), need_bwd), tuple(_leaf(p.double(), False) for p in params)
     y_ref = case.torch_fn(xr, *pr)
-    dy = torch.randn(y_ref.shape, dtype=x.dtype, device=device)
+    dy = torch.randn_like(y_ref, dtype=x.dtype)  # in y's memory format (channels-last suites)
     dx_ref = torch.autograd.grad(y_ref, xr, dy.double())[0].detach() if need_bwd else None
     y_ref = y_ref.detach()
     del xr, pr

@@ -19,6 +19,12 @@ TORCH_LIBRARY(fusenorm, m) {
   m.def("rms_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, float eps) -> (Tensor y, Tensor rstd)");
   m.def("rms_norm_bwd(Tensor dy, Tensor x, Tensor rstd, int[] normalized_shape, Tensor? weight,"
         " bool[2] output_mask) -> (Tensor dx, Tensor dweight)");
+  // GroupNorm over [N, C, *] in either layout (InstanceNorm: num_groups = C); mean/rstd are [N, G].
+  // activation: "none", "silu", "gelu" or "relu", applied to the affine output in the same pass.
+  m.def("group_norm_fwd(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps,"
+        " str activation=\"none\") -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("group_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight,"
+        " Tensor? bias, str activation, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
 }
 
 // fusenorm._C is a plain module: importing it runs the registrations above.

@@ -57,6 +57,20 @@ def test_suites_param_counts() -> None:
     assert len(ln.make_inputs("cpu")[1]) == 2 and len(rms.make_inputs("cpu")[1]) == 1
 
 
+def test_group_norm_suite_layouts_and_bytes() -> None:
+    cases = SUITES["group_norm"].cases("cpu", False, [torch.bfloat16])
+    names = {c.norm for c in cases}
+    assert names == {"group_norm+silu", "group_norm+silu_cl"}
+    for c in cases:
+        x, params = c.make_inputs("meta")
+        assert x.is_contiguous(memory_format=torch.channels_last) == c.norm.endswith("_cl")
+        assert [p.shape[0] for p in params] == [c.shape[1]] * 2
+        # x read + y written (bf16) + weight and bias read
+        n, ch, h, w = c.shape
+        assert harness.bytes_moved(c.n_params, c.shape, c.normalized_shape, c.dtype, "fwd") == \
+            2 * n * ch * h * w * 2 + 2 * ch * 2
+
+
 @pytest.fixture(scope="module")
 def cli_result(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")

@@ -52,8 +52,9 @@ def _build(name: str, sources, plant: int = 0) -> str:
 def simt():
     name = _build(
         "fusenorm_simt",
-        [os.path.join(SIMT_DIR, f) for f in ("controls.cpp", "layer_norm.cpp", "rms_norm.cpp", "probes.cpp")]
-        + [os.path.join(ROOT, "csrc", "common", "row_norm_args.cpp")],
+        [os.path.join(SIMT_DIR, f) for f in ("controls.cpp", "layer_norm.cpp", "rms_norm.cpp", "group_norm.cpp",
+                                             "probes.cpp")]
+        + [os.path.join(ROOT, "csrc", "common", f) for f in ("row_norm_args.cpp", "group_norm_args.cpp")],
     )
     lib = getattr(torch.ops, name)
     lib.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 1234)
@@ -243,6 +244,41 @@ def test_backward_is_deterministic(simt):
     second = simt.layer_norm_bwd(dy, x, mean, rstd, [769], w, b, [True, True, True])
     for a, c in zip(first, second):
         assert torch.equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# GroupNorm: one block per (n, group), both layouts, the fused activations, the [N, C] partials.
+GN_ACTS = {"none": lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype,pdtype", DTYPE_CASES)
+@pytest.mark.parametrize("shape,groups,act", [((2, 6, 13, 17), 3, "none"), ((3, 33, 5), 11, "silu"),
+                                              ((1, 9, 3, 5, 7), 3, "gelu"), ((2, 8, 4, 4), 8, "relu"),
+                                              ((1, 64, 33), 1, "silu")], ids=str)
+def test_group_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, groups, act):
+    x = torch.randn(shape, dtype=dtype)
+    if layout == "channels_last":
+        perm = (0, *range(2, x.dim()), 1)
+        x = x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
+    c = shape[1]
+    w, b, dy = torch.randn(c, dtype=pdtype), torch.randn(c, dtype=pdtype), torch.randn_like(x)
+    outs = []
+    for cast in (lambda t: t, lambda t: t.double()):
+        leaves = [cast(t).detach().requires_grad_() for t in (x, w, b)]
+        y = GN_ACTS[act](F.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5))
+        outs.append((y.detach(),) + torch.autograd.grad(y, leaves, cast(dy)))
+    theirs, ref = outs
+    y, mean, rstd = simt.group_norm_fwd(x, groups, w, b, 1e-5, act)
+    assert y.stride() == x.stride()
+    dx, dw, db = simt.group_norm_bwd(dy, x, mean, rstd, groups, w, b, act, [True, True, True])
+    log = [kernel_key(line) for line in _launched(simt)]
+    assert any("group_norm_fwd_kernel" in k for k in log) and any("group_norm_bwd_kernel" in k for k in log)
+    group_len = x.numel() // (shape[0] * groups)
+    for name, o, t, r, scale in (("y", y, theirs[0], ref[0], 1.0), ("dx", dx, theirs[1], ref[1], group_len ** 0.5),
+                                 ("dw", dw, theirs[2], ref[2], (x.numel() / c) ** 0.5),
+                                 ("db", db, theirs[3], ref[3], (x.numel() / c) ** 0.5)):
+        assert_close_as_torch(o, t, r, dtype, f"group_norm {name}", scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,11 +4,12 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Dict
 
-from . import layer_norm, rms_norm
+from . import group_norm, layer_norm, rms_norm
 
 SUITES: Dict[str, ModuleType] = {
     "layer_norm": layer_norm,
     "rms_norm": rms_norm,
+    "group_norm": group_norm,
 }
 
 __all__ = ["SUITES"]

@@ -44,4 +44,23 @@ __device__ __forceinline__ A row_allsum(A v, A* shared) {
   }
 }
 
+// out[n] = sum_b part[b, n], in a fixed order.
+template <typename A, typename W>
+__global__ void __launch_bounds__(512) column_sum_kernel(const A* __restrict__ part, int64_t B, int64_t N,
+                                                         W* __restrict__ out) {
+  __shared__ A tile[16][33];
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * 32 + threadIdx.x;
+  A s = A(0);
+  if (col < N)
+    for (int64_t r = threadIdx.y; r < B; r += 16) s += part[r * N + col];
+  tile[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y == 0 && col < N) {
+    A t = A(0);
+#pragma unroll
+    for (int r = 0; r < 16; ++r) t += tile[r][threadIdx.x];
+    out[col] = static_cast<W>(t);
+  }
+}
+
 }  // namespace fusenorm::cuda

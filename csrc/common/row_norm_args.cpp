@@ -1,4 +1,4 @@
-// Argument checks shared by LayerNorm and RMSNorm on every backend, worded like torch.nn's.
+// Argument checks shared by the norms on every backend, worded like torch.nn's.
 #include "common/row_norm_args.h"
 
 #include <string>
@@ -14,31 +14,21 @@ std::string shape_str(at::IntArrayRef sizes) {
   return s + "]";
 }
 
-RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape,
-                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
-  const int64_t k = static_cast<int64_t>(normalized_shape.size());
-  const std::string ns = shape_str(normalized_shape);
-  TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
-              "element, but got normalized_shape = ", ns);
+void check_input_dtype(const char* op, const at::Tensor& x) {
   // torch.nn raises NotImplementedError for non-floating inputs; so do we.
   TORCH_CHECK_NOT_IMPLEMENTED(
       x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
           x.scalar_type() == at::kBFloat16,
       "\"", op, "\" not implemented for '", c10::toString(x.scalar_type()),
       "' (expected a float32, float64, float16 or bfloat16 input)");
-  const int64_t d = x.dim();
-  bool ok = d >= k;
-  for (int64_t i = 0; ok && i < k; ++i) ok = x.size(d - k + i) == normalized_shape[i];
-  // "[*, 8, 8]" is ns = "[8, 8]" with "*, " after its bracket (k >= 1 here)
-  TORCH_CHECK(ok, "Given normalized_shape=", ns, ", expected input with shape [*, ", ns.substr(1),
-              ", but got input of size", shape_str(x.sizes()));
+}
+
+void check_params(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                  const std::optional<at::Tensor>& bias) {
   for (int which = 0; which < 2; ++which) {
     const std::optional<at::Tensor>& p = which == 0 ? weight : bias;
     const char* name = which == 0 ? "weight" : "bias";
     if (!p.has_value() || !p->defined()) continue;
-    TORCH_CHECK(p->sizes().equals(normalized_shape), "Expected ", name,
-                " to be of same shape as normalized_shape, but got ", name, " of shape ", shape_str(p->sizes()),
-                " and normalized_shape = ", ns);
     TORCH_CHECK(p->device() == x.device(), op, ": expected ", name, " on ", x.device().str(), " like the input, got ",
                 p->device().str());
     TORCH_CHECK(p->scalar_type() == x.scalar_type() ||
@@ -52,6 +42,30 @@ RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRe
     TORCH_CHECK(weight->scalar_type() == bias->scalar_type(), op, ": weight (", c10::toString(weight->scalar_type()),
                 ") and bias (", c10::toString(bias->scalar_type()), ") must have the same dtype");
   }
+}
+
+RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape,
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+  const int64_t k = static_cast<int64_t>(normalized_shape.size());
+  const std::string ns = shape_str(normalized_shape);
+  TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
+              "element, but got normalized_shape = ", ns);
+  check_input_dtype(op, x);
+  const int64_t d = x.dim();
+  bool ok = d >= k;
+  for (int64_t i = 0; ok && i < k; ++i) ok = x.size(d - k + i) == normalized_shape[i];
+  // "[*, 8, 8]" is ns = "[8, 8]" with "*, " after its bracket (k >= 1 here)
+  TORCH_CHECK(ok, "Given normalized_shape=", ns, ", expected input with shape [*, ", ns.substr(1),
+              ", but got input of size", shape_str(x.sizes()));
+  for (int which = 0; which < 2; ++which) {
+    const std::optional<at::Tensor>& p = which == 0 ? weight : bias;
+    const char* name = which == 0 ? "weight" : "bias";
+    if (!p.has_value() || !p->defined()) continue;
+    TORCH_CHECK(p->sizes().equals(normalized_shape), "Expected ", name,
+                " to be of same shape as normalized_shape, but got ", name, " of shape ", shape_str(p->sizes()),
+                " and normalized_shape = ", ns);
+  }
+  check_params(op, x, weight, bias);
   RowShape s;
   s.N = 1;
   for (auto v : normalized_shape) s.N *= v;

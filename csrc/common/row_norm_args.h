@@ -1,4 +1,4 @@
-// Argument checks shared by LayerNorm and RMSNorm on every backend, worded like torch.nn's.
+// Argument checks shared by the norms on every backend, worded like torch.nn's.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
@@ -16,6 +16,13 @@ struct RowShape {
 
 // "[4, 8]": for error messages (see row_norm_args.cpp for why not operator<<).
 std::string shape_str(at::IntArrayRef sizes);
+
+// NotImplementedError, as torch.nn, for an input that is not fp32/fp64/fp16/bf16.
+void check_input_dtype(const char* op, const at::Tensor& x);
+
+// weight/bias on x's device, in x's dtype (or fp32 for a half input), the same dtype as each other.
+void check_params(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                  const std::optional<at::Tensor>& bias);
 
 // Validates x / normalized_shape / weight / bias like torch.nn and returns the [M, N] view.
 // Defined once, in row_norm_args.cpp, for every backend.

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from . import _C, _ops  # noqa: F401  (ops, fakes)
-from .functional import layer_norm, rms_norm
-from .modules import LayerNorm, RMSNorm, convert
+from .functional import group_norm, layer_norm, rms_norm
+from .modules import GroupNorm, LayerNorm, RMSNorm, convert
 
 __version__ = "0.1.0"
 
@@ -23,8 +23,10 @@ def cpu_isa() -> str:
 __all__ = [
     "LayerNorm",
     "RMSNorm",
+    "GroupNorm",
     "layer_norm",
     "rms_norm",
+    "group_norm",
     "convert",
     "cuda_kernels_compiled",
     "cpu_isa",

@@ -47,3 +47,25 @@ def _rms_norm_fwd_fake(x, normalized_shape, weight, eps):
 @torch.library.register_fake("fusenorm::rms_norm_bwd")
 def _rms_norm_bwd_fake(dy, x, rstd, normalized_shape, weight, output_mask):
     return _masked(output_mask[0], x, x), _masked(output_mask[1], weight, x)
+
+
+def _group_layout_like(x: torch.Tensor) -> torch.Tensor:
+    """The layout the GroupNorm op computes in (and returns): x's own when it is contiguous or
+    channels-last-like ([N, C, *] stored as [N, *, C]), else contiguous."""
+    if x.is_contiguous():
+        return torch.empty_like(x)
+    if x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
+        return torch.empty_like(x)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fusenorm::group_norm_fwd")
+def _group_norm_fwd_fake(x, num_groups, weight, bias, eps, activation="none"):
+    stat = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x))
+    return _group_layout_like(x), stat, stat.clone()
+
+
+@torch.library.register_fake("fusenorm::group_norm_bwd")
+def _group_norm_bwd_fake(dy, x, mean, rstd, num_groups, weight, bias, activation, output_mask):
+    dx = _group_layout_like(x) if output_mask[0] else x.new_empty((0,))
+    return dx, _masked(output_mask[1], weight, x), _masked(output_mask[2], bias, x)

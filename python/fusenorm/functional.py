@@ -22,6 +22,9 @@ def _as_shape(normalized_shape: _ShapeT) -> List[int]:
 
 _LN_FWD = torch.ops.fusenorm.layer_norm_fwd.default
 _RMS_FWD = torch.ops.fusenorm.rms_norm_fwd.default
+_GN_FWD = torch.ops.fusenorm.group_norm_fwd.default
+
+ACTIVATIONS = (None, "silu", "gelu", "relu")
 
 
 def _autocast_fp32(x: torch.Tensor, *params: Optional[torch.Tensor]):
@@ -108,3 +111,51 @@ def rms_norm(
         return RMSNormFunction.apply(x, shape, weight, float(eps))
     return _RMS_FWD(x, shape, weight, float(eps))[0]
 
+
+
+class GroupNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, num_groups, weight, bias, eps, activation):
+        y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, num_groups, weight, bias, eps, activation)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.num_groups, ctx.activation = num_groups, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
+                bias is not None and ctx.needs_input_grad[3]]
+        dx, dw, db = torch.ops.fusenorm.group_norm_bwd(
+            dy, x, mean, rstd, ctx.num_groups, weight, bias, ctx.activation, mask
+        )
+        return _or_none(dx, mask[0]), None, _or_none(dw, mask[1]), _or_none(db, mask[2]), None, None
+
+
+def _activation_name(activation: Optional[str]) -> str:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"fusenorm: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return activation or "none"
+
+
+def group_norm(
+    input: torch.Tensor,
+    num_groups: int,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """GroupNorm over [N, C, *] (contiguous or channels-last, kept in the output), then the optional
+    activation ("silu", "gelu" (exact), "relu") in the same pass. weight, bias: [C]."""
+    act = _activation_name(activation)
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    torch.nn.functional._verify_batch_size(
+        [input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:])
+    )
+    x, weight, bias = _autocast_fp32(input, weight, bias)
+    if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
+        return GroupNormFunction.apply(x, int(num_groups), weight, bias, float(eps), act)
+    return _GN_FWD(x, int(num_groups), weight, bias, float(eps), act)[0]

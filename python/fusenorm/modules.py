@@ -21,7 +21,28 @@ class RMSNorm(torch.nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
-_SWAPS = {torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm}
+class GroupNorm(torch.nn.GroupNorm):
+    """torch.nn.GroupNorm computed by fusenorm's kernels, in the input's memory format.
+
+    Takes torch.nn.GroupNorm's arguments, plus the keyword activation=None | "silu" | "gelu" |
+    "relu", applied to the output in the same pass (GroupNorm + SiLU of diffusion UNets)."""
+
+    activation = None  # also for modules converted from torch.nn.GroupNorm
+
+    def __init__(self, *args, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        F._activation_name(activation)
+        self.activation = activation
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", activation={self.activation!r}" if self.activation else "")
+
+
+_SWAPS = {torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm, torch.nn.GroupNorm: GroupNorm}
 
 
 def convert(module: torch.nn.Module) -> torch.nn.Module:

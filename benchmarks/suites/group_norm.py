@@ -1,0 +1,68 @@
+"""GroupNorm + SiLU suite (the diffusion-UNet block), in both memory layouts.
+
+Rows are named group_norm+silu (NCHW) and group_norm+silu_cl (channels_last); torch.nn's peer is
+F.silu(F.group_norm(x)), two kernels where fusenorm runs one."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..harness import Case
+
+NORM = "group_norm+silu"
+GROUPS = 32
+EPS = 1e-5
+
+
+def default_shapes(device: str, full: bool) -> List[Tuple[int, int, int, int]]:
+    """Stable-Diffusion UNet GroupNorm inputs (N, C, H, W); DRAM-sized on CPU."""
+    if device == "cpu":
+        shapes = [(4, 320, 64, 64), (4, 1280, 16, 16)]
+        if full:
+            shapes += [(2, 640, 32, 32), (8, 320, 32, 32)]
+        return shapes
+    shapes = [(16, 320, 64, 64), (8, 640, 32, 32), (16, 1280, 32, 32), (2, 320, 64, 64)]
+    if full:
+        shapes += [(2, 640, 32, 32), (16, 640, 64, 64), (2, 1280, 16, 16), (16, 1280, 16, 16)]
+    return shapes
+
+
+def _make_inputs(shape, dtype: torch.dtype, channels_last: bool):
+    def make(device: str):
+        x = torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        c = shape[1]
+        w = (1.0 + 0.1 * torch.randn(c, device=device)).to(dtype)
+        b = (0.1 * torch.randn(c, device=device)).to(dtype)
+        return x, (w, b)
+
+    return make
+
+
+def peers():
+    """No third-party GroupNorm+SiLU training kernel to compare with."""
+    return []
+
+
+def cases(device: str, full: bool, dtypes: Sequence[torch.dtype],
+          shapes: Optional[Sequence[Tuple[int, ...]]] = None) -> List[Case]:
+    """GroupNorm(32)+SiLU cases, NCHW and channels_last (--shapes applies to the row norms only)."""
+    import fusenorm
+
+    out = []
+    for shape in default_shapes(device, full):
+        for channels_last in (False, True):
+            for dtype in dtypes:
+                out.append(Case(
+                    norm=NORM + ("_cl" if channels_last else ""), shape=tuple(shape), normalized_shape=(shape[1],),
+                    dtype=dtype, n_params=2, make_inputs=_make_inputs(shape, dtype, channels_last),
+                    fusenorm=lambda x, w, b: fusenorm.group_norm(x, GROUPS, w, b, EPS, activation="silu"),
+                    torch_fn=lambda x, w, b: F.silu(F.group_norm(x, GROUPS, w, b, EPS)),
+                ))
+    return out
+
+
+__all__ = ["NORM", "cases", "peers"]

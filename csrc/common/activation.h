@@ -1,0 +1,43 @@
+// The activations a norm can apply to its affine output in the same pass (GroupNorm's
+// activation=...), and their derivatives for the backward, in the accumulation type.
+#pragma once
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+#include "common/group_norm_ops.h"
+
+namespace fusenorm {
+
+C10_HOST_DEVICE inline float act_exp(float v) { return expf(v); }
+C10_HOST_DEVICE inline double act_exp(double v) { return exp(v); }
+C10_HOST_DEVICE inline float act_erf(float v) { return erff(v); }
+C10_HOST_DEVICE inline double act_erf(double v) { return erf(v); }
+
+template <typename A>
+C10_HOST_DEVICE inline A activate(Act act, A z) {
+  switch (act) {
+    case Act::Silu: return z / (A(1) + act_exp(-z));
+    case Act::Gelu: return A(0.5) * z * (A(1) + act_erf(z * A(0.70710678118654752440)));  // exact (erf) GELU
+    case Act::Relu: return z > A(0) ? z : A(0);
+    default: return z;
+  }
+}
+
+// d activate(z) / dz
+template <typename A>
+C10_HOST_DEVICE inline A activate_grad(Act act, A z) {
+  switch (act) {
+    case Act::Silu: {
+      const A s = A(1) / (A(1) + act_exp(-z));
+      return s * (A(1) + z * (A(1) - s));
+    }
+    case Act::Gelu:
+      return A(0.5) * (A(1) + act_erf(z * A(0.70710678118654752440))) +
+             z * A(0.39894228040143267794) * act_exp(A(-0.5) * z * z);
+    case Act::Relu: return z > A(0) ? A(1) : A(0);
+    default: return A(1);
+  }
+}
+
+}  // namespace fusenorm

@@ -1,0 +1,109 @@
+// The GroupNorm ops, shared by every backend: argument checks (torch.nn's, same wording), the
+// memory layout, output allocation, empty inputs and dtype dispatch. InstanceNorm is GroupNorm
+// with one group per channel.
+//
+// x: [N, C, *spatial] with S = prod(spatial), in either layout, computed in place:
+//   NCS  contiguous (NCHW / NCDHW): group (n, g) is one contiguous run of C/G * S elements;
+//   NSC  channels last (NHWC / NDHWC, or any [N, C, *] whose channel stride is 1 and whose spatial
+//        dims are dense with stride C): group (n, g) is C/G contiguous channels at each of S sites.
+// Any other strides are made contiguous first. y keeps x's layout; mean/rstd are [N, G] in fp32
+// (fp64 for fp64 inputs). An optional activation is applied to the affine output in the same pass.
+//
+// A backend supplies, with Act the activation:
+//   template <typename T, typename W> static void fwd(const GroupNormShape&, x, w*, b*, eps, act, y, mean, rstd);
+//   template <typename T, typename W> static void bwd(const GroupNormShape&, dy, x, mean, rstd, w*, b*, act,
+//                                                     want_dx, want_dw, want_db, dx, dw, db);
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+
+#include <array>
+#include <cmath>
+#include <string>
+#include <tuple>
+
+#include "common/dispatch.h"
+#include "common/row_norm_args.h"
+
+namespace fusenorm {
+
+enum class Act : int { None = 0, Silu = 1, Gelu = 2, Relu = 3 };
+
+Act parse_activation(const std::string& name);
+
+struct GroupNormShape {
+  int64_t N = 0, C = 0, S = 0, G = 0;
+  bool channels_last = false;  // NSC layout
+  int64_t cpg() const { return C / G; }
+};
+
+// Checks as torch.group_norm does; returns the shape and whether x is channels-last.
+GroupNormShape check_group_norm_args(const char* op, const at::Tensor& x, int64_t num_groups,
+                                     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias);
+
+// x itself when its layout is NCS or NSC, else a contiguous copy.
+at::Tensor group_norm_input(const at::Tensor& x, const GroupNormShape& s);
+
+template <typename Backend>
+struct GroupNormOps {
+  using Tensor = at::Tensor;
+  using OptTensor = std::optional<at::Tensor>;
+  static constexpr const char* kOp = "fusenorm.group_norm";
+
+  static std::tuple<Tensor, Tensor, Tensor> group_norm_fwd(const Tensor& x, int64_t num_groups, const OptTensor& weight,
+                                                           const OptTensor& bias, double eps,
+                                                           const std::string& activation) {
+    GroupNormShape s = check_group_norm_args(kOp, x, num_groups, weight, bias);
+    const Act act = parse_activation(activation);
+    typename Backend::Guard guard(x);
+    Tensor xc = group_norm_input(x, s);
+    Tensor y = at::empty_like(xc);
+    auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
+    Tensor mean = at::empty({s.N, s.G}, sopt), rstd = at::empty({s.N, s.G}, sopt);
+    if (s.N > 0 && s.C > 0 && s.S > 0) {
+      FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), kOp, [&] {
+        Backend::template fwd<scalar_t, param_t>(s, xc, opt_ptr(weight), opt_ptr(bias), eps, act, y, mean, rstd);
+      });
+    } else if (s.N > 0 && s.C > 0) {  // no elements per group: variance 0
+      mean.zero_();
+      rstd.fill_(1.0 / std::sqrt(eps));
+    }
+    return {y, mean, rstd};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor> group_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                           const Tensor& rstd, int64_t num_groups,
+                                                           const OptTensor& weight, const OptTensor& bias,
+                                                           const std::string& activation, std::array<bool, 3> mask) {
+    GroupNormShape s = check_group_norm_args(kOp, x, num_groups, weight, bias);
+    TORCH_CHECK(dy.sizes() == x.sizes(), kOp, ": grad_output of size ", shape_str(dy.sizes()),
+                " does not match input of size ", shape_str(x.sizes()));
+    const Act act = parse_activation(activation);
+    typename Backend::Guard guard(x);
+    const bool want_dx = mask[0];
+    const bool want_dw = mask[1] && opt_ptr(weight);
+    const bool want_db = mask[2] && opt_ptr(bias);
+    Tensor xc = group_norm_input(x, s);
+    // dy in x's layout, so that one index serves both
+    Tensor dyc = dy.to(x.scalar_type());
+    if (dyc.strides() != xc.strides()) dyc = at::empty_like(xc).copy_(dyc);
+    Tensor dx = want_dx ? at::empty_like(xc) : at::empty({0}, x.options());
+    Tensor dw = want_dw ? at::empty(weight->sizes(), weight->options()) : at::empty({0}, x.options());
+    Tensor db = want_db ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, x.options());
+    if (s.N == 0 || s.C == 0 || s.S == 0) {
+      if (want_dw) dw.zero_();
+      if (want_db) db.zero_();
+      return {dx, dw, db};
+    }
+    if (!want_dx && !want_dw && !want_db) return {dx, dw, db};
+    Tensor meanc = mean.contiguous(), rstdc = rstd.contiguous();
+    FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), kOp, [&] {
+      Backend::template bwd<scalar_t, param_t>(s, dyc, xc, meanc, rstdc, opt_ptr(weight), opt_ptr(bias), act, want_dx,
+                                               want_dw, want_db, dx, dw, db);
+    });
+    return {dx, dw, db};
+  }
+};
+
+}  // namespace fusenorm

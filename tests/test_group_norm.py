@@ -1,0 +1,214 @@
+"""fusenorm.group_norm / fusenorm.GroupNorm against torch.nn (+ the activation), both layouts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, DTYPES, HAS_CUDA, assert_close_as_torch
+
+import fusenorm
+
+ACTS = {None: lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
+
+# (shape, groups): odd channel counts, 1d/2d/3d, groups = 1 and groups = C
+SHAPES = [
+    ((2, 6, 13, 17), 3),
+    ((3, 33, 5), 11),
+    ((1, 9, 7, 7, 7), 3),
+    ((2, 12, 4, 4), 1),
+    ((2, 8, 3, 5), 8),
+    ((4, 6), 2),
+    ((1, 64, 9, 9), 32),
+]
+
+
+def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "contiguous":
+        return x
+    if layout == "channels_last":  # [N, C, *] stored as [N, *, C], any rank
+        perm = (0, *range(2, x.dim()), 1)
+        inv = [perm.index(i) for i in range(x.dim())]
+        return x.permute(perm).contiguous().permute(inv)
+    return x[..., ::2] if x.dim() > 2 else x.t().contiguous().t()  # strided: computed from a copy
+
+
+def _reference(x, groups, w, b, act, dy):
+    out = []
+    for cast in (lambda t: t, lambda t: t.double()):
+        leaves = [None if t is None else cast(t).detach().requires_grad_() for t in (x, w, b)]
+        y = ACTS[act](F.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5))
+        grads = torch.autograd.grad(y, [t for t in leaves if t is not None], cast(dy))
+        it = iter(grads)
+        out.append((y.detach(),) + tuple(next(it) if t is not None else None for t in leaves))
+    return out
+
+
+def _check(device, dtype, shape, groups, layout, act, affine=(True, True), pdtype=None):
+    x = _layout(torch.randn(shape, dtype=dtype, device=device), layout)
+    c = x.shape[1]
+    pdtype = pdtype or dtype
+    w = torch.randn(c, dtype=pdtype, device=device) if affine[0] else None
+    b = torch.randn(c, dtype=pdtype, device=device) if affine[1] else None
+    dy = torch.randn_like(x)
+    theirs, ref = _reference(x, groups, w, b, act, dy)
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, w, b)]
+    y = fusenorm.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5, activation=act)
+    if layout != "strided":
+        assert y.stride() == x.stride(), "the output keeps the input's memory format"
+    grads = torch.autograd.grad(y, [t for t in leaves if t is not None], dy)
+    it = iter(grads)
+    ours = (y.detach(),) + tuple(next(it) if t is not None else None for t in leaves)
+    group_len = max(1, x.numel() // max(1, x.shape[0] * groups))
+    for name, o, t, r in zip(("y", "dx", "dw", "db"), ours, theirs, ref):
+        if r is None:
+            continue
+        scale = math.sqrt(group_len) if name == "dx" else (math.sqrt(x.numel() / c) if name in ("dw", "db") else 1.0)
+        assert_close_as_torch(o, t, r, dtype, f"{name} {shape} G={groups} {layout} {act}", scale=scale)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
+def test_matches_torch(device, dtype, layout, shape, groups):
+    _check(device, dtype, shape, groups, layout, None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_activation(device, act, layout, dtype):
+    _check(device, dtype, (2, 12, 6, 7), 4, layout, act)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("affine", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_affine_combinations(device, affine, act):
+    _check(device, torch.float32, (2, 6, 5, 5), 3, "channels_last", act, affine=affine)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision_params(device):
+    _check(device, torch.bfloat16, (2, 8, 6, 6), 4, "contiguous", "silu", pdtype=torch.float32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    for layout in ("contiguous", "channels_last"):
+        x = _layout(torch.randn(0, 6, 4, 4, device=device), layout).requires_grad_()
+        m = fusenorm.GroupNorm(3, 6).to(device)
+        y = m(x)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert torch.equal(m.weight.grad, torch.zeros_like(m.weight))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    for layout in ("contiguous", "channels_last"):
+        for act in (None, "silu", "gelu"):
+            x = _layout(torch.randn(2, 6, 3, 2, dtype=torch.float64, device=device), layout).requires_grad_()
+            w = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+            b = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+            assert torch.autograd.gradcheck(lambda *a: fusenorm.group_norm(a[0], 3, a[1], a[2], activation=act),
+                                            (x, w, b))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(2, 6, 4, 5, device=device)
+    w, b = torch.randn(6, device=device), torch.randn(6, device=device)
+    for xx in (x, x.to(memory_format=torch.channels_last)):
+        torch.library.opcheck(torch.ops.fusenorm.group_norm_fwd.default, (xx, 3, w, b, 1e-5, "silu"))
+        y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(xx, 3, w, b, 1e-5, "silu")
+        torch.library.opcheck(torch.ops.fusenorm.group_norm_bwd.default,
+                              (torch.randn_like(y), xx, mean, rstd, 3, w, b, "silu", [True, True, True]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_backward_is_deterministic(device):
+    x = torch.randn(3, 12, 9, 9, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    m = fusenorm.GroupNorm(4, 12, activation="silu").to(device)
+    dy = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        x.grad = None
+        m.zero_grad()
+        m(x).backward(dy)
+        runs.append((x.grad.clone(), m.weight.grad.clone(), m.bias.grad.clone()))
+    for a, c in zip(*runs):
+        assert torch.equal(a, c)
+
+
+def test_compile_fullgraph_keeps_our_ops():
+    m = fusenorm.GroupNorm(4, 8, activation="silu")
+    x = torch.randn(2, 8, 5, 5).to(memory_format=torch.channels_last).requires_grad_()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        from torch._functorch.aot_autograd import aot_module_simplified
+
+        def keep(g, _):
+            graphs.append(str(g.graph))
+            return g
+
+        return aot_module_simplified(gm, example_inputs, fw_compiler=keep, bw_compiler=keep)
+
+    y = torch.compile(m, fullgraph=True, backend=backend)(x)
+    y.sum().backward()
+    assert any("fusenorm.group_norm_fwd" in g for g in graphs)
+    assert any("fusenorm.group_norm_bwd" in g for g in graphs)
+    ref = F.silu(F.group_norm(x.detach(), 4, m.weight.detach(), m.bias.detach()))
+    torch.testing.assert_close(y.detach(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.compile(m, fullgraph=True)(x).detach(), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_errors_match_torch(device):
+    cases = [
+        (lambda f: f(torch.randn(2, 6, 4, device=device), 4), "channels not divisible"),
+        (lambda f: f(torch.randn(1, 6, device=device), 6), "one value per group"),
+        (lambda f: f(torch.randn(6, device=device), 3), "rank 1"),
+        (lambda f: f(torch.randn(2, 6, 4, device=device), 3, torch.randn(5, device=device)), "weight shape"),
+        (lambda f: f(torch.ones(2, 6, 4, dtype=torch.long, device=device), 3), "integer input"),
+    ]
+    for call, what in cases:
+        with pytest.raises(Exception) as theirs:
+            call(F.group_norm)
+        with pytest.raises(Exception) as ours:
+            call(fusenorm.group_norm)
+        assert type(ours.value) is type(theirs.value), (what, ours.value, theirs.value)
+    with pytest.raises(ValueError, match="activation"):
+        fusenorm.GroupNorm(2, 4, activation="tanh")
+
+
+def test_drop_in_module():
+    theirs = torch.nn.GroupNorm(4, 12, eps=1e-3)
+    ours = fusenorm.GroupNorm(4, 12, eps=1e-3)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 12, 5, 5)
+    torch.testing.assert_close(ours(x), theirs(x))
+    assert repr(ours) == repr(theirs).replace("GroupNorm", "GroupNorm", 1)
+    assert "activation='silu'" in repr(fusenorm.GroupNorm(4, 12, activation="silu"))
+    assert fusenorm.GroupNorm(2, 4, affine=False).weight is None
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8))
+    fusenorm.convert(model)
+    assert type(model[1]) is fusenorm.GroupNorm
+    model(torch.randn(1, 3, 6, 6)).sum().backward()
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_cuda_autocast_dtype():
+    m = fusenorm.GroupNorm(4, 8).cuda()
+    x = torch.randn(2, 8, 4, 4, device="cuda", dtype=torch.bfloat16)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert m(x).dtype == torch.nn.GroupNorm(4, 8).cuda()(x).dtype
