@@ -1,7 +1,15 @@
 // fusenorm::group_norm_fwd / group_norm_bwd on CPU, both layouts (see common/group_norm_ops.h).
-// Parallel over (n, group). Each group is read from memory once into a cache-resident fp32 copy in
-// group order, reduced there with the row-norm helpers (exact two-pass, fixed summation order),
-// and written back in the input's layout with the affine step and the activation fused.
+//
+// NCS (contiguous): parallel over (n, group); a group is one contiguous run, reduced with the
+// row-norm helpers (exact two-pass, pivot = its first element), then each channel's run of S sites
+// is normalized, activated and stored.
+// NSC (channels last): per sample, parallel over chunks of sites; every pass runs along the
+// contiguous channel axis with per-channel arrays (pivot, mean, scale, shift). Statistics: each
+// chunk (~16K elements, cache-resident) gets exact two-pass per-channel moments, merged over chunks
+// and channels with Chan's formula in a fixed order, so x is read from memory once for them and
+// results do not depend on the thread count; then y is written in a second pass.
+// Backward: dz = dy * act'(z) (z recomputed from x), per-channel sums of dz and dz * xhat give
+// dweight/dbias (per-sample partials summed over n in order) and the group sums for dx.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -11,20 +19,103 @@
 
 namespace fusenorm::cpu {
 
-// Element i of group (n, g) in group order: channel-major (NCS) or site-major (NSC).
-struct GroupIndex {
-  int64_t C, S, cpg;
-  bool nsc;
-  int64_t base(int64_t n, int64_t g) const { return nsc ? n * S * C + g * cpg : n * C * S + g * cpg * S; }
-  int64_t offset(int64_t i) const { return nsc ? (i / cpg) * C + i % cpg : i; }
-  int64_t channel(int64_t g, int64_t i) const { return g * cpg + (nsc ? i % cpg : i / S); }
-};
-
-template <typename T, typename A>
-inline void gather(const T* src, const GroupIndex& ix, int64_t L, A* dst) {
-  if (!ix.nsc) return to_acc(src, dst, L);
-  for (int64_t s = 0; s < ix.S; ++s) to_acc(src + s * ix.C, dst + s * ix.cpg, ix.cpg);
+#ifdef FUSENORM_CPU_AVX2
+// Half/bfloat16 <-> fp32, 8 at a time (c10's scalar conversions do not vectorize).
+template <typename H>
+inline void cvt_in(const H* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
+template <typename H>
+inline void cvt_out(const float* src, H* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<H>(src[i]);
+}
+inline void to_acc(const c10::Half* s, float* d, int64_t n) { cvt_in(s, d, n); }
+inline void to_acc(const c10::BFloat16* s, float* d, int64_t n) { cvt_in(s, d, n); }
+inline void from_acc(const float* s, c10::Half* d, int64_t n) { cvt_out(s, d, n); }
+inline void from_acc(const float* s, c10::BFloat16* d, int64_t n) { cvt_out(s, d, n); }
+
+// exp(x) for 8 lanes: Cody-Waite reduction by ln 2 and a degree-6 polynomial (about 1 ulp).
+inline __m256 exp8(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
+// z <- act(z), in place.
+template <typename A>
+inline void activate_inplace(Act act, A* z, int64_t n) {
+  if (act == Act::None) return;
+  int64_t i = 0;
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    if (act == Act::Relu)
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(z + i, _mm256_max_ps(_mm256_loadu_ps(z + i), zero));
+    if (act == Act::Silu)
+      for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(z + i);
+        _mm256_storeu_ps(z + i, _mm256_div_ps(v, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v)))));
+      }
+  }
+#endif
+  for (; i < n; ++i) z[i] = activate(act, z[i]);
+}
+
+// d <- d * act'(z), in place.
+template <typename A>
+inline void activate_grad_inplace(Act act, const A* z, A* d, int64_t n) {
+  if (act == Act::None) return;
+  int64_t i = 0;
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+    if (act == Act::Relu)
+      for (; i + 8 <= n; i += 8) {
+        const __m256 pos = _mm256_cmp_ps(_mm256_loadu_ps(z + i), zero, _CMP_GT_OQ);
+        _mm256_storeu_ps(d + i, _mm256_and_ps(_mm256_loadu_ps(d + i), pos));
+      }
+    if (act == Act::Silu)
+      for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(z + i);
+        const __m256 s = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v))));
+        const __m256 g = _mm256_mul_ps(s, _mm256_fmadd_ps(v, _mm256_sub_ps(one, s), one));
+        _mm256_storeu_ps(d + i, _mm256_mul_ps(_mm256_loadu_ps(d + i), g));
+      }
+  }
+#endif
+  for (; i < n; ++i) d[i] *= activate_grad(act, z[i]);
+}
+
+// sum_i a_i b_i, in lanes (fixed order)
+template <typename A>
+inline A dot_of(const A* a, const A* b, int64_t n) {
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+  A s = sum_lanes(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Sites per chunk of the channels-last passes: ~16K elements, independent of the thread count.
+inline int64_t site_chunk(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
 struct GroupNormBackend {
   struct Guard {
@@ -35,24 +126,34 @@ struct GroupNormBackend {
   static void fwd(const GroupNormShape& s, const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias,
                   double eps, Act act, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
     using A = acc_t<T>;
-    const GroupIndex ix{s.C, s.S, s.cpg(), s.channels_last};
-    const int64_t L = s.cpg() * s.S;
     const std::vector<A> w = param_as_acc<W, A>(weight, s.C, A(1)), b = param_as_acc<W, A>(bias, s.C, A(0));
+    if (s.channels_last) return fwd_nsc<T, A>(s, x.data_ptr<T>(), w, b, static_cast<A>(eps), act, y.data_ptr<T>(),
+                                              mean.data_ptr<A>(), rstd.data_ptr<A>());
+    const int64_t S = s.S, cpg = s.cpg(), L = cpg * S;
     const T* X = x.data_ptr<T>();
     T* Y = y.data_ptr<T>();
     A* MEAN = mean.data_ptr<A>();
     A* RSTD = rstd.data_ptr<A>();
+    constexpr bool same = std::is_same_v<T, A>;  // fp32/fp64: no conversion copies
     at::parallel_for(0, s.N * s.G, row_grain(L), [&](int64_t begin, int64_t end) {
-      std::vector<A> v(L);
+      std::vector<A> buf(same ? 0 : L), zbuf(same ? 0 : S);
       for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / s.G, g = ng % s.G, base = ix.base(n, g);
-        gather(X + base, ix, L, v.data());
-        const A c = v[0];  // pivot, as in the row norms
-        const A mu = sum_of(v.data(), L, c) / A(L);
-        const A rs = A(1) / std::sqrt(sq_dev_of(v.data(), L, c, mu) / A(L) + static_cast<A>(eps));
-        for (int64_t i = 0; i < L; ++i) {
-          const int64_t ch = ix.channel(g, i);
-          Y[base + ix.offset(i)] = static_cast<T>(activate(act, ((v[i] - c) - mu) * rs * w[ch] + b[ch]));
+        const int64_t g = ng % s.G;
+        const T* xg = X + ng * L;
+        T* yg = Y + ng * L;
+        if constexpr (!same) to_acc(xg, buf.data(), L);
+        const A* v = same ? reinterpret_cast<const A*>(xg) : buf.data();
+        const A c = v[0];
+        const A mu = sum_of(v, L, c) / A(L);
+        const A rs = A(1) / std::sqrt(sq_dev_of(v, L, c, mu) / A(L) + static_cast<A>(eps));
+        for (int64_t j = 0; j < cpg; ++j) {
+          const int64_t ch = g * cpg + j;
+          const A a = rs * w[ch], sh = b[ch];
+          const A* vj = v + j * S;
+          A* z = same ? reinterpret_cast<A*>(yg + j * S) : zbuf.data();
+          for (int64_t i = 0; i < S; ++i) z[i] = ((vj[i] - c) - mu) * a + sh;
+          activate_inplace(act, z, S);
+          if constexpr (!same) from_acc(z, yg + j * S, S);
         }
         MEAN[ng] = c + mu;
         RSTD[ng] = rs;
@@ -60,45 +161,88 @@ struct GroupNormBackend {
     });
   }
 
-  // dz = dy * act'(z); dx = rstd (dz w - mean(dz w) - xhat mean(dz w xhat)) over the group;
-  // dweight[c] = sum dz xhat, dbias[c] = sum dz, from per-(n, c) partials summed over n in order.
+  template <typename T, typename A>
+  static void fwd_nsc(const GroupNormShape& s, const T* X, const std::vector<A>& w, const std::vector<A>& b, A eps,
+                      Act act, T* Y, A* MEAN, A* RSTD) {
+    const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
+    const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
+    std::vector<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C), shift(C);
+    for (int64_t n = 0; n < s.N; ++n) {
+      const T* xn = X + n * S * C;
+      T* yn = Y + n * S * C;
+      for (int64_t c = 0; c < C; ++c) piv[c] = static_cast<A>(xn[(c / cpg) * cpg]);  // group's first element
+      // Per chunk and channel, the exact two-pass moments of x - pivot (the chunk is re-read from
+      // cache, x from memory once): cnt[k], mean part[k][c], M2 part2[k][c].
+      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+        std::vector<A> v(C);
+        for (int64_t k = cb; k < ce; ++k) {
+          const int64_t s0 = k * chunk, s1 = std::min(S, (k + 1) * chunk);
+          A* m = part.data() + k * C;
+          A* q = part2.data() + k * C;
+          std::fill(m, m + C, A(0));
+          std::fill(q, q + C, A(0));
+          for (int64_t site = s0; site < s1; ++site) {
+            to_acc(xn + site * C, v.data(), C);
+            for (int64_t c = 0; c < C; ++c) m[c] += v[c] - piv[c];
+          }
+          for (int64_t c = 0; c < C; ++c) m[c] /= A(s1 - s0);
+          for (int64_t site = s0; site < s1; ++site) {
+            to_acc(xn + site * C, v.data(), C);
+            for (int64_t c = 0; c < C; ++c) {
+              const A d = (v[c] - piv[c]) - m[c];
+              q[c] += d * d;
+            }
+          }
+        }
+      });
+      // merge chunks, then the channels of each group, in a fixed order (Chan et al.)
+      for (int64_t g = 0; g < G; ++g) {
+        Welford<A> acc;
+        for (int64_t j = 0; j < cpg; ++j)
+          for (int64_t k = 0; k < chunks; ++k) {
+            Welford<A> part_k;
+            part_k.count = A(std::min(S, (k + 1) * chunk) - k * chunk);
+            part_k.mean = part[k * C + g * cpg + j];
+            part_k.m2 = part2[k * C + g * cpg + j];
+            acc.merge(part_k);
+          }
+        const A rs = A(1) / std::sqrt(acc.m2 / acc.count + eps);
+        for (int64_t j = 0; j < cpg; ++j) {
+          mu_c[g * cpg + j] = acc.mean;
+          scale[g * cpg + j] = rs * w[g * cpg + j];
+          shift[g * cpg + j] = b[g * cpg + j];
+        }
+        MEAN[n * G + g] = piv[g * cpg] + acc.mean;
+        RSTD[n * G + g] = rs;
+      }
+      // pass 3: y along the channel axis, site by site
+      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+        std::vector<A> v(C);
+        for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
+          to_acc(xn + site * C, v.data(), C);
+          for (int64_t c = 0; c < C; ++c) v[c] = ((v[c] - piv[c]) - mu_c[c]) * scale[c] + shift[c];
+          activate_inplace(act, v.data(), C);
+          from_acc(v.data(), yn + site * C, C);
+        }
+      });
+    }
+  }
+
   template <typename T, typename W>
   static void bwd(const GroupNormShape& s, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                   const at::Tensor& rstd, const at::Tensor* weight, const at::Tensor* bias, Act act, bool want_dx,
                   bool want_dw, bool want_db, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
     using A = acc_t<T>;
-    const GroupIndex ix{s.C, s.S, s.cpg(), s.channels_last};
-    const int64_t L = s.cpg() * s.S;
     const std::vector<A> w = param_as_acc<W, A>(weight, s.C, A(1)), b = param_as_acc<W, A>(bias, s.C, A(0));
-    const T* X = x.data_ptr<T>();
-    const T* DY = dy.data_ptr<T>();
-    T* DX = want_dx ? dx.data_ptr<T>() : nullptr;
-    const A* MEAN = mean.data_ptr<A>();
-    const A* RSTD = rstd.data_ptr<A>();
-    std::vector<A> part_w(s.N * s.C, A(0)), part_b(s.N * s.C, A(0));
-    at::parallel_for(0, s.N * s.G, row_grain(L), [&](int64_t begin, int64_t end) {
-      std::vector<A> v(L), d(L), wg(L);
-      for (int64_t ng = begin; ng < end; ++ng) {
-        const int64_t n = ng / s.G, g = ng % s.G, base = ix.base(n, g);
-        gather(X + base, ix, L, v.data());
-        gather(DY + base, ix, L, d.data());
-        const A mu = MEAN[ng], rs = RSTD[ng];
-        for (int64_t i = 0; i < L; ++i) {
-          const int64_t ch = ix.channel(g, i);
-          const A xhat = (v[i] - mu) * rs;
-          if (act != Act::None) d[i] *= activate_grad(act, xhat * w[ch] + b[ch]);  // d is now dz
-          wg[i] = w[ch];
-          part_w[n * s.C + ch] += d[i] * xhat;
-          part_b[n * s.C + ch] += d[i];
-        }
-        if (!want_dx) continue;
-        A s_g, s_gx;
-        grad_sums(d.data(), wg.data(), v.data(), L, mu, s_g, s_gx);
-        const A a = s_g / A(L), cc = s_gx * rs / A(L);
-        for (int64_t i = 0; i < L; ++i)
-          DX[base + ix.offset(i)] = static_cast<T>(rs * (d[i] * wg[i] - a - (v[i] - mu) * rs * cc));
-      }
-    });
+    // per-(n, c) sums of dz * xhat and of dz
+    std::vector<A> part_w(s.N * s.C), part_b(s.N * s.C);
+    if (s.channels_last) {
+      bwd_nsc<T, A>(s, dy.data_ptr<T>(), x.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), w, b, act,
+                    want_dx ? dx.data_ptr<T>() : nullptr, part_w, part_b);
+    } else {
+      bwd_ncs<T, A>(s, dy.data_ptr<T>(), x.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), w, b, act,
+                    want_dx ? dx.data_ptr<T>() : nullptr, part_w, part_b);
+    }
     auto finish = [&](const std::vector<A>& part, at::Tensor& out) {
       W* o = out.data_ptr<W>();
       for (int64_t c = 0; c < s.C; ++c) {
@@ -109,6 +253,117 @@ struct GroupNormBackend {
     };
     if (want_dw) finish(part_w, dw);
     if (want_db) finish(part_b, db);
+  }
+
+  // dx_i = rs (dz_i w_c - a - xhat_i cc), a = sum(dz w) / L, cc = sum(dz w xhat) / L over the group
+  template <typename T, typename A>
+  static void bwd_ncs(const GroupNormShape& s, const T* DY, const T* X, const A* MEAN, const A* RSTD,
+                      const std::vector<A>& w, const std::vector<A>& b, Act act, T* DX, std::vector<A>& part_w,
+                      std::vector<A>& part_b) {
+    const int64_t S = s.S, cpg = s.cpg(), L = cpg * S;
+    at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
+      std::vector<A> xh(L), d(L), z(S);
+      for (int64_t ng = begin; ng < end; ++ng) {
+        const int64_t n = ng / s.G, g = ng % s.G;
+        const A mu = MEAN[ng], rs = RSTD[ng];
+        to_acc(X + ng * L, xh.data(), L);
+        to_acc(DY + ng * L, d.data(), L);
+        for (int64_t i = 0; i < L; ++i) xh[i] = (xh[i] - mu) * rs;
+        A s_g = 0, s_gx = 0;
+        for (int64_t j = 0; j < cpg; ++j) {
+          const int64_t ch = g * cpg + j;
+          A* dj = d.data() + j * S;
+          const A* xj = xh.data() + j * S;
+          if (act != Act::None) {
+            for (int64_t i = 0; i < S; ++i) z[i] = xj[i] * w[ch] + b[ch];
+            activate_grad_inplace(act, z.data(), dj, S);  // dj is now dz
+          }
+          const A sb = sum_of(dj, S, A(0)), sw = dot_of(dj, xj, S);
+          part_w[n * s.C + ch] = sw;
+          part_b[n * s.C + ch] = sb;
+          s_g += w[ch] * sb;
+          s_gx += w[ch] * sw;
+        }
+        if (!DX) continue;
+        const A a = s_g / A(L), cc = s_gx / A(L);
+        for (int64_t j = 0; j < cpg; ++j) {
+          const A wc = w[g * cpg + j];
+          A* dj = d.data() + j * S;
+          const A* xj = xh.data() + j * S;
+          for (int64_t i = 0; i < S; ++i) dj[i] = rs * (dj[i] * wc - a - xj[i] * cc);
+        }
+        from_acc(d.data(), DX + ng * L, L);
+      }
+    });
+  }
+
+  template <typename T, typename A>
+  static void bwd_nsc(const GroupNormShape& s, const T* DY, const T* X, const A* MEAN, const A* RSTD,
+                      const std::vector<A>& w, const std::vector<A>& b, Act act, T* DX, std::vector<A>& part_w,
+                      std::vector<A>& part_b) {
+    const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
+    const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
+    std::vector<A> pw(chunks * C), pb(chunks * C), mu_c(C), rs_c(C), a_c(C), cc_c(C);
+    // dz and xhat for one site, along the channels
+    auto site_grads = [&](const T* xs, const T* ds, A* xh, A* d, A* z) {
+      to_acc(xs, xh, C);
+      to_acc(ds, d, C);
+      for (int64_t c = 0; c < C; ++c) xh[c] = (xh[c] - mu_c[c]) * rs_c[c];
+      if (act != Act::None) {
+        for (int64_t c = 0; c < C; ++c) z[c] = xh[c] * w[c] + b[c];
+        activate_grad_inplace(act, z, d, C);
+      }
+    };
+    for (int64_t n = 0; n < s.N; ++n) {
+      const T* xn = X + n * S * C;
+      const T* dn = DY + n * S * C;
+      for (int64_t c = 0; c < C; ++c) {
+        mu_c[c] = MEAN[n * G + c / cpg];
+        rs_c[c] = RSTD[n * G + c / cpg];
+      }
+      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+        std::vector<A> xh(C), d(C), z(C);
+        for (int64_t k = cb; k < ce; ++k) {
+          A* qw = pw.data() + k * C;
+          A* qb = pb.data() + k * C;
+          std::fill(qw, qw + C, A(0));
+          std::fill(qb, qb + C, A(0));
+          for (int64_t site = k * chunk; site < std::min(S, (k + 1) * chunk); ++site) {
+            site_grads(xn + site * C, dn + site * C, xh.data(), d.data(), z.data());
+            for (int64_t c = 0; c < C; ++c) {
+              qw[c] += d[c] * xh[c];
+              qb[c] += d[c];
+            }
+          }
+        }
+      });
+      std::vector<A> s_g(G, A(0)), s_gx(G, A(0));
+      for (int64_t c = 0; c < C; ++c) {
+        A tw = 0, tb = 0;
+        for (int64_t k = 0; k < chunks; ++k) {
+          tw += pw[k * C + c];
+          tb += pb[k * C + c];
+        }
+        part_w[n * C + c] = tw;
+        part_b[n * C + c] = tb;
+        s_g[c / cpg] += w[c] * tb;
+        s_gx[c / cpg] += w[c] * tw;
+      }
+      if (!DX) continue;
+      for (int64_t c = 0; c < C; ++c) {
+        a_c[c] = s_g[c / cpg] / A(cpg * S);
+        cc_c[c] = s_gx[c / cpg] / A(cpg * S);
+      }
+      T* dxn = DX + n * S * C;
+      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+        std::vector<A> xh(C), d(C), z(C);
+        for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
+          site_grads(xn + site * C, dn + site * C, xh.data(), d.data(), z.data());
+          for (int64_t c = 0; c < C; ++c) d[c] = rs_c[c] * (d[c] * w[c] - a_c[c] - xh[c] * cc_c[c]);
+          from_acc(d.data(), dxn + site * C, C);
+        }
+      });
+    }
   }
 };
 
