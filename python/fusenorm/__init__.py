@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 
 from . import _C, _ops  # noqa: F401  (ops, fakes)
-from .functional import group_norm, layer_norm, rms_norm
-from .modules import GroupNorm, LayerNorm, RMSNorm, convert
+from .functional import group_norm, instance_norm, layer_norm, rms_norm
+from .modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm, convert
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,10 @@ __all__ = [
     "layer_norm",
     "rms_norm",
     "group_norm",
+    "InstanceNorm1d",
+    "InstanceNorm2d",
+    "InstanceNorm3d",
+    "instance_norm",
     "convert",
     "cuda_kernels_compiled",
     "cpu_isa",

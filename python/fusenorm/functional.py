@@ -159,3 +159,79 @@ def group_norm(
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
         return GroupNormFunction.apply(x, int(num_groups), weight, bias, float(eps), act)
     return _GN_FWD(x, int(num_groups), weight, bias, float(eps), act)[0]
+
+
+_ACT_FNS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}
+
+
+def instance_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor] = None,
+    running_var: Optional[torch.Tensor] = None,
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    use_input_stats: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+) -> torch.Tensor:
+    """InstanceNorm over [N, C, *] (contiguous or channels-last, kept in the output): GroupNorm with
+    one group per channel. With use_input_stats and running buffers, updates them in place as
+    torch.nn does (mean over the batch of the per-instance mean and unbiased variance, weighted by
+    momentum). Without use_input_stats, normalizes with the running statistics."""
+    act = _activation_name(activation)
+    if input.dim() < 2:
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    if not use_input_stats:
+        if running_mean is None or running_var is None:
+            raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
+        # eval with running statistics: one scale-and-shift per channel (torch elementwise ops)
+        shape = [1, input.size(1)] + [1] * (input.dim() - 2)
+        scale = torch.rsqrt(running_var.float() + eps)
+        if weight is not None:
+            scale = scale * weight.float()
+        shift = -running_mean.float() * scale
+        if bias is not None:
+            shift = shift + bias.float()
+        y = torch.addcmul(shift.view(shape), input, scale.view(shape)).to(input.dtype)
+        return _ACT_FNS[act](y) if activation else y
+    torch.nn.functional._verify_spatial_size(input.size())
+    x, weight, bias = _autocast_fp32(input, weight, bias)
+    c = x.size(1)
+    if running_mean is None and running_var is None:
+        return group_norm(x, c, weight, bias, eps, activation=activation)
+    if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
+        y, mean, rstd = InstanceNormStatsFunction.apply(x, weight, bias, float(eps), act)
+    else:
+        y, mean, rstd = _GN_FWD(x, c, weight, bias, float(eps), act)
+    with torch.no_grad():
+        n = x.numel() // max(1, x.size(0) * c)
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
+        if running_var is not None:
+            var = (1.0 / rstd.double() ** 2 - eps).clamp_min(0) * (n / (n - 1))  # unbiased, per instance
+            running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
+    return y
+
+
+class InstanceNormStatsFunction(torch.autograd.Function):
+    """GroupNorm with one group per channel that also returns the statistics (not differentiable),
+    for the running-statistics update."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, activation):
+        y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, x.size(1), weight, bias, eps, activation)
+        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.activation = activation
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _drstd):
+        x, mean, rstd, weight, bias = ctx.saved_tensors
+        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                bias is not None and ctx.needs_input_grad[2]]
+        dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, x.size(1), weight, bias, ctx.activation,
+                                                       mask)
+        return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2]), None, None

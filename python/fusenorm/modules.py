@@ -42,7 +42,49 @@ class GroupNorm(torch.nn.GroupNorm):
         return s + (f", activation={self.activation!r}" if self.activation else "")
 
 
-_SWAPS = {torch.nn.LayerNorm: LayerNorm, torch.nn.RMSNorm: RMSNorm, torch.nn.GroupNorm: GroupNorm}
+class _InstanceNormMixin:
+    """torch's _InstanceNorm.forward (input checks, unbatched inputs) with fusenorm's kernels for
+    the normalization itself, plus the keyword activation=None | "silu" | "gelu" | "relu"."""
+
+    activation = None
+
+    def __init__(self, *args, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        F._activation_name(activation)
+        self.activation = activation
+
+    def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
+        return F.instance_norm(
+            input, self.running_mean, self.running_var, self.weight, self.bias,
+            self.training or not self.track_running_stats,
+            self.momentum if self.momentum is not None else 0.0, self.eps, activation=self.activation,
+        )
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", activation={self.activation!r}" if self.activation else "")
+
+
+class InstanceNorm1d(_InstanceNormMixin, torch.nn.InstanceNorm1d):
+    """torch.nn.InstanceNorm1d computed by fusenorm's kernels."""
+
+
+class InstanceNorm2d(_InstanceNormMixin, torch.nn.InstanceNorm2d):
+    """torch.nn.InstanceNorm2d computed by fusenorm's kernels, in the input's memory format."""
+
+
+class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
+    """torch.nn.InstanceNorm3d computed by fusenorm's kernels, in the input's memory format."""
+
+
+_SWAPS = {
+    torch.nn.LayerNorm: LayerNorm,
+    torch.nn.RMSNorm: RMSNorm,
+    torch.nn.GroupNorm: GroupNorm,
+    torch.nn.InstanceNorm1d: InstanceNorm1d,
+    torch.nn.InstanceNorm2d: InstanceNorm2d,
+    torch.nn.InstanceNorm3d: InstanceNorm3d,
+}
 
 
 def convert(module: torch.nn.Module) -> torch.nn.Module:

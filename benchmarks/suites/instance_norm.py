@@ -1,0 +1,64 @@
+"""InstanceNorm2d suite (style-transfer networks), affine, in both memory layouts.
+
+Rows are named instance_norm (NCHW) and instance_norm_cl (channels_last)."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from ..harness import Case
+
+NORM = "instance_norm"
+EPS = 1e-5
+
+
+def default_shapes(device: str, full: bool) -> List[Tuple[int, int, int, int]]:
+    """(N, C, H, W) of fast-style-transfer / CycleGAN generators; DRAM-sized on CPU."""
+    if device == "cpu":
+        shapes = [(4, 64, 128, 128), (8, 128, 64, 64)]
+        if full:
+            shapes += [(1, 32, 256, 256), (4, 256, 32, 32)]
+        return shapes
+    shapes = [(16, 64, 256, 256), (16, 128, 128, 128), (16, 256, 64, 64)]
+    if full:
+        shapes += [(1, 32, 512, 512), (4, 64, 256, 256)]
+    return shapes
+
+
+def _make_inputs(shape, dtype: torch.dtype, channels_last: bool):
+    def make(device: str):
+        x = torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        c = shape[1]
+        return x, ((1.0 + 0.1 * torch.randn(c, device=device)).to(dtype), (0.1 * torch.randn(c, device=device)).to(dtype))
+
+    return make
+
+
+def peers():
+    """No third-party InstanceNorm kernel to compare with."""
+    return []
+
+
+def cases(device: str, full: bool, dtypes: Sequence[torch.dtype],
+          shapes: Optional[Sequence[Tuple[int, ...]]] = None) -> List[Case]:
+    """Affine InstanceNorm2d cases, NCHW and channels_last (--shapes applies to the row norms only)."""
+    import fusenorm
+
+    out = []
+    for shape in default_shapes(device, full):
+        for channels_last in (False, True):
+            for dtype in dtypes:
+                out.append(Case(
+                    norm=NORM + ("_cl" if channels_last else ""), shape=tuple(shape), normalized_shape=(shape[1],),
+                    dtype=dtype, n_params=2, make_inputs=_make_inputs(shape, dtype, channels_last),
+                    fusenorm=lambda x, w, b: fusenorm.instance_norm(x, weight=w, bias=b, eps=EPS),
+                    torch_fn=lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=EPS),
+                ))
+    return out
+
+
+__all__ = ["NORM", "cases", "peers"]

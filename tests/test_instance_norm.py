@@ -1,0 +1,140 @@
+"""fusenorm.InstanceNorm1d/2d/3d and fusenorm.instance_norm against torch.nn, both layouts."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, DTYPES, assert_close_as_torch
+
+import fusenorm
+
+MODS = {1: (torch.nn.InstanceNorm1d, fusenorm.InstanceNorm1d), 2: (torch.nn.InstanceNorm2d, fusenorm.InstanceNorm2d),
+        3: (torch.nn.InstanceNorm3d, fusenorm.InstanceNorm3d)}
+SPATIAL = {1: (13,), 2: (7, 9), 3: (3, 5, 7)}
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    perm = (0, *range(2, x.dim()), 1)
+    return x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_functional_matches_torch(device, dtype, dims, layout):
+    c = 9
+    x = torch.randn((3, c) + SPATIAL[dims], dtype=dtype, device=device)
+    if layout == "channels_last":
+        x = _channels_last(x)
+    w, b = torch.randn(c, dtype=dtype, device=device), torch.randn(c, dtype=dtype, device=device)
+    dy = torch.randn_like(x)
+    outs = []
+    for fn, cast in ((F.instance_norm, lambda t: t), (F.instance_norm, lambda t: t.double()),
+                     (fusenorm.instance_norm, lambda t: t)):
+        leaves = [cast(t).detach().requires_grad_() for t in (x, w, b)]
+        y = fn(leaves[0], weight=leaves[1], bias=leaves[2], eps=1e-5)
+        outs.append((y.detach(),) + torch.autograd.grad(y, leaves, cast(dy)))
+    theirs, ref, ours = outs
+    assert ours[0].stride() == x.stride(), "the output keeps the input's memory format"
+    n_sp = math.prod(SPATIAL[dims])
+    for name, o, t, r, scale in zip(("y", "dx", "dw", "db"), ours, theirs, ref, (1, n_sp ** 0.5, 3 * n_sp, 3 * n_sp)):
+        assert_close_as_torch(o, t, r, dtype, f"instance_norm {name}", scale=max(1.0, scale ** 0.5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 0.5])
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False), (False, False)])
+def test_module_train_eval_sequence(device, momentum, affine, track):
+    """Buffers after every step, outputs in train and eval, as torch.nn."""
+    theirs = torch.nn.InstanceNorm2d(6, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    ours = fusenorm.InstanceNorm2d(6, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    if affine:
+        with torch.no_grad():
+            theirs.weight.normal_()
+            theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(4):
+        train = step < 3
+        theirs.train(train)
+        ours.train(train)
+        x = (3 + 2 * torch.randn(4, 6, 5, 7, device=device)).to(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=1e-5)
+        for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=f"{k} after step {step}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", ["silu", "relu", "gelu"])
+def test_fused_activation(device, act):
+    m = fusenorm.InstanceNorm2d(5, affine=True, activation=act).to(device)
+    x = torch.randn(2, 5, 6, 6, device=device, requires_grad=True)
+    ref = getattr(F, act)(F.instance_norm(x, weight=m.weight, bias=m.bias))
+    y = m(x)
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, x, dy)[0],
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unbatched_inputs(device):
+    for dims in (1, 2, 3):
+        t_cls, o_cls = MODS[dims]
+        theirs, ours = t_cls(4, affine=True).to(device), o_cls(4, affine=True).to(device)
+        ours.load_state_dict(theirs.state_dict())
+        x = torch.randn((4,) + SPATIAL[dims], device=device)
+        torch.testing.assert_close(ours(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    m = fusenorm.InstanceNorm1d(3, affine=True, track_running_stats=True, activation="silu").to(device).double()
+    x = torch.randn(2, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: fusenorm.instance_norm(t, weight=m.weight, bias=m.bias,
+                                                                     activation="silu"), (x,))
+    assert torch.autograd.gradcheck(lambda t: m(t), (x,))
+
+
+def test_compile_fullgraph():
+    m = fusenorm.InstanceNorm2d(4, affine=True)
+    x = torch.randn(2, 4, 6, 6).to(memory_format=torch.channels_last)
+    y = torch.compile(m, fullgraph=True)(x)
+    torch.testing.assert_close(y, F.instance_norm(x, weight=m.weight, bias=m.bias), atol=1e-5, rtol=1e-5)
+    tracked = fusenorm.InstanceNorm2d(4, track_running_stats=True)
+    ref = torch.nn.InstanceNorm2d(4, track_running_stats=True)
+    torch.testing.assert_close(torch.compile(tracked)(x), ref(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(tracked.running_var, ref.running_var)
+
+
+def test_errors_match_torch():
+    cases = [
+        lambda cls: cls(4)(torch.randn(2, 4, 5, 5)),                     # 4D input to InstanceNorm1d
+        lambda cls: cls(4, affine=True)(torch.randn(2, 3, 5)),           # channels != num_features
+        lambda cls: cls(4)(torch.randn(2, 4, 1)),                        # one spatial element in training
+    ]
+    for call in cases:
+        with pytest.raises(Exception) as theirs:
+            call(torch.nn.InstanceNorm1d)
+        with pytest.raises(Exception) as ours:
+            call(fusenorm.InstanceNorm1d)
+        assert type(ours.value) is type(theirs.value), (ours.value, theirs.value)
+        assert str(ours.value) == str(theirs.value)
+    with pytest.raises(RuntimeError):
+        fusenorm.instance_norm(torch.randn(2, 4, 5), use_input_stats=False)
+
+
+def test_drop_in_modules():
+    for dims, (t_cls, o_cls) in MODS.items():
+        for kw in ({}, {"affine": True, "track_running_stats": True}):
+            theirs, ours = t_cls(6, **kw), o_cls(6, **kw)
+            assert list(ours.state_dict()) == list(theirs.state_dict())
+            ours.load_state_dict(theirs.state_dict())
+            theirs.load_state_dict(ours.state_dict())
+            assert repr(ours) == repr(theirs)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.InstanceNorm2d(4))
+    fusenorm.convert(model)
+    assert type(model[1]) is fusenorm.InstanceNorm2d
+    model(torch.randn(2, 3, 7, 7)).sum().backward()
