@@ -2,7 +2,8 @@
 
 Paths: each register config (sub-warp, warp, block per row), the shared-memory and global
 block-per-row fallbacks, the scalar path (odd N, misaligned storage), fp32/bf16/fp64, mixed
-fp32 parameters, with and without weight/bias. Exits non-zero on a mismatch with torch.nn."""
+fp32 parameters, with and without weight/bias; GroupNorm + SiLU in both layouts and with one
+group per channel (InstanceNorm). Exits non-zero on a mismatch with torch.nn."""
 import os
 import sys
 
@@ -54,6 +55,23 @@ def main() -> int:
             ok &= check(f"{name} n={n} {dt} y", y, yr, tol)
             for i, (g, r) in enumerate(zip(grads, gr)):
                 ok &= check(f"{name} n={n} {dt} grad{i}", g, r, tol * (rows ** 0.5 if i else 1) * 4)
+    # GroupNorm (+ SiLU) in both layouts, and InstanceNorm (one group per channel)
+    for shape, groups, cl in (((2, 12, 5, 7), 4, False), ((2, 12, 5, 7), 4, True), ((1, 8, 33), 8, False)):
+        x = torch.randn(shape, device=dev)
+        if cl:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        w = torch.randn(shape[1], device=dev, requires_grad=True)
+        b = torch.randn(shape[1], device=dev, requires_grad=True)
+        dy = torch.randn_like(x)
+        y = fusenorm.group_norm(x, groups, w, b, activation="silu")
+        grads = torch.autograd.grad(y, [x, w, b], dy)
+        xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+        yr = F.silu(F.group_norm(xd, groups, wd, bd))
+        gr = torch.autograd.grad(yr, [xd, wd, bd], dy.double())
+        ok &= check(f"group_norm {shape} cl={cl} y", y, yr, 1e-3)
+        for i, (g, r) in enumerate(zip(grads, gr)):
+            ok &= check(f"group_norm {shape} cl={cl} grad{i}", g, r, 1e-2)
     torch.cuda.synchronize()
     print("sanitize sweep:", "ok" if ok else "MISMATCHES")
     return 0 if ok else 1
