@@ -41,7 +41,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda if available else cpu")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output dir (default {DEFAULT_OUT})")
-    p.add_argument("--norms", default="layer_norm,rms_norm", help="comma-separated suites")
+    p.add_argument("--norms", default=None, help="comma-separated suites (default: all)")
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32,bf16,fp16,fp64")
     p.add_argument("--modes", default=None, help="comma-separated subset of fwd,bwd,fwd+bwd "
                    "(default: all; --quick on cpu: fwd,fwd+bwd)")
@@ -80,7 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
             raise SystemExit(f"unknown modes {bad}; choose from {harness.MODES_ALL}")
     shapes = harness.parse_shapes(args.shapes) if args.shapes else None
     cases = []
-    for norm in args.norms.split(","):
+    for norm in (args.norms or ",".join(SUITES)).split(","):
         if norm.strip() not in SUITES:
             raise SystemExit(f"unknown norm {norm!r}; choose from {sorted(SUITES)}")
         cases += SUITES[norm.strip()].cases(device, args.full, dtypes, shapes)

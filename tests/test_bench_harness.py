@@ -75,7 +75,8 @@ def test_group_norm_suite_layouts_and_bytes() -> None:
 def cli_result(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")
     result = main([
-        "--device", "cpu", "--shapes", "32x128", "--dtypes", "fp32,bf16", "--modes", "fwd,bwd,fwd+bwd",
+        "--device", "cpu", "--norms", "layer_norm,rms_norm", "--shapes", "32x128", "--dtypes", "fp32,bf16",
+        "--modes", "fwd,bwd,fwd+bwd",
         "--no-compile", "--max-time", "0.001", "--reps", "2", "--min-reps", "1", "--warmup", "0",
         "--out", str(out), "--quiet", "--no-png",
     ])

@@ -17,9 +17,9 @@ EPS = 1e-5
 def default_shapes(device: str, full: bool) -> List[Tuple[int, int, int, int]]:
     """(N, C, H, W) of fast-style-transfer / CycleGAN generators; DRAM-sized on CPU."""
     if device == "cpu":
-        shapes = [(4, 64, 128, 128), (8, 128, 64, 64)]
+        shapes = [(4, 64, 128, 128)]
         if full:
-            shapes += [(1, 32, 256, 256), (4, 256, 32, 32)]
+            shapes += [(8, 128, 64, 64), (2, 32, 256, 256), (16, 256, 32, 32)]
         return shapes
     shapes = [(16, 64, 256, 256), (16, 128, 128, 128), (16, 256, 64, 64)]
     if full:

@@ -222,14 +222,32 @@ struct GroupNormBackend {
           std::fill(m, m + C, A(0));
           std::fill(q, q + C, A(0));
           for (int64_t site = s0; site < s1; ++site) {
-            to_acc(xn + site * C, v.data(), C);
-            for (int64_t c = 0; c < C; ++c) m[c] += v[c] - piv[c];
+            const T* xs = xn + site * C;
+            int64_t c0 = 0;
+#ifdef FUSENORM_CPU_AVX2
+            if constexpr (std::is_same_v<A, float>)
+              for (; c0 + 8 <= C; c0 += 8)
+                _mm256_storeu_ps(m + c0, _mm256_add_ps(_mm256_loadu_ps(m + c0),
+                                                       _mm256_sub_ps(load8(xs + c0), _mm256_loadu_ps(&piv[c0]))));
+#endif
+            to_acc(xs + c0, v.data(), C - c0);
+            for (int64_t c = c0; c < C; ++c) m[c] += v[c - c0] - piv[c];
           }
           for (int64_t c = 0; c < C; ++c) m[c] /= A(s1 - s0);
           for (int64_t site = s0; site < s1; ++site) {
-            to_acc(xn + site * C, v.data(), C);
-            for (int64_t c = 0; c < C; ++c) {
-              const A d = (v[c] - piv[c]) - m[c];
+            const T* xs = xn + site * C;
+            int64_t c0 = 0;
+#ifdef FUSENORM_CPU_AVX2
+            if constexpr (std::is_same_v<A, float>)
+              for (; c0 + 8 <= C; c0 += 8) {
+                const __m256 d = _mm256_sub_ps(_mm256_sub_ps(load8(xs + c0), _mm256_loadu_ps(&piv[c0])),
+                                               _mm256_loadu_ps(m + c0));
+                _mm256_storeu_ps(q + c0, _mm256_fmadd_ps(d, d, _mm256_loadu_ps(q + c0)));
+              }
+#endif
+            to_acc(xs + c0, v.data(), C - c0);
+            for (int64_t c = c0; c < C; ++c) {
+              const A d = (v[c - c0] - piv[c]) - m[c];
               q[c] += d * d;
             }
           }
