@@ -29,7 +29,9 @@ def default_shapes(device: str, full: bool) -> List[Tuple[int, int, int, int]]:
     return shapes
 
 
-def _make_inputs(shape, dtype: torch.dtype, channels_last: bool):
+def channel_inputs(shape, dtype: torch.dtype, channels_last: bool):
+    """x: [N, C, H, W] (channels_last if asked), weight and bias: [C]."""
+
     def make(device: str):
         x = torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
         if channels_last:
@@ -42,6 +44,20 @@ def _make_inputs(shape, dtype: torch.dtype, channels_last: bool):
     return make
 
 
+def channel_cases(norm: str, shapes, dtypes: Sequence[torch.dtype], ours, theirs) -> List[Case]:
+    """One case per shape, layout (NCHW, then channels_last as norm + "_cl") and dtype."""
+    out = []
+    for shape in shapes:
+        for channels_last in (False, True):
+            for dtype in dtypes:
+                out.append(Case(
+                    norm=norm + ("_cl" if channels_last else ""), shape=tuple(shape), normalized_shape=(shape[1],),
+                    dtype=dtype, n_params=2, make_inputs=channel_inputs(shape, dtype, channels_last),
+                    fusenorm=ours, torch_fn=theirs,
+                ))
+    return out
+
+
 def peers():
     """No third-party GroupNorm+SiLU training kernel to compare with."""
     return []
@@ -52,17 +68,9 @@ def cases(device: str, full: bool, dtypes: Sequence[torch.dtype],
     """GroupNorm(32)+SiLU cases, NCHW and channels_last (--shapes applies to the row norms only)."""
     import fusenorm
 
-    out = []
-    for shape in default_shapes(device, full):
-        for channels_last in (False, True):
-            for dtype in dtypes:
-                out.append(Case(
-                    norm=NORM + ("_cl" if channels_last else ""), shape=tuple(shape), normalized_shape=(shape[1],),
-                    dtype=dtype, n_params=2, make_inputs=_make_inputs(shape, dtype, channels_last),
-                    fusenorm=lambda x, w, b: fusenorm.group_norm(x, GROUPS, w, b, EPS, activation="silu"),
-                    torch_fn=lambda x, w, b: F.silu(F.group_norm(x, GROUPS, w, b, EPS)),
-                ))
-    return out
+    return channel_cases(NORM, default_shapes(device, full), dtypes,
+                         lambda x, w, b: fusenorm.group_norm(x, GROUPS, w, b, EPS, activation="silu"),
+                         lambda x, w, b: F.silu(F.group_norm(x, GROUPS, w, b, EPS)))
 
 
-__all__ = ["NORM", "cases", "peers"]
+__all__ = ["NORM", "cases", "channel_cases", "channel_inputs", "peers"]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ..harness import Case
+from .group_norm import channel_cases
 
 NORM = "instance_norm"
 EPS = 1e-5
@@ -27,17 +28,6 @@ def default_shapes(device: str, full: bool) -> List[Tuple[int, int, int, int]]:
     return shapes
 
 
-def _make_inputs(shape, dtype: torch.dtype, channels_last: bool):
-    def make(device: str):
-        x = torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        c = shape[1]
-        return x, ((1.0 + 0.1 * torch.randn(c, device=device)).to(dtype), (0.1 * torch.randn(c, device=device)).to(dtype))
-
-    return make
-
-
 def peers():
     """No third-party InstanceNorm kernel to compare with."""
     return []
@@ -48,17 +38,9 @@ def cases(device: str, full: bool, dtypes: Sequence[torch.dtype],
     """Affine InstanceNorm2d cases, NCHW and channels_last (--shapes applies to the row norms only)."""
     import fusenorm
 
-    out = []
-    for shape in default_shapes(device, full):
-        for channels_last in (False, True):
-            for dtype in dtypes:
-                out.append(Case(
-                    norm=NORM + ("_cl" if channels_last else ""), shape=tuple(shape), normalized_shape=(shape[1],),
-                    dtype=dtype, n_params=2, make_inputs=_make_inputs(shape, dtype, channels_last),
-                    fusenorm=lambda x, w, b: fusenorm.instance_norm(x, weight=w, bias=b, eps=EPS),
-                    torch_fn=lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=EPS),
-                ))
-    return out
+    return channel_cases(NORM, default_shapes(device, full), dtypes,
+                         lambda x, w, b: fusenorm.instance_norm(x, weight=w, bias=b, eps=EPS),
+                         lambda x, w, b: F.instance_norm(x, weight=w, bias=b, eps=EPS))
 
 
 __all__ = ["NORM", "cases", "peers"]

@@ -42,4 +42,12 @@ inline const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) {
   return (t.has_value() && t->defined()) ? &*t : nullptr;
 }
 
+// A parameter's data as a contiguous array (kept alive by `keep`), or nullptr when absent.
+template <typename P>
+inline const P* param_ptr(const at::Tensor* t, at::Tensor& keep) {
+  if (!t) return nullptr;
+  keep = t->contiguous();
+  return keep.data_ptr<P>();
+}
+
 }  // namespace fusenorm

@@ -125,13 +125,6 @@ __global__ void __launch_bounds__(kGroupBlock)
   }
 }
 
-template <typename P>
-inline const P* group_param(const at::Tensor* t, at::Tensor& keep) {
-  if (!t) return nullptr;
-  keep = t->contiguous();
-  return keep.data_ptr<P>();
-}
-
 struct GroupNormBackend {
   using Guard = simt::DeviceGuard;
 
@@ -142,7 +135,7 @@ struct GroupNormBackend {
     at::Tensor wk, bk;
     const GroupIndex ix{s.C, s.S, s.cpg(), s.channels_last};
     simt::launch(group_norm_fwd_kernel<T, W>, dim3(s.N * s.G), dim3(kGroupBlock), 0, simt::current_stream(),
-                 x.data_ptr<T>(), y.data_ptr<T>(), group_param<W>(weight, wk), group_param<W>(bias, bk),
+                 x.data_ptr<T>(), y.data_ptr<T>(), param_ptr<W>(weight, wk), param_ptr<W>(bias, bk),
                  mean.data_ptr<A>(), rstd.data_ptr<A>(), ix, s.G, static_cast<A>(eps), act);
   }
 
@@ -159,8 +152,8 @@ struct GroupNormBackend {
     A* pb = want_db ? part_b.data_ptr<A>() : nullptr;
     const cudaStream_t stream = simt::current_stream();
     simt::launch(group_norm_bwd_kernel<T, W>, dim3(s.N * s.G), dim3(kGroupBlock), 0, stream, dy.data_ptr<T>(),
-                 x.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), group_param<W>(weight, wk),
-                 group_param<W>(bias, bk), want_dx ? dx.data_ptr<T>() : nullptr, pw, pb, ix, s.G, act);
+                 x.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), param_ptr<W>(weight, wk),
+                 param_ptr<W>(bias, bk), want_dx ? dx.data_ptr<T>() : nullptr, pw, pb, ix, s.G, act);
     const int64_t cgrid = (s.C + 31) / 32;
     if (want_dw) simt::launch(column_sum_kernel<A, W>, dim3(cgrid), dim3(32, 16), 0, stream, pw, s.N, s.C, dw.data_ptr<W>());
     if (want_db) simt::launch(column_sum_kernel<A, W>, dim3(cgrid), dim3(32, 16), 0, stream, pb, s.N, s.C, db.data_ptr<W>());

@@ -434,13 +434,6 @@ void launch_bwd(const T* dy, const T* x, const acc_t<T>* mean, const acc_t<T>* r
   if (db) simt::launch(column_sum_kernel<A, W>, dim3(cgrid), dim3(32, 16), 0, stream, pb(), blocks, N, db);
 }
 
-template <typename P>
-inline const P* param_ptr(const at::Tensor* t, at::Tensor& keep) {
-  if (!t) return nullptr;
-  keep = t->contiguous();
-  return keep.data_ptr<P>();
-}
-
 // The backend that common/row_norm_ops.h wraps into ops.
 struct Backend {
   using Guard = simt::DeviceGuard;

@@ -44,6 +44,12 @@ def _or_none(t: torch.Tensor, want: bool) -> Optional[torch.Tensor]:
     return t if want else None
 
 
+def _grad_mask(ctx, weight, bias, w_index: int, b_index: int) -> list:
+    """[dx, dweight, dbias] wanted: weight/bias are the forward's inputs w_index / b_index."""
+    return [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[w_index],
+            bias is not None and ctx.needs_input_grad[b_index]]
+
+
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps):
@@ -55,8 +61,7 @@ class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, mean, rstd, weight, bias = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
-                bias is not None and ctx.needs_input_grad[3]]
+        mask = _grad_mask(ctx, weight, bias, 2, 3)
         dx, dw, db = torch.ops.fusenorm.layer_norm_bwd(
             dy, x, mean, rstd, ctx.normalized_shape, weight, bias, mask
         )
@@ -124,8 +129,7 @@ class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, mean, rstd, weight, bias = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2],
-                bias is not None and ctx.needs_input_grad[3]]
+        mask = _grad_mask(ctx, weight, bias, 2, 3)
         dx, dw, db = torch.ops.fusenorm.group_norm_bwd(
             dy, x, mean, rstd, ctx.num_groups, weight, bias, ctx.activation, mask
         )
@@ -230,8 +234,7 @@ class InstanceNormStatsFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
         x, mean, rstd, weight, bias = ctx.saved_tensors
-        mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                bias is not None and ctx.needs_input_grad[2]]
+        mask = _grad_mask(ctx, weight, bias, 1, 2)
         dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, x.size(1), weight, bias, ctx.activation,
                                                        mask)
         return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2]), None, None
