@@ -86,6 +86,62 @@ inline void grads8(Act act, const T* xs, const T* ds, int64_t c, const float* mu
   dv = _mm256_mul_ps(dv, activate_grad8(act, z));
 }
 
+// Backward, contiguous layout, one channel's run of S sites (mean mu, rstd rs, weight w, bias b):
+// sb = sum dz and sw = sum dz * xhat, in 32 lanes (the order of sum_of), straight from x and dy.
+// With an activation, dz is also kept in dz_out so that the dx pass does not recompute act'.
+template <typename T>
+inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, float rs, float w, float b, Act act,
+                              float* dz_out, float& sb, float& sw) {
+  const __m256 muv = _mm256_set1_ps(mu), rsv = _mm256_set1_ps(rs), wv = _mm256_set1_ps(w), bv = _mm256_set1_ps(b);
+  __m256 ab[4], aw[4];
+  for (int k = 0; k < 4; ++k) ab[k] = aw[k] = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + kLanes <= S; i += kLanes)
+    for (int k = 0; k < 4; ++k) {
+      const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(x + i + 8 * k), muv), rsv);
+      __m256 dv = load8(dy + i + 8 * k);
+      if (act != Act::None) {
+        dv = _mm256_mul_ps(dv, activate_grad8(act, _mm256_fmadd_ps(xv, wv, bv)));
+        _mm256_storeu_ps(dz_out + i + 8 * k, dv);
+      }
+      ab[k] = _mm256_add_ps(ab[k], dv);
+      aw[k] = _mm256_fmadd_ps(dv, xv, aw[k]);
+    }
+  alignas(32) float lb[kLanes], lw[kLanes];
+  for (int k = 0; k < 4; ++k) {
+    _mm256_store_ps(lb + 8 * k, ab[k]);
+    _mm256_store_ps(lw + 8 * k, aw[k]);
+  }
+  sb = sum_lanes(lb);
+  sw = sum_lanes(lw);
+  for (; i < S; ++i) {
+    const float xh = (static_cast<float>(x[i]) - mu) * rs;
+    const float d = static_cast<float>(dy[i]) * activate_grad(act, xh * w + b);
+    if (act != Act::None) dz_out[i] = d;
+    sb += d;
+    sw += d * xh;
+  }
+}
+
+// dx = rs (dz w - a - xhat cc) for one channel's run, straight from x and dy (or the kept dz) into dx.
+template <typename T>
+inline void channel_dx(const T* x, const T* dy, const float* dz, T* dx, int64_t S, float mu, float rs, float w,
+                       float a, float cc) {
+  const __m256 muv = _mm256_set1_ps(mu), rsv = _mm256_set1_ps(rs), wv = _mm256_set1_ps(w), av = _mm256_set1_ps(a),
+               ccv = _mm256_set1_ps(cc);
+  int64_t i = 0;
+  for (; i + 8 <= S; i += 8) {
+    const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(x + i), muv), rsv);
+    const __m256 dv = dz ? _mm256_loadu_ps(dz + i) : load8(dy + i);
+    store8(dx + i, _mm256_mul_ps(rsv, _mm256_sub_ps(_mm256_fmsub_ps(dv, wv, av), _mm256_mul_ps(xv, ccv))));
+  }
+  for (; i < S; ++i) {
+    const float xh = (static_cast<float>(x[i]) - mu) * rs;
+    const float d = dz ? dz[i] : static_cast<float>(dy[i]);
+    dx[i] = static_cast<T>(rs * (d * w - a - xh * cc));
+  }
+}
+
 // y_i = act(((v_i - c) - mu) * a + sh) for a run with one scale a and shift sh, converted and
 // stored straight into y (GELU: through the scalar path).
 template <typename T>
@@ -355,6 +411,36 @@ struct GroupNormBackend {
                       const std::vector<A>& w, const std::vector<A>& b, Act act, T* DX, std::vector<A>& part_w,
                       std::vector<A>& part_b) {
     const int64_t S = s.S, cpg = s.cpg(), L = cpg * S;
+#ifdef FUSENORM_CPU_AVX2
+    if constexpr (std::is_same_v<A, float>) {
+      if (act != Act::Gelu) {  // each channel's run read twice (the second time from cache), no copies
+        at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
+          std::vector<float> dz(act != Act::None ? L : 0);
+          for (int64_t ng = begin; ng < end; ++ng) {
+            const int64_t n = ng / s.G, g = ng % s.G;
+            const float mu = MEAN[ng], rs = RSTD[ng];
+            float s_g = 0, s_gx = 0;
+            for (int64_t j = 0; j < cpg; ++j) {
+              const int64_t ch = g * cpg + j, o = ng * L + j * S;
+              float sb, sw;
+              channel_grad_sums(X + o, DY + o, S, mu, rs, w[ch], b[ch], act, dz.data() + j * S, sb, sw);
+              part_w[n * s.C + ch] = sw;
+              part_b[n * s.C + ch] = sb;
+              s_g += w[ch] * sb;
+              s_gx += w[ch] * sw;
+            }
+            if (!DX) continue;
+            for (int64_t j = 0; j < cpg; ++j) {
+              const int64_t ch = g * cpg + j, o = ng * L + j * S;
+              channel_dx(X + o, DY + o, dz.empty() ? nullptr : dz.data() + j * S, DX + o, S, mu, rs, w[ch],
+                         s_g / float(L), s_gx / float(L));
+            }
+          }
+        });
+        return;
+      }
+    }
+#endif
     at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
       std::vector<A> xh(L), d(L), z(S);
       for (int64_t ng = begin; ng < end; ++ng) {
