@@ -107,13 +107,8 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
       ab[k] = _mm256_add_ps(ab[k], dv);
       aw[k] = _mm256_fmadd_ps(dv, xv, aw[k]);
     }
-  alignas(32) float lb[kLanes], lw[kLanes];
-  for (int k = 0; k < 4; ++k) {
-    _mm256_store_ps(lb + 8 * k, ab[k]);
-    _mm256_store_ps(lw + 8 * k, aw[k]);
-  }
-  sb = sum_lanes(lb);
-  sw = sum_lanes(lw);
+  sb = sum_lanes(ab);
+  sw = sum_lanes(aw);
   for (; i < S; ++i) {
     const float xh = (static_cast<float>(x[i]) - mu) * rs;
     const float d = static_cast<float>(dy[i]) * activate_grad(act, xh * w + b);

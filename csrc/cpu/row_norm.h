@@ -138,6 +138,13 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
+// The 32 lanes of four 8-wide accumulators (lane 8k + j = acc[k][j]), summed as sum_lanes does.
+inline float sum_lanes(const __m256 (&acc)[4]) {
+  alignas(32) float lanes[kLanes];
+  for (int k = 0; k < 4; ++k) _mm256_store_ps(lanes + 8 * k, acc[k]);
+  return sum_lanes(lanes);
+}
+
 // Reads a row once: converts it into buf (half types) and returns sum_i (v_i - c), or with SQ
 // sum_i v_i^2 (RMSNorm). Lane j of the four accumulators sums elements j mod 32, as sum_of does.
 template <bool SQ, typename T>
@@ -155,9 +162,7 @@ inline float load_and_sum(const T* x, float* buf, int64_t n, float c) {
         acc[k] = _mm256_add_ps(acc[k], _mm256_sub_ps(v, cv));
       }
     }
-  alignas(32) float lanes[kLanes];
-  for (int k = 0; k < 4; ++k) _mm256_store_ps(lanes + 8 * k, acc[k]);
-  float s = sum_lanes(lanes);
+  float s = sum_lanes(acc);
   for (; i < n; ++i) {
     float v = static_cast<float>(x[i]);
     if constexpr (!std::is_same_v<T, float>) buf[i] = v;
@@ -200,13 +205,8 @@ inline void load_grad_sums(const T* x, const T* dy, const float* w, float* xb, f
       a1[k] = _mm256_add_ps(a1[k], g);
       a2[k] = _mm256_fmadd_ps(g, _mm256_sub_ps(v, muv), a2[k]);
     }
-  alignas(32) float l1[kLanes], l2[kLanes];
-  for (int k = 0; k < 4; ++k) {
-    _mm256_store_ps(l1 + 8 * k, a1[k]);
-    _mm256_store_ps(l2 + 8 * k, a2[k]);
-  }
-  s_g = sum_lanes(l1);
-  s_gx = sum_lanes(l2);
+  s_g = sum_lanes(a1);
+  s_gx = sum_lanes(a2);
   for (; i < n; ++i) {
     float v = static_cast<float>(x[i]), d = static_cast<float>(dy[i]);
     if constexpr (!std::is_same_v<T, float>) {
