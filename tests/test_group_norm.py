@@ -85,6 +85,24 @@ def test_fused_activation(device, act, layout, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels", [16, 12])  # 8-channel vector path, and its scalar fallback
+def test_relu_blocks_nonfinite_grad_like_torch(device, layout, channels):
+    """Where ReLU is 0, torch's backward drops the incoming gradient even when it is inf."""
+    x = _layout(torch.randn(2, channels, 6, 7, device=device), layout)
+    w, b = torch.randn(channels, device=device), torch.randn(channels, device=device)
+    dy = torch.randn_like(x)
+    dy[F.relu(F.group_norm(x, 4, w, b)) == 0] = float("inf")
+    outs = []
+    for fn in (lambda *a: F.relu(F.group_norm(*a)), lambda *a: fusenorm.group_norm(*a, activation="relu")):
+        leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+        outs.append(torch.autograd.grad(fn(leaves[0], 4, leaves[1], leaves[2]), leaves, dy))
+    for theirs, ours in zip(*outs):
+        assert torch.isfinite(ours).all()
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("affine", [(True, False), (False, True), (False, False)])
 @pytest.mark.parametrize("act", [None, "silu"])
 def test_affine_combinations(device, affine, act):

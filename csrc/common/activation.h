@@ -24,19 +24,20 @@ C10_HOST_DEVICE inline A activate(Act act, A z) {
   }
 }
 
-// d activate(z) / dz
+// The upstream gradient d through the activation at z: d * act'(z). ReLU passes d or 0, never
+// d * 0, so that a non-finite d where z <= 0 gives 0 as torch's threshold_backward does.
 template <typename A>
-C10_HOST_DEVICE inline A activate_grad(Act act, A z) {
+C10_HOST_DEVICE inline A activate_backward(Act act, A z, A d) {
   switch (act) {
     case Act::Silu: {
       const A s = A(1) / (A(1) + act_exp(-z));
-      return s * (A(1) + z * (A(1) - s));
+      return d * (s * (A(1) + z * (A(1) - s)));
     }
     case Act::Gelu:
-      return A(0.5) * (A(1) + act_erf(z * A(0.70710678118654752440))) +
-             z * A(0.39894228040143267794) * act_exp(A(-0.5) * z * z);
-    case Act::Relu: return z > A(0) ? A(1) : A(0);
-    default: return A(1);
+      return d * (A(0.5) * (A(1) + act_erf(z * A(0.70710678118654752440))) +
+                  z * A(0.39894228040143267794) * act_exp(A(-0.5) * z * z));
+    case Act::Relu: return z > A(0) ? d : A(0);
+    default: return d;
   }
 }
 

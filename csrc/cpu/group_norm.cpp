@@ -4,7 +4,7 @@
 // row-norm helpers (exact two-pass, pivot = its first element), then each channel's run of S sites
 // is normalized, activated and stored.
 // NSC (channels last): per sample, parallel over chunks of sites; every pass runs along the
-// contiguous channel axis with per-channel arrays (pivot, mean, scale, shift). Statistics: each
+// contiguous channel axis with per-channel arrays (pivot, mean, scale, bias). Statistics: each
 // chunk (~16K elements, cache-resident) gets exact two-pass per-channel moments, merged over chunks
 // and channels with Chan's formula in a fixed order, so x is read from memory once for them and
 // results do not depend on the thread count; then y is written in a second pass.
@@ -20,24 +20,6 @@
 namespace fusenorm::cpu {
 
 #ifdef FUSENORM_CPU_AVX2
-// Half/bfloat16 <-> fp32, 8 at a time (c10's scalar conversions do not vectorize).
-template <typename H>
-inline void cvt_in(const H* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-template <typename H>
-inline void cvt_out(const float* src, H* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_loadu_ps(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<H>(src[i]);
-}
-inline void to_acc(const c10::Half* s, float* d, int64_t n) { cvt_in(s, d, n); }
-inline void to_acc(const c10::BFloat16* s, float* d, int64_t n) { cvt_in(s, d, n); }
-inline void from_acc(const float* s, c10::Half* d, int64_t n) { cvt_out(s, d, n); }
-inline void from_acc(const float* s, c10::BFloat16* d, int64_t n) { cvt_out(s, d, n); }
-
 // 1 / d for 8 lanes: the 12-bit estimate and one Newton step (about 1 ulp; a division would
 // bound the SiLU passes by its latency).
 inline __m256 recip8(__m256 d) {
@@ -74,12 +56,12 @@ inline __m256 activate8(Act act, __m256 z) {
   }
 }
 
-// act'(z) for 8 lanes (ReLU, SiLU)
-inline __m256 activate_grad8(Act act, __m256 z) {
+// activate_backward for 8 lanes (ReLU, SiLU): d * act'(z), ReLU as a mask on d.
+inline __m256 activate_backward8(Act act, __m256 z, __m256 d) {
   const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-  if (act == Act::Relu) return _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_GT_OQ), one);
+  if (act == Act::Relu) return _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_GT_OQ), d);
   const __m256 sg = recip8(_mm256_add_ps(one, exp8(_mm256_sub_ps(zero, z))));
-  return _mm256_mul_ps(sg, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sg), one));
+  return _mm256_mul_ps(d, _mm256_mul_ps(sg, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sg), one)));
 }
 
 // Backward, channels last: xhat and dz for channels [c, c + 8) of one site, in registers.
@@ -90,7 +72,7 @@ inline void grads8(Act act, const T* xs, const T* ds, int64_t c, const float* mu
   dv = load8(ds + c);
   if (act == Act::None) return;
   const __m256 z = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c));
-  dv = _mm256_mul_ps(dv, activate_grad8(act, z));
+  dv = activate_backward8(act, z, dv);
 }
 
 // Backward, contiguous layout, one channel's run of S sites (mean mu, rstd rs, weight w, bias b):
@@ -108,7 +90,7 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
       const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(x + i + 8 * k), muv), rsv);
       __m256 dv = load8(dy + i + 8 * k);
       if (act != Act::None) {
-        dv = _mm256_mul_ps(dv, activate_grad8(act, _mm256_fmadd_ps(xv, wv, bv)));
+        dv = activate_backward8(act, _mm256_fmadd_ps(xv, wv, bv), dv);
         _mm256_storeu_ps(dz_out + i + 8 * k, dv);
       }
       ab[k] = _mm256_add_ps(ab[k], dv);
@@ -118,7 +100,7 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
   sw = sum_lanes(aw);
   for (; i < S; ++i) {
     const float xh = (static_cast<float>(x[i]) - mu) * rs;
-    const float d = static_cast<float>(dy[i]) * activate_grad(act, xh * w + b);
+    const float d = activate_backward(act, xh * w + b, static_cast<float>(dy[i]));
     if (act != Act::None) dz_out[i] = d;
     sb += d;
     sw += d * xh;
@@ -166,43 +148,25 @@ inline void activate_inplace(Act act, A* z, int64_t n) {
   if (act == Act::None) return;
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
-  if constexpr (std::is_same_v<A, float>) {
-    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-    if (act == Act::Relu)
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(z + i, _mm256_max_ps(_mm256_loadu_ps(z + i), zero));
-    if (act == Act::Silu)
-      for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(z + i);
-        _mm256_storeu_ps(z + i, _mm256_mul_ps(v, recip8(_mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v))))));
-      }
-  }
+  if constexpr (std::is_same_v<A, float>)
+    if (act != Act::Gelu)  // GELU's erf is scalar
+      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(z + i, activate8(act, _mm256_loadu_ps(z + i)));
 #endif
   for (; i < n; ++i) z[i] = activate(act, z[i]);
 }
 
 // d <- d * act'(z), in place.
 template <typename A>
-inline void activate_grad_inplace(Act act, const A* z, A* d, int64_t n) {
+inline void activate_backward_inplace(Act act, const A* z, A* d, int64_t n) {
   if (act == Act::None) return;
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
-  if constexpr (std::is_same_v<A, float>) {
-    const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-    if (act == Act::Relu)
-      for (; i + 8 <= n; i += 8) {
-        const __m256 pos = _mm256_cmp_ps(_mm256_loadu_ps(z + i), zero, _CMP_GT_OQ);
-        _mm256_storeu_ps(d + i, _mm256_and_ps(_mm256_loadu_ps(d + i), pos));
-      }
-    if (act == Act::Silu)
-      for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(z + i);
-        const __m256 s = recip8(_mm256_add_ps(one, exp8(_mm256_sub_ps(zero, v))));
-        const __m256 g = _mm256_mul_ps(s, _mm256_fmadd_ps(v, _mm256_sub_ps(one, s), one));
-        _mm256_storeu_ps(d + i, _mm256_mul_ps(_mm256_loadu_ps(d + i), g));
-      }
-  }
+  if constexpr (std::is_same_v<A, float>)
+    if (act != Act::Gelu)
+      for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(d + i, activate_backward8(act, _mm256_loadu_ps(z + i), _mm256_loadu_ps(d + i)));
 #endif
-  for (; i < n; ++i) d[i] *= activate_grad(act, z[i]);
+  for (; i < n; ++i) d[i] = activate_backward(act, z[i], d[i]);
 }
 
 // sum_i a_i b_i, in lanes (fixed order)
@@ -283,7 +247,7 @@ struct GroupNormBackend {
                       Act act, T* Y, A* MEAN, A* RSTD) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
-    std::vector<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C), shift(C);
+    std::vector<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C);
     for (int64_t n = 0; n < s.N; ++n) {
       const T* xn = X + n * S * C;
       T* yn = Y + n * S * C;
@@ -346,7 +310,6 @@ struct GroupNormBackend {
         for (int64_t j = 0; j < cpg; ++j) {
           mu_c[g * cpg + j] = acc.mean;
           scale[g * cpg + j] = rs * w[g * cpg + j];
-          shift[g * cpg + j] = b[g * cpg + j];
         }
         MEAN[n * G + g] = piv[g * cpg] + acc.mean;
         RSTD[n * G + g] = rs;
@@ -354,7 +317,7 @@ struct GroupNormBackend {
       // pass 3: y along the channel axis, site by site
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
         std::vector<A> v(C);
-        const A *pv = piv.data(), *mv = mu_c.data(), *sc = scale.data(), *sh = shift.data();
+        const A *pv = piv.data(), *mv = mu_c.data(), *sc = scale.data(), *sh = b.data();
         for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
           const T* xs = xn + site * C;
           T* ys = yn + site * C;
@@ -373,7 +336,7 @@ struct GroupNormBackend {
           if (rest == 0) continue;
           to_acc(xs + c0, v.data(), rest);
           for (int64_t c = 0; c < rest; ++c)
-            v[c] = ((v[c] - piv[c0 + c]) - mu_c[c0 + c]) * scale[c0 + c] + shift[c0 + c];
+            v[c] = ((v[c] - piv[c0 + c]) - mu_c[c0 + c]) * scale[c0 + c] + b[c0 + c];
           activate_inplace(act, v.data(), rest);
           from_acc(v.data(), ys + c0, rest);
         }
@@ -459,7 +422,7 @@ struct GroupNormBackend {
           const A* xj = xh.data() + j * S;
           if (act != Act::None) {
             for (int64_t i = 0; i < S; ++i) z[i] = xj[i] * w[ch] + b[ch];
-            activate_grad_inplace(act, z.data(), dj, S);  // dj is now dz
+            activate_backward_inplace(act, z.data(), dj, S);  // dj is now dz
           }
           const A sb = sum_of(dj, S, A(0)), sw = dot_of(dj, xj, S);
           part_w[n * s.C + ch] = sw;
@@ -494,7 +457,7 @@ struct GroupNormBackend {
       for (int64_t c = 0; c < C; ++c) xh[c] = (xh[c] - mu_c[c]) * rs_c[c];
       if (act != Act::None) {
         for (int64_t c = 0; c < C; ++c) z[c] = xh[c] * w[c] + b[c];
-        activate_grad_inplace(act, z, d, C);
+        activate_backward_inplace(act, z, d, C);
       }
     };
     const bool vec8 = C % 8 == 0 && act != Act::Gelu;  // AVX2 fp32: 8 channels at a time, GELU scalar

@@ -138,6 +138,25 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
 
+// Half/bfloat16 <-> fp32 arrays, 8 at a time (c10's scalar conversions do not vectorize): the
+// overloads of to_acc/from_acc that every CPU kernel after this point uses for half types.
+template <typename H>
+inline void cvt_in(const H* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+template <typename H>
+inline void cvt_out(const float* src, H* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = static_cast<H>(src[i]);
+}
+inline void to_acc(const c10::Half* s, float* d, int64_t n) { cvt_in(s, d, n); }
+inline void to_acc(const c10::BFloat16* s, float* d, int64_t n) { cvt_in(s, d, n); }
+inline void from_acc(const float* s, c10::Half* d, int64_t n) { cvt_out(s, d, n); }
+inline void from_acc(const float* s, c10::BFloat16* d, int64_t n) { cvt_out(s, d, n); }
+
 // The 32 lanes of four 8-wide accumulators (lane 8k + j = acc[k][j]), summed as sum_lanes does.
 inline float sum_lanes(const __m256 (&acc)[4]) {
   alignas(32) float lanes[kLanes];

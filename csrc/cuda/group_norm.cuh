@@ -85,7 +85,7 @@ __global__ void __launch_bounds__(kGroupBlock)
     xhat = (static_cast<A>(x[o]) - mu) * rs;
     wc = w ? static_cast<A>(w[ch]) : A(1);
     dz = static_cast<A>(dy[o]);
-    if (act != Act::None) dz *= activate_grad(act, xhat * wc + (b ? static_cast<A>(b[ch]) : A(0)));
+    if (act != Act::None) dz = activate_backward(act, xhat * wc + (b ? static_cast<A>(b[ch]) : A(0)), dz);
   };
   if (dx) {
     A s_g = A(0), s_gx = A(0);
