@@ -25,6 +25,22 @@ TORCH_LIBRARY(fusenorm, m) {
         " str activation=\"none\") -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("group_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight,"
         " Tensor? bias, str activation, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+  // BatchNorm over [N, C, *] in either layout; mean/var are [C] (var biased). Training = stats + apply,
+  // eval = apply with the running statistics; the caller updates the running statistics.
+  // activation: "none" or "relu", applied after adding the optional residual: relu(bn(x) + residual).
+  m.def("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  m.def("batch_norm_apply(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual,"
+        " float eps, str activation=\"none\") -> Tensor");
+  // training: mean/var are the batch's (dx through them); else constants. y: the forward output (ReLU).
+  // dresidual (ReLU only; without an activation it is grad_output itself) = the masked grad_output.
+  m.def("batch_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? y, float eps,"
+        " bool training, str activation, bool[4] output_mask)"
+        " -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dresidual)");
+  // SyncBatchNorm's backward in two halves around the all-reduce of the sums.
+  m.def("batch_norm_bwd_reduce(Tensor dy, Tensor x, Tensor mean, Tensor var, float eps)"
+        " -> (Tensor sum_dy, Tensor sum_dy_xhat)");
+  m.def("batch_norm_bwd_elemt(Tensor dy, Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor mean_dy,"
+        " Tensor mean_dy_xhat, float eps) -> Tensor");
 }
 
 // fusenorm._C is a plain module: importing it runs the registrations above.

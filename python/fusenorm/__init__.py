@@ -4,8 +4,20 @@ from __future__ import annotations
 import torch
 
 from . import _C, _ops  # noqa: F401  (ops, fakes)
-from .functional import group_norm, instance_norm, layer_norm, rms_norm
-from .modules import GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, LayerNorm, RMSNorm, convert
+from .functional import batch_norm, group_norm, instance_norm, layer_norm, rms_norm, sync_batch_norm
+from .modules import (
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    RMSNorm,
+    SyncBatchNorm,
+    convert,
+)
 
 __version__ = "0.1.0"
 
@@ -31,6 +43,12 @@ __all__ = [
     "InstanceNorm2d",
     "InstanceNorm3d",
     "instance_norm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "SyncBatchNorm",
+    "batch_norm",
+    "sync_batch_norm",
     "convert",
     "cuda_kernels_compiled",
     "cpu_isa",

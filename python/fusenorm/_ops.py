@@ -69,3 +69,41 @@ def _group_norm_fwd_fake(x, num_groups, weight, bias, eps, activation="none"):
 def _group_norm_bwd_fake(dy, x, mean, rstd, num_groups, weight, bias, activation, output_mask):
     dx = _group_layout_like(x) if output_mask[0] else x.new_empty((0,))
     return dx, _masked(output_mask[1], weight, x), _masked(output_mask[2], bias, x)
+
+
+def _bn_layout_like(x: torch.Tensor) -> torch.Tensor:
+    """The layout the BatchNorm ops compute in (and return): x's own when it is contiguous or
+    channels-last-like, else contiguous."""
+    return _group_layout_like(x)
+
+
+@torch.library.register_fake("fusenorm::batch_norm_stats")
+def _batch_norm_stats_fake(x):
+    stat = x.new_empty((x.shape[1],), dtype=_stat_dtype(x))
+    return stat, stat.clone()
+
+
+@torch.library.register_fake("fusenorm::batch_norm_apply")
+def _batch_norm_apply_fake(x, mean, var, weight, bias, residual, eps, activation="none"):
+    return _bn_layout_like(x)
+
+
+@torch.library.register_fake("fusenorm::batch_norm_bwd")
+def _batch_norm_bwd_fake(dy, x, mean, var, weight, y, eps, training, activation, output_mask):
+    dx = _bn_layout_like(x) if output_mask[0] else x.new_empty((0,))
+    dw = weight.new_empty(weight.shape) if output_mask[1] and weight is not None else x.new_empty((0,))
+    db_dtype = weight.dtype if weight is not None else x.dtype
+    db = x.new_empty((x.shape[1],), dtype=db_dtype) if output_mask[2] else x.new_empty((0,))
+    dz = _bn_layout_like(x) if output_mask[3] and activation == "relu" else x.new_empty((0,))
+    return dx, dw, db, dz
+
+
+@torch.library.register_fake("fusenorm::batch_norm_bwd_reduce")
+def _batch_norm_bwd_reduce_fake(dy, x, mean, var, eps):
+    stat = x.new_empty((x.shape[1],), dtype=_stat_dtype(x))
+    return stat, stat.clone()
+
+
+@torch.library.register_fake("fusenorm::batch_norm_bwd_elemt")
+def _batch_norm_bwd_elemt_fake(dy, x, mean, var, weight, mean_dy, mean_dy_xhat, eps):
+    return _bn_layout_like(x)

@@ -238,3 +238,169 @@ class InstanceNormStatsFunction(torch.autograd.Function):
         dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, x.size(1), weight, bias, ctx.activation,
                                                        mask)
         return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2]), None, None
+
+
+_BN_STATS = torch.ops.fusenorm.batch_norm_stats.default
+_BN_APPLY = torch.ops.fusenorm.batch_norm_apply.default
+BN_ACTIVATIONS = (None, "relu")
+
+
+def _bn_activation_name(activation: Optional[str]) -> str:
+    if activation not in BN_ACTIVATIONS:
+        raise ValueError(f"fusenorm: batch_norm activation must be one of {BN_ACTIVATIONS}, got {activation!r}")
+    return activation or "none"
+
+
+class BatchNormFunction(torch.autograd.Function):
+    """y = act(bn(x) + residual) with given statistics. training: mean/var are x's own batch
+    statistics (computed outside, not differentiable themselves), and dx includes the gradient
+    through them; else they are constants (the running statistics)."""
+
+    @staticmethod
+    def forward(ctx, x, mean, var, weight, bias, residual, eps, training, activation):
+        y = _BN_APPLY(x, mean, var, weight, bias, residual, eps, activation)
+        ctx.save_for_backward(x, mean, var, weight, y if activation == "relu" else None)
+        ctx.eps, ctx.training, ctx.activation = eps, training, activation
+        ctx.has_weight, ctx.bias_dtype = weight is not None, None if bias is None else bias.dtype
+        ctx.has_residual = residual is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, var, weight, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        want = [need[0], ctx.has_weight and need[3], ctx.bias_dtype is not None and need[4],
+                ctx.has_residual and need[5]]
+        relu = ctx.activation == "relu"
+        dx, dw, db, dz = torch.ops.fusenorm.batch_norm_bwd(
+            dy, x, mean, var, weight, y, ctx.eps, ctx.training, ctx.activation,
+            [want[0], want[1], want[2], want[3] and relu],
+        )
+        if want[2] and db.dtype != ctx.bias_dtype:
+            db = db.to(ctx.bias_dtype)
+        if want[3] and not relu:
+            dz = dy
+        return (_or_none(dx, want[0]), None, None, _or_none(dw, want[1]), _or_none(db, want[2]),
+                _or_none(dz, want[3]), None, None, None)
+
+
+def _check_running(name: str, t: Optional[torch.Tensor], c: int) -> None:
+    if t is not None and t.numel() != c:
+        raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum) -> None:
+    """torch.nn's rule: running = (1 - momentum) * running + momentum * batch, with the unbiased
+    batch variance. momentum may be a 0-d tensor (the cumulative average 1 / num_batches_tracked,
+    kept on the device: no host sync)."""
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
+        if running_var is not None:
+            unbiased = var * (count / (count - 1))  # count: an int, or a tensor (SyncBatchNorm)
+            running_var.mul_(1 - momentum).add_((unbiased * momentum).to(running_var.dtype))
+
+
+def batch_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    training: bool = False,
+    momentum: Union[float, torch.Tensor] = 0.1,
+    eps: float = 1e-5,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """BatchNorm over [N, C, *] (contiguous or channels-last, kept in the output), as
+    torch.nn.functional.batch_norm: in training, normalizes with the batch statistics (biased
+    variance) and updates the running buffers in place (unbiased variance); else uses the running
+    statistics. Optional epilogue in the same pass: y = act(bn(x) + residual), act None or "relu"."""
+    act = _bn_activation_name(activation)
+    x = input
+    if x.dim() < 2:
+        raise RuntimeError(f"fusenorm.batch_norm: expected an input of at least 2 dimensions [N, C, *], got {x.dim()}D input")
+    c = x.size(1)
+    _check_running("running_mean", running_mean, c)
+    _check_running("running_var", running_var, c)
+    if training:
+        torch.nn.functional._verify_batch_size(x.size())
+        mean, var = _BN_STATS(x.detach())
+        count = x.numel() // c if c else 0
+        if count > 0:
+            _update_running(running_mean, running_var, mean, var, count, momentum)
+    else:
+        if running_mean is None:
+            raise RuntimeError("running_mean must be defined in evaluation mode")
+        if running_var is None:
+            raise RuntimeError("running_var must be defined in evaluation mode")
+        mean, var = running_mean, running_var
+    eps = float(eps)
+    if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias) or _need(residual)):
+        return BatchNormFunction.apply(x, mean, var, weight, bias, residual, eps, bool(training), act)
+    return _BN_APPLY(x, mean, var, weight, bias, residual, eps, act)
+
+
+class SyncBatchNormFunction(torch.autograd.Function):
+    """BatchNorm in training over the union of every rank's batch. Forward: local (count, mean, M2)
+    in one pass, one all-gather, Chan's merge; backward: local sums of dy and dy * xhat, one
+    all-reduce, then dx. dweight/dbias stay local (as torch.nn.SyncBatchNorm's; DDP averages them)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group):
+        import torch.distributed as dist
+
+        c = x.size(1)
+        count = x.numel() // c
+        mean, var = _BN_STATS(x)
+        packed = torch.cat([mean, var * count, mean.new_full((1,), float(count))])
+        gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, packed, group=group)
+        g = torch.stack(gathered)  # [ranks, 2C + 1]: mean, M2, count
+        counts = g[:, 2 * c:]
+        total = counts.sum(0)
+        gmean = (g[:, :c] * counts).sum(0) / total
+        gvar = (g[:, c:2 * c] + counts * (g[:, :c] - gmean) ** 2).sum(0) / total
+        _update_running(running_mean, running_var, gmean, gvar, total, momentum)
+        y = _BN_APPLY(x, gmean, gvar, weight, bias, None, eps, "none")
+        ctx.save_for_backward(x, weight, gmean, gvar, total)
+        ctx.eps, ctx.group, ctx.has_bias = eps, group, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        import torch.distributed as dist
+
+        x, weight, mean, var, total = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        sum_dy, sum_dy_xhat = torch.ops.fusenorm.batch_norm_bwd_reduce(dy, x, mean, var, ctx.eps)
+        dw = sum_dy_xhat.to(weight.dtype) if weight is not None and need[1] else None
+        db = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias and need[2] else None
+        dx = None
+        if need[0]:
+            c = x.size(1)
+            both = torch.cat([sum_dy, sum_dy_xhat])
+            dist.all_reduce(both, group=ctx.group)
+            dx = torch.ops.fusenorm.batch_norm_bwd_elemt(dy, x, mean, var, weight, both[:c] / total,
+                                                         both[c:] / total, ctx.eps)
+        return dx, dw, db, None, None, None, None, None
+
+
+def sync_batch_norm(
+    input: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    momentum: Union[float, torch.Tensor],
+    eps: float,
+    group=None,
+) -> torch.Tensor:
+    """BatchNorm in training with statistics over every rank of the torch.distributed group
+    (default: the world); updates the running buffers with the global statistics."""
+    c = input.size(1)
+    _check_running("running_mean", running_mean, c)
+    _check_running("running_var", running_var, c)
+    return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, float(eps), group)

@@ -2,6 +2,8 @@
 constructor, defaults, parameters, state_dict keys, reset_parameters and extra_repr are torch's."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from . import functional as F
@@ -77,6 +79,104 @@ class InstanceNorm3d(_InstanceNormMixin, torch.nn.InstanceNorm3d):
     """torch.nn.InstanceNorm3d computed by fusenorm's kernels, in the input's memory format."""
 
 
+class _BatchNormMixin:
+    """torch's _BatchNorm.forward with fusenorm's kernels, plus the keyword activation=None |
+    "relu" and an optional residual: forward(input, residual=None) = act(bn(input) + residual).
+    With momentum=None the cumulative-average factor stays a tensor on the device (torch reads
+    num_batches_tracked back to the host for it)."""
+
+    activation = None
+
+    def __init__(self, *args, activation=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        F._bn_activation_name(activation)
+        self.activation = activation
+
+    def _factor(self):
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / self.num_batches_tracked
+        return momentum
+
+    def _buffers_for_call(self):
+        keep = not self.training or self.track_running_stats
+        return (self.running_mean if keep else None), (self.running_var if keep else None)
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input_dim(input)
+        momentum = self._factor()
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean, running_var = self._buffers_for_call()
+        return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+                            self.eps, activation=self.activation, residual=residual)
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", activation={self.activation!r}" if self.activation else "")
+
+
+class BatchNorm1d(_BatchNormMixin, torch.nn.BatchNorm1d):
+    """torch.nn.BatchNorm1d computed by fusenorm's kernels."""
+
+
+class BatchNorm2d(_BatchNormMixin, torch.nn.BatchNorm2d):
+    """torch.nn.BatchNorm2d computed by fusenorm's kernels, in the input's memory format."""
+
+
+class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
+    """torch.nn.BatchNorm3d computed by fusenorm's kernels, in the input's memory format."""
+
+
+class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
+    """torch.nn.SyncBatchNorm computed by fusenorm's kernels, over any torch.distributed backend
+    (gloo on CPU, NCCL on GPU): the ranks' (count, mean, M2) are merged with one all-gather in the
+    forward, and the two per-channel gradient sums with one all-reduce in the backward. Ranks may
+    hold different batch sizes, an empty one included. Same state_dict as torch.nn.SyncBatchNorm."""
+
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        momentum = self._factor()
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        running_mean, running_var = self._buffers_for_call()
+        group = self.process_group or (torch.distributed.group.WORLD if torch.distributed.is_available() else None)
+        need_sync = (bn_training and self.training and torch.distributed.is_available()
+                     and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1)
+        if not need_sync or residual is not None or self.activation is not None:
+            if need_sync:
+                raise ValueError("fusenorm.SyncBatchNorm: activation and residual are not supported while syncing")
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
+                                self.eps, activation=self.activation, residual=residual)
+        return F.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
+                                 group)
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
+        """Every BatchNorm*d layer of module replaced by a fusenorm.SyncBatchNorm sharing its
+        parameters and buffers (torch.nn.SyncBatchNorm.convert_sync_batchnorm's rules)."""
+        out = module
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats,
+                      process_group)
+            if module.affine:
+                with torch.no_grad():
+                    out.weight = module.weight
+                    out.bias = module.bias
+            out.running_mean = module.running_mean
+            out.running_var = module.running_var
+            out.num_batches_tracked = module.num_batches_tracked
+            out.training = module.training
+            out.activation = getattr(module, "activation", None)
+            if hasattr(module, "qconfig"):
+                out.qconfig = module.qconfig
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
+        del module
+        return out
+
+
 _SWAPS = {
     torch.nn.LayerNorm: LayerNorm,
     torch.nn.RMSNorm: RMSNorm,
@@ -84,6 +184,10 @@ _SWAPS = {
     torch.nn.InstanceNorm1d: InstanceNorm1d,
     torch.nn.InstanceNorm2d: InstanceNorm2d,
     torch.nn.InstanceNorm3d: InstanceNorm3d,
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+    torch.nn.SyncBatchNorm: SyncBatchNorm,
 }
 
 
@@ -97,3 +201,4 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     for child in module.children():
         convert(child)
     return module
+

@@ -1,0 +1,58 @@
+// BatchNorm argument checks (torch.batch_norm's wording) and layout, for every backend.
+#include <ATen/ops/empty_like.h>
+
+#include <vector>
+
+#include "common/batch_norm_ops.h"
+
+namespace fusenorm {
+
+Act parse_bn_activation(const std::string& name) {
+  if (name == "none" || name.empty()) return Act::None;
+  if (name == "relu") return Act::Relu;
+  TORCH_CHECK_VALUE(false, "fusenorm: batch_norm activation must be None or \"relu\", got \"", name, "\"");
+}
+
+// [N, C, *] stored as [N, *, C]
+static bool is_channels_last_like(const at::Tensor& x) {
+  std::vector<int64_t> perm{0};
+  for (int64_t i = 2; i < x.dim(); ++i) perm.push_back(i);
+  perm.push_back(1);
+  return x.permute(perm).is_contiguous();
+}
+
+BatchNormShape check_batch_norm_input(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.dim() >= 2, op, ": expected an input of at least 2 dimensions [N, C, *], got ",
+              std::to_string(x.dim()), "D input");
+  check_input_dtype(op, x);
+  BatchNormShape s;
+  s.N = x.size(0);
+  s.C = x.size(1);
+  s.S = 1;
+  for (int64_t i = 2; i < x.dim(); ++i) s.S *= x.size(i);
+  s.channels_last = x.is_contiguous() ? s.S == 1 : is_channels_last_like(x);
+  return s;
+}
+
+void check_channel_vector(const at::Tensor& v, const char* name, int64_t C, const at::Tensor& x) {
+  TORCH_CHECK(v.numel() == C, name, " should contain ", std::to_string(C), " elements not ",
+              std::to_string(v.numel()));
+  TORCH_CHECK(v.device() == x.device(), "fusenorm.batch_norm: expected ", name, " on ", x.device().str(),
+              " like the input, got ", v.device().str());
+}
+
+at::Tensor batch_norm_input(const at::Tensor& x, const BatchNormShape& s) {
+  if (x.is_contiguous()) return x;
+  return s.channels_last ? x : x.contiguous();
+}
+
+at::Tensor like_layout(const at::Tensor& t, const at::Tensor& xc, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == xc.sizes(), op, ": ", name, " of size ", shape_str(t.sizes()),
+              " does not match input of size ", shape_str(xc.sizes()));
+  TORCH_CHECK(t.device() == xc.device(), op, ": expected ", name, " on ", xc.device().str(), " like the input");
+  at::Tensor u = t.scalar_type() == xc.scalar_type() ? t : t.to(xc.scalar_type());
+  if (u.strides() == xc.strides()) return u;
+  return at::empty_like(xc).copy_(u);
+}
+
+}  // namespace fusenorm

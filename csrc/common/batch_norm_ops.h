@@ -1,0 +1,211 @@
+// The BatchNorm ops, shared by every backend: argument checks (torch.nn's wording), the memory
+// layout, output allocation, empty inputs and dtype dispatch.
+//
+// x: [N, C, *spatial] with S = prod(spatial), statistics per channel over N * S values, computed
+// in place in either layout:
+//   NCS  contiguous with S > 1: channel c is N runs of S contiguous values;
+//   NSC  channels last (NHWC / NDHWC, any [N, C, *] stored as [N, *, C]), or any contiguous input
+//        with S == 1 ([N, C]): N * S rows of C contiguous channels.
+// Any other strides are made contiguous first; outputs keep the layout computed in.
+//
+// The ops mutate nothing: running statistics are updated by the caller from the (mean, var) that
+// batch_norm_stats returns, so torch.compile keeps every op. Forward = stats + apply (training)
+// or apply alone with the running statistics (eval); SyncBatchNorm merges the ranks' stats between
+// the two, and reduces bwd_reduce's sums across ranks before bwd_elemt.
+//
+// A backend supplies (A = acc_t<T>; pointers to [C] arrays; y, z, dz may be null):
+//   stats<T>(s, x, mean, var)                                   biased variance
+//   apply<T, W>(s, x, mean, var, w, b, z, eps, act, y)          y = act((x - mean) * rstd * w + b + z)
+//   bwd_reduce<T>(s, dy, x, y, mean, var, eps, act, sum_g, sum_gx)   g = dy masked by y > 0 (ReLU);
+//                                                              sum_gx = sum g * xhat
+//   bwd_elemt<T, W>(s, dy, x, y, mean, var, w, eps, act, k_g, k_gx, k, dx, dz)
+//        dx = w * rstd * (g - k * k_g[c] - xhat * k * k_gx[c]) (k_g null: eval, dx = w * rstd * g);
+//        dz = g
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+
+#include <array>
+#include <string>
+#include <tuple>
+
+#include "common/dispatch.h"
+#include "common/group_norm_ops.h"
+#include "common/row_norm_args.h"
+#include "common/welford.h"
+
+namespace fusenorm {
+
+struct BatchNormShape {
+  int64_t N = 0, C = 0, S = 0;
+  bool channels_last = false;  // NSC
+  int64_t count() const { return N * S; }
+  int64_t numel() const { return N * C * S; }
+};
+
+// torch.batch_norm's checks on x (rank >= 2, dtype); the layout.
+BatchNormShape check_batch_norm_input(const char* op, const at::Tensor& x);
+// A per-channel vector of C values ("running_mean should contain 3 elements not 4").
+void check_channel_vector(const at::Tensor& v, const char* name, int64_t C, const at::Tensor& x);
+// x itself when its layout is NCS or NSC, else a contiguous copy.
+at::Tensor batch_norm_input(const at::Tensor& x, const BatchNormShape& s);
+// t (same sizes as x) with the strides of xc, copied only when they differ.
+at::Tensor like_layout(const at::Tensor& t, const at::Tensor& xc, const char* op, const char* name);
+// ReLU or nothing: the BatchNorm epilogues.
+Act parse_bn_activation(const std::string& name);
+
+template <typename Backend>
+struct BatchNormOps {
+  using Tensor = at::Tensor;
+  using OptTensor = std::optional<at::Tensor>;
+  static constexpr const char* kOp = "fusenorm.batch_norm";
+
+  // A statistics vector in the accumulation dtype, contiguous.
+  static Tensor acc_vector(const Tensor& v, const Tensor& x, const char* name, int64_t C) {
+    check_channel_vector(v, name, C, x);
+    return v.to(stat_dtype(x.scalar_type())).contiguous();
+  }
+
+  static std::tuple<Tensor, Tensor> batch_norm_stats(const Tensor& x) {
+    const BatchNormShape s = check_batch_norm_input(kOp, x);
+    typename Backend::Guard guard(x);
+    auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
+    Tensor mean = at::empty({s.C}, sopt), var = at::empty({s.C}, sopt);
+    if (s.count() == 0) {  // no values: torch leaves the running statistics as they are
+      mean.zero_();
+      var.zero_();
+      return {mean, var};
+    }
+    Tensor xc = batch_norm_input(x, s);
+    FUSENORM_DISPATCH(x.scalar_type(), x.scalar_type(), kOp, [&] {
+      using A = acc_t<scalar_t>;
+      Backend::template stats<scalar_t>(s, xc.data_ptr<scalar_t>(), mean.data_ptr<A>(), var.data_ptr<A>());
+    });
+    return {mean, var};
+  }
+
+  static Tensor batch_norm_apply(const Tensor& x, const Tensor& mean, const Tensor& var, const OptTensor& weight,
+                                 const OptTensor& bias, const OptTensor& residual, double eps,
+                                 const std::string& activation) {
+    const BatchNormShape s = check_batch_norm_input(kOp, x);
+    const Act act = parse_bn_activation(activation);
+    check_params(kOp, x, weight, bias);
+    if (opt_ptr(weight)) check_channel_vector(*weight, "weight", s.C, x);
+    if (opt_ptr(bias)) check_channel_vector(*bias, "bias", s.C, x);
+    typename Backend::Guard guard(x);
+    Tensor m = acc_vector(mean, x, "running_mean", s.C), v = acc_vector(var, x, "running_var", s.C);
+    Tensor xc = batch_norm_input(x, s);
+    Tensor zc = opt_ptr(residual) ? like_layout(*residual, xc, kOp, "residual") : Tensor();
+    Tensor y = at::empty_like(xc);
+    if (s.numel() == 0) return y;
+    FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), kOp, [&] {
+      using A = acc_t<scalar_t>;
+      Tensor wk, bk;
+      Backend::template apply<scalar_t, param_t>(
+          s, xc.data_ptr<scalar_t>(), m.data_ptr<A>(), v.data_ptr<A>(), param_ptr<param_t>(opt_ptr(weight), wk),
+          param_ptr<param_t>(opt_ptr(bias), bk), zc.defined() ? zc.data_ptr<scalar_t>() : nullptr,
+          static_cast<A>(eps), act, y.data_ptr<scalar_t>());
+    });
+    return y;
+  }
+
+  // The reduction half of the backward: per-channel sums of g and g * xhat, in fp32 (fp64).
+  static std::tuple<Tensor, Tensor> reduce(const BatchNormShape& s, const Tensor& dyc, const Tensor& xc,
+                                           const Tensor& yc, const Tensor& m, const Tensor& v, double eps, Act act) {
+    auto sopt = m.options();
+    Tensor sum_g = at::empty({s.C}, sopt), sum_gx = at::empty({s.C}, sopt);
+    if (s.count() == 0) {
+      sum_g.zero_();
+      sum_gx.zero_();
+      return {sum_g, sum_gx};
+    }
+    FUSENORM_DISPATCH(xc.scalar_type(), xc.scalar_type(), kOp, [&] {
+      using A = acc_t<scalar_t>;
+      Backend::template bwd_reduce<scalar_t>(s, dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
+                                             yc.defined() ? yc.data_ptr<scalar_t>() : nullptr, m.data_ptr<A>(),
+                                             v.data_ptr<A>(), static_cast<A>(eps), act, sum_g.data_ptr<A>(),
+                                             sum_gx.data_ptr<A>());
+    });
+    return {sum_g, sum_gx};
+  }
+
+  static std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_bwd(const Tensor& dy, const Tensor& x,
+                                                                   const Tensor& mean, const Tensor& var,
+                                                                   const OptTensor& weight, const OptTensor& y,
+                                                                   double eps, bool training,
+                                                                   const std::string& activation,
+                                                                   std::array<bool, 4> mask) {
+    const BatchNormShape s = check_batch_norm_input(kOp, x);
+    const Act act = parse_bn_activation(activation);
+    check_params(kOp, x, weight, std::nullopt);
+    if (opt_ptr(weight)) check_channel_vector(*weight, "weight", s.C, x);
+    TORCH_CHECK(dy.sizes() == x.sizes(), kOp, ": grad_output of size ", shape_str(dy.sizes()),
+                " does not match input of size ", shape_str(x.sizes()));
+    TORCH_CHECK(act == Act::None || opt_ptr(y), kOp, ": the ReLU backward needs the forward output y");
+    typename Backend::Guard guard(x);
+    Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
+    Tensor xc = batch_norm_input(x, s);
+    Tensor dyc = like_layout(dy.to(x.scalar_type()), xc, kOp, "grad_output");
+    Tensor yc = act == Act::Relu ? like_layout(*y, xc, kOp, "y") : Tensor();
+    const bool want_dz = mask[3] && act == Act::Relu;
+    Tensor dx = mask[0] ? at::empty_like(xc) : at::empty({0}, x.options());
+    Tensor dz = want_dz ? at::empty_like(xc) : at::empty({0}, x.options());
+    Tensor dw = at::empty({0}, x.options()), db = at::empty({0}, x.options());
+    const bool want_sums = mask[1] || mask[2] || (mask[0] && training);
+    Tensor sum_g, sum_gx;
+    if (want_sums) std::tie(sum_g, sum_gx) = reduce(s, dyc, xc, yc, m, v, eps, act);
+    if (mask[1] && opt_ptr(weight)) dw = sum_gx.to(weight->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+    if (mask[2]) db = sum_g.to(opt_ptr(weight) ? weight->scalar_type() : x.scalar_type(), false, true);
+    if ((mask[0] || want_dz) && s.numel() > 0) {
+      const double inv_count = 1.0 / static_cast<double>(s.count());
+      elemt(s, dyc, xc, yc, m, v, weight, eps, act, training ? &sum_g : nullptr, training ? &sum_gx : nullptr,
+            inv_count, mask[0] ? &dx : nullptr, want_dz ? &dz : nullptr);
+    }
+    return {dx, dw, db, dz};
+  }
+
+  static void elemt(const BatchNormShape& s, const Tensor& dyc, const Tensor& xc, const Tensor& yc, const Tensor& m,
+                    const Tensor& v, const OptTensor& weight, double eps, Act act, const Tensor* k_g,
+                    const Tensor* k_gx, double k_scale, Tensor* dx, Tensor* dz) {
+    FUSENORM_DISPATCH(xc.scalar_type(), param_dtype(xc, weight, std::nullopt), kOp, [&] {
+      using A = acc_t<scalar_t>;
+      Tensor wk;
+      Backend::template bwd_elemt<scalar_t, param_t>(
+          s, dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), yc.defined() ? yc.data_ptr<scalar_t>() : nullptr,
+          m.data_ptr<A>(), v.data_ptr<A>(), param_ptr<param_t>(opt_ptr(weight), wk), static_cast<A>(eps), act,
+          k_g ? k_g->data_ptr<A>() : nullptr, k_gx ? k_gx->data_ptr<A>() : nullptr, static_cast<A>(k_scale),
+          dx ? dx->data_ptr<scalar_t>() : nullptr, dz ? dz->data_ptr<scalar_t>() : nullptr);
+    });
+  }
+
+  // SyncBatchNorm's backward halves: local sums (no epilogue), then dx from the global means.
+  static std::tuple<Tensor, Tensor> batch_norm_bwd_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                                          const Tensor& var, double eps) {
+    const BatchNormShape s = check_batch_norm_input(kOp, x);
+    typename Backend::Guard guard(x);
+    Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
+    Tensor xc = batch_norm_input(x, s);
+    Tensor dyc = like_layout(dy.to(x.scalar_type()), xc, kOp, "grad_output");
+    return reduce(s, dyc, xc, Tensor(), m, v, eps, Act::None);
+  }
+
+  static Tensor batch_norm_bwd_elemt(const Tensor& dy, const Tensor& x, const Tensor& mean, const Tensor& var,
+                                     const OptTensor& weight, const Tensor& mean_dy, const Tensor& mean_dy_xhat,
+                                     double eps) {
+    const BatchNormShape s = check_batch_norm_input(kOp, x);
+    check_params(kOp, x, weight, std::nullopt);
+    if (opt_ptr(weight)) check_channel_vector(*weight, "weight", s.C, x);
+    typename Backend::Guard guard(x);
+    Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
+    Tensor kg = acc_vector(mean_dy, x, "mean_dy", s.C), kgx = acc_vector(mean_dy_xhat, x, "mean_dy_xhat", s.C);
+    Tensor xc = batch_norm_input(x, s);
+    Tensor dyc = like_layout(dy.to(x.scalar_type()), xc, kOp, "grad_output");
+    Tensor dx = at::empty_like(xc);
+    if (s.numel() > 0) elemt(s, dyc, xc, Tensor(), m, v, weight, eps, Act::None, &kg, &kgx, 1.0, &dx, nullptr);
+    return dx;
+  }
+};
+
+}  // namespace fusenorm

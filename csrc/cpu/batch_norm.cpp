@@ -1,0 +1,385 @@
+// fusenorm::batch_norm_* on CPU, both layouts (see common/batch_norm_ops.h).
+//
+// Statistics, exact and independent of the thread count:
+//   NCS: each (n, c) run of S values gets exact two-pass moments from cache (chunks of <= 16K
+//        values), merged over n per channel with Chan's formula in order.
+//   NSC: the N * S rows are cut into chunks of ~16K values; each chunk gets exact per-channel
+//        moments from cache (pivot = its first row); a fixed set of tasks merges its chunks in
+//        order, then the tasks are merged in order.
+// Elementwise passes (apply, dx) run along the contiguous axis: per (n, c) run with scalar
+// coefficients (NCS), or per row with per-channel coefficient arrays (NSC), AVX2 for fp32
+// accumulation. y = act((x - mean) * (rstd * w) + b + z): subtracting the mean first keeps
+// large-mean inputs exact, where x * scale + (b - mean * scale) would cancel.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "common/batch_norm_ops.h"
+#include "cpu/row_norm.h"
+
+namespace fusenorm::cpu {
+
+constexpr int64_t kBnChunk = 16384;  // values per cache-resident chunk
+constexpr int64_t kBnTasks = 64;     // NSC: chunk ranges merged independently (not the thread count)
+
+// Exact moments of n <= kBnChunk contiguous values: one read into cache (converted into buf for
+// half types), two passes from there, pivot = the first value.
+template <typename T, typename A>
+Welford<A> run_moments(const T* p, int64_t n, A* buf) {
+  constexpr bool same = std::is_same_v<T, A>;
+  const A c = static_cast<A>(p[0]);
+  A sum;
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    sum = load_and_sum<false>(p, buf, n, c);
+  } else
+#endif
+  {
+    if constexpr (!same) to_acc(p, buf, n);
+    sum = sum_of(same ? reinterpret_cast<const A*>(p) : buf, n, c);
+  }
+  const A* v = same ? reinterpret_cast<const A*>(p) : buf;
+  const A m = sum / A(n);
+  Welford<A> w;
+  w.mean = c + m;
+  w.m2 = sq_dev_of(v, n, c, m);
+  w.count = A(n);
+  return w;
+}
+
+// The fixed task split of `chunks` chunks: task t covers [first(t), first(t + 1)).
+inline int64_t task_first(int64_t t, int64_t chunks, int64_t tasks) { return chunks * t / tasks; }
+
+// Per-channel coefficients of the elementwise passes, in the accumulation type.
+template <typename A, typename W>
+struct Coefs {
+  std::vector<A> mu, scale, shift;  // y = (x - mu) * scale + shift
+  Coefs(int64_t C, const A* mean, const A* var, const W* w, const W* b, A eps) : mu(C), scale(C), shift(C) {
+    for (int64_t c = 0; c < C; ++c) {
+      mu[c] = mean[c];
+      scale[c] = A(1) / std::sqrt(var[c] + eps) * (w ? static_cast<A>(w[c]) : A(1));
+      shift[c] = b ? static_cast<A>(b[c]) : A(0);
+    }
+  }
+};
+
+// out[i] = act((x[i] - mu) * sc + sh + z[i]) over a run of n values; mu/sc/sh are scalars (Vec =
+// false) or arrays indexed like x (Vec = true, channels last).
+template <bool Vec, typename T, typename A>
+inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, const A* sc, const A* sh, bool relu) {
+  int64_t i = 0;
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const int64_t k = Vec ? i : 0;
+      const __m256 m = Vec ? _mm256_loadu_ps(mu + k) : _mm256_set1_ps(*mu);
+      const __m256 a = Vec ? _mm256_loadu_ps(sc + k) : _mm256_set1_ps(*sc);
+      const __m256 b = Vec ? _mm256_loadu_ps(sh + k) : _mm256_set1_ps(*sh);
+      __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(load8(x + i), m), a, b);
+      if (z) v = _mm256_add_ps(v, load8(z + i));
+      if (relu) v = _mm256_max_ps(v, zero);
+      store8(y + i, v);
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const int64_t k = Vec ? i : 0;
+    A v = (static_cast<A>(x[i]) - mu[k]) * sc[k] + sh[k];
+    if (z) v += static_cast<A>(z[i]);
+    if (relu) v = v > A(0) ? v : A(0);
+    y[i] = static_cast<T>(v);
+  }
+}
+
+// g = dy, or dy where y > 0 and 0 elsewhere (ReLU; never dy * 0, so a non-finite dy gives 0).
+template <typename T, typename A>
+inline A grad_in(const T* dy, const T* y, int64_t i) {
+  if (y && !(static_cast<A>(y[i]) > A(0))) return A(0);
+  return static_cast<A>(dy[i]);
+}
+
+// sg += sum g, sgx += sum g * (x - mu) over a run; scalars or per-channel arrays as above.
+template <bool Vec, typename T, typename A>
+inline void grad_sums_run(const T* dy, const T* x, const T* y, int64_t n, const A* mu, A* sg, A* sgx) {
+  int64_t i = 0;
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 ag = zero, agx = zero, ag2 = zero, agx2 = zero;
+    for (; i + 8 <= n; i += 8) {
+      const int64_t k = Vec ? i : 0;
+      const __m256 m = Vec ? _mm256_loadu_ps(mu + k) : _mm256_set1_ps(*mu);
+      __m256 g = load8(dy + i);
+      if (y) g = _mm256_and_ps(_mm256_cmp_ps(load8(y + i), zero, _CMP_GT_OQ), g);
+      const __m256 d = _mm256_sub_ps(load8(x + i), m);
+      if constexpr (Vec) {
+        _mm256_storeu_ps(sg + k, _mm256_add_ps(_mm256_loadu_ps(sg + k), g));
+        _mm256_storeu_ps(sgx + k, _mm256_fmadd_ps(g, d, _mm256_loadu_ps(sgx + k)));
+      } else if ((i / 8) % 2 == 0) {
+        ag = _mm256_add_ps(ag, g);
+        agx = _mm256_fmadd_ps(g, d, agx);
+      } else {
+        ag2 = _mm256_add_ps(ag2, g);
+        agx2 = _mm256_fmadd_ps(g, d, agx2);
+      }
+    }
+    if constexpr (!Vec) {
+      alignas(32) float l1[8], l2[8];
+      _mm256_store_ps(l1, _mm256_add_ps(ag, ag2));
+      _mm256_store_ps(l2, _mm256_add_ps(agx, agx2));
+      for (int j = 0; j < 8; ++j) {
+        *sg += l1[j];
+        *sgx += l2[j];
+      }
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const int64_t k = Vec ? i : 0;
+    const A g = grad_in<T, A>(dy, y, i);
+    sg[k] += g;
+    sgx[k] += g * (static_cast<A>(x[i]) - mu[k]);
+  }
+}
+
+// dx = a * (g - kg) - (x - mu) * e over a run (eval: kg = e = 0); dz = g.
+template <bool Vec, typename T, typename A>
+inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t n, const A* mu, const A* a,
+                     const A* kg, const A* e) {
+  int64_t i = 0;
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+      const int64_t k = Vec ? i : 0;
+      __m256 g = load8(dy + i);
+      if (y) g = _mm256_and_ps(_mm256_cmp_ps(load8(y + i), zero, _CMP_GT_OQ), g);
+      if (dz) store8(dz + i, g);
+      if (!dx) continue;
+      const __m256 m = Vec ? _mm256_loadu_ps(mu + k) : _mm256_set1_ps(*mu);
+      const __m256 av = Vec ? _mm256_loadu_ps(a + k) : _mm256_set1_ps(*a);
+      const __m256 kv = Vec ? _mm256_loadu_ps(kg + k) : _mm256_set1_ps(*kg);
+      const __m256 ev = Vec ? _mm256_loadu_ps(e + k) : _mm256_set1_ps(*e);
+      const __m256 d = _mm256_sub_ps(load8(x + i), m);
+      store8(dx + i, _mm256_fnmadd_ps(d, ev, _mm256_mul_ps(av, _mm256_sub_ps(g, kv))));
+    }
+  }
+#endif
+  for (; i < n; ++i) {
+    const int64_t k = Vec ? i : 0;
+    const A g = grad_in<T, A>(dy, y, i);
+    if (dz) dz[i] = static_cast<T>(g);
+    if (dx) dx[i] = static_cast<T>(a[k] * (g - kg[k]) - (static_cast<A>(x[i]) - mu[k]) * e[k]);
+  }
+}
+
+struct BatchNormBackend {
+  struct Guard {
+    explicit Guard(const at::Tensor&) {}
+  };
+
+  template <typename T>
+  static void stats(const BatchNormShape& s, const T* x, acc_t<T>* mean, acc_t<T>* var) {
+    using A = acc_t<T>;
+    const int64_t C = s.C;
+    if (!s.channels_last) {
+      const int64_t S = s.S, planes = s.N * C;
+      std::vector<Welford<A>> part(planes);
+      at::parallel_for(0, planes, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
+        std::vector<A> buf(std::min(S, kBnChunk));
+        for (int64_t p = begin; p < end; ++p) {
+          Welford<A> w;
+          for (int64_t i = 0; i < S; i += kBnChunk) w.merge(run_moments(x + p * S + i, std::min(kBnChunk, S - i), buf.data()));
+          part[p] = w;
+        }
+      });
+      at::parallel_for(0, C, 64, [&](int64_t cb, int64_t ce) {
+        for (int64_t c = cb; c < ce; ++c) {
+          Welford<A> w;
+          for (int64_t n = 0; n < s.N; ++n) w.merge(part[n * C + c]);
+          mean[c] = w.mean;
+          var[c] = w.m2 / w.count;
+        }
+      });
+      return;
+    }
+    const int64_t rows = s.count(), rpc = std::max<int64_t>(1, kBnChunk / C);
+    const int64_t chunks = (rows + rpc - 1) / rpc, tasks = std::min(chunks, kBnTasks);
+    std::vector<Welford<A>> part(tasks * C);
+    at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+      std::vector<A> piv(C), m(C), q(C), v(C);
+      for (int64_t t = tb; t < te; ++t) {
+        Welford<A>* acc = part.data() + t * C;
+        for (int64_t k = task_first(t, chunks, tasks); k < task_first(t + 1, chunks, tasks); ++k) {
+          const int64_t r0 = k * rpc, r1 = std::min(rows, r0 + rpc);
+          to_acc(x + r0 * C, piv.data(), C);
+          std::fill(m.begin(), m.end(), A(0));
+          std::fill(q.begin(), q.end(), A(0));
+          for (int64_t r = r0 + 1; r < r1; ++r) {  // the pivot row contributes 0
+            const T* xr = x + r * C;
+            int64_t c0 = 0;
+#ifdef FUSENORM_CPU_AVX2
+            if constexpr (std::is_same_v<A, float>)
+              for (; c0 + 8 <= C; c0 += 8)
+                _mm256_storeu_ps(&m[c0], _mm256_add_ps(_mm256_loadu_ps(&m[c0]),
+                                                       _mm256_sub_ps(load8(xr + c0), _mm256_loadu_ps(&piv[c0]))));
+#endif
+            to_acc(xr + c0, v.data(), C - c0);
+            for (int64_t c = c0; c < C; ++c) m[c] += v[c - c0] - piv[c];
+          }
+          const A len = A(r1 - r0);
+          for (int64_t c = 0; c < C; ++c) m[c] /= len;
+          for (int64_t r = r0; r < r1; ++r) {
+            const T* xr = x + r * C;
+            int64_t c0 = 0;
+#ifdef FUSENORM_CPU_AVX2
+            if constexpr (std::is_same_v<A, float>)
+              for (; c0 + 8 <= C; c0 += 8) {
+                const __m256 d = _mm256_sub_ps(_mm256_sub_ps(load8(xr + c0), _mm256_loadu_ps(&piv[c0])),
+                                               _mm256_loadu_ps(&m[c0]));
+                _mm256_storeu_ps(&q[c0], _mm256_fmadd_ps(d, d, _mm256_loadu_ps(&q[c0])));
+              }
+#endif
+            to_acc(xr + c0, v.data(), C - c0);
+            for (int64_t c = c0; c < C; ++c) {
+              const A d = (v[c - c0] - piv[c]) - m[c];
+              q[c] += d * d;
+            }
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            Welford<A> w;
+            w.mean = piv[c] + m[c];
+            w.m2 = q[c];
+            w.count = len;
+            acc[c].merge(w);
+          }
+        }
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      Welford<A> w;
+      for (int64_t t = 0; t < tasks; ++t) w.merge(part[t * C + c]);
+      mean[c] = w.mean;
+      var[c] = w.m2 / w.count;
+    }
+  }
+
+  template <typename T, typename W>
+  static void apply(const BatchNormShape& s, const T* x, const acc_t<T>* mean, const acc_t<T>* var, const W* w,
+                    const W* b, const T* z, acc_t<T> eps, Act act, T* y) {
+    using A = acc_t<T>;
+    const Coefs<A, W> k(s.C, mean, var, w, b, eps);
+    const bool relu = act == Act::Relu;
+    const int64_t C = s.C;
+    if (!s.channels_last) {
+      const int64_t S = s.S;
+      at::parallel_for(0, s.N * C, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t c = p % C, o = p * S;
+          affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &k.mu[c], &k.scale[c], &k.shift[c], relu);
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, s.count(), std::max<int64_t>(1, kBnChunk / C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r * C;
+        affine_run<true>(x + o, z ? z + o : nullptr, y + o, C, k.mu.data(), k.scale.data(), k.shift.data(), relu);
+      }
+    });
+  }
+
+  template <typename T>
+  static void bwd_reduce(const BatchNormShape& s, const T* dy, const T* x, const T* y, const acc_t<T>* mean,
+                         const acc_t<T>* var, acc_t<T> eps, Act, acc_t<T>* sum_g, acc_t<T>* sum_gx) {
+    using A = acc_t<T>;
+    const int64_t C = s.C;
+    if (!s.channels_last) {
+      const int64_t S = s.S, planes = s.N * C;
+      std::vector<A> pg(planes, A(0)), pgx(planes, A(0));
+      at::parallel_for(0, planes, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t o = p * S;
+          grad_sums_run<false>(dy + o, x + o, y ? y + o : nullptr, S, &mean[p % C], &pg[p], &pgx[p]);
+        }
+      });
+      for (int64_t c = 0; c < C; ++c) {
+        A a = 0, ax = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          a += pg[n * C + c];
+          ax += pgx[n * C + c];
+        }
+        sum_g[c] = a;
+        sum_gx[c] = ax / std::sqrt(var[c] + eps);
+      }
+      return;
+    }
+    const int64_t rows = s.count(), rpc = std::max<int64_t>(1, kBnChunk / C);
+    const int64_t chunks = (rows + rpc - 1) / rpc, tasks = std::min(chunks, kBnTasks);
+    std::vector<A> pg(tasks * C, A(0)), pgx(tasks * C, A(0));
+    at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
+      for (int64_t t = tb; t < te; ++t) {
+        const int64_t r0 = task_first(t, chunks, tasks) * rpc, r1 = std::min(rows, task_first(t + 1, chunks, tasks) * rpc);
+        for (int64_t r = r0; r < r1; ++r) {
+          const int64_t o = r * C;
+          grad_sums_run<true>(dy + o, x + o, y ? y + o : nullptr, C, mean, &pg[t * C], &pgx[t * C]);
+        }
+      }
+    });
+    for (int64_t c = 0; c < C; ++c) {
+      A a = 0, ax = 0;
+      for (int64_t t = 0; t < tasks; ++t) {
+        a += pg[t * C + c];
+        ax += pgx[t * C + c];
+      }
+      sum_g[c] = a;
+      sum_gx[c] = ax / std::sqrt(var[c] + eps);
+    }
+  }
+
+  template <typename T, typename W>
+  static void bwd_elemt(const BatchNormShape& s, const T* dy, const T* x, const T* y, const acc_t<T>* mean,
+                        const acc_t<T>* var, const W* w, acc_t<T> eps, Act, const acc_t<T>* k_g,
+                        const acc_t<T>* k_gx, acc_t<T> k, T* dx, T* dz) {
+    using A = acc_t<T>;
+    const int64_t C = s.C;
+    std::vector<A> mu(mean, mean + C), a(C), kg(C, A(0)), e(C, A(0));
+    for (int64_t c = 0; c < C; ++c) {
+      const A rs = A(1) / std::sqrt(var[c] + eps);
+      a[c] = rs * (w ? static_cast<A>(w[c]) : A(1));
+      if (k_g) {
+        kg[c] = k_g[c] * k;
+        e[c] = a[c] * rs * k_gx[c] * k;
+      }
+    }
+    if (!s.channels_last) {
+      const int64_t S = s.S;
+      at::parallel_for(0, s.N * C, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
+        for (int64_t p = begin; p < end; ++p) {
+          const int64_t c = p % C, o = p * S;
+          grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
+                          &mu[c], &a[c], &kg[c], &e[c]);
+        }
+      });
+      return;
+    }
+    at::parallel_for(0, s.count(), std::max<int64_t>(1, kBnChunk / C), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t o = r * C;
+        grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, C,
+                       mu.data(), a.data(), kg.data(), e.data());
+      }
+    });
+  }
+};
+
+}  // namespace fusenorm::cpu
+
+TORCH_LIBRARY_IMPL(fusenorm, CPU, m) {
+  using Ops = fusenorm::BatchNormOps<fusenorm::cpu::BatchNormBackend>;
+  m.impl("batch_norm_stats", &Ops::batch_norm_stats);
+  m.impl("batch_norm_apply", &Ops::batch_norm_apply);
+  m.impl("batch_norm_bwd", &Ops::batch_norm_bwd);
+  m.impl("batch_norm_bwd_reduce", &Ops::batch_norm_bwd_reduce);
+  m.impl("batch_norm_bwd_elemt", &Ops::batch_norm_bwd_elemt);
+}
