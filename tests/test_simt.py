@@ -53,8 +53,9 @@ def simt():
     name = _build(
         "fusenorm_simt",
         [os.path.join(SIMT_DIR, f) for f in ("controls.cpp", "layer_norm.cpp", "rms_norm.cpp", "group_norm.cpp",
-                                             "probes.cpp")]
-        + [os.path.join(ROOT, "csrc", "common", f) for f in ("row_norm_args.cpp", "group_norm_args.cpp")],
+                                             "batch_norm.cpp", "probes.cpp")]
+        + [os.path.join(ROOT, "csrc", "common", f) for f in ("row_norm_args.cpp", "group_norm_args.cpp",
+                                                             "batch_norm_args.cpp")],
     )
     lib = getattr(torch.ops, name)
     lib.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 1234)
@@ -279,6 +280,78 @@ def test_group_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, grou
                                  ("dw", dw, theirs[2], ref[2], (x.numel() / c) ** 0.5),
                                  ("db", db, theirs[3], ref[3], (x.numel() / c) ** 0.5)):
         assert_close_as_torch(o, t, r, dtype, f"group_norm {name}", scale=scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchNorm: split per-channel reductions (NCS segments / NSC channel tiles) + finalize, and the
+# vectorized elementwise passes, in both layouts, vector widths 1 and 16 bytes.
+def _bn_reference(x, w, b, z, dy, training, relu, mean=None, var=None):
+    outs = []
+    for cast in (lambda t: t, lambda t: t.double()):
+        leaves = [cast(t).detach().requires_grad_() for t in (x, w, b, z)]
+        rm = None if training else cast(mean).clone()
+        rv = None if training else cast(var).clone()
+        y = F.batch_norm(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5) + leaves[3]
+        y = F.relu(y) if relu else y
+        outs.append((y.detach(),) + torch.autograd.grad(y, leaves, cast(dy)))
+    return outs
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype,pdtype", DTYPE_CASES)
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (2, 5, 3, 7), (3, 16, 2, 2), (5, 24), (2, 9, 3, 1, 5), (7, 3, 1)],
+                         ids=str)
+@pytest.mark.parametrize("training,relu", [(True, False), (True, True), (False, True)], ids=["train", "train-relu",
+                                                                                           "eval-relu"])
+def test_batch_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, training, relu):
+    x = torch.randn(shape, dtype=dtype) * 2 + 1
+    if layout == "channels_last" and x.dim() > 2:
+        perm = (0, *range(2, x.dim()), 1)
+        x = x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
+    c = shape[1]
+    w, b = torch.randn(c, dtype=pdtype), torch.randn(c, dtype=pdtype)
+    z, dy = torch.randn_like(x), torch.randn_like(x)
+    rm, rv = torch.randn(c, dtype=pdtype), torch.rand(c, dtype=pdtype) + 0.5
+    theirs, ref = _bn_reference(x, w, b, z, dy, training, relu, rm, rv)
+    act = "relu" if relu else "none"
+    if training:
+        mean, var = simt.batch_norm_stats(x)
+        xd = x.double().transpose(0, 1).reshape(c, -1)
+        torch.testing.assert_close(mean.double(), xd.mean(1), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), atol=1e-5, rtol=1e-4)
+    else:
+        mean, var = rm, rv
+    y = simt.batch_norm_apply(x, mean, var, w, b, z, 1e-5, act)
+    assert y.stride() == x.stride()
+    dx, dw, db, dz = simt.batch_norm_bwd(dy, x, mean, var, w, y, 1e-5, training, act, [True, True, True, True])
+    if not relu:
+        dz = dy
+    log = _launched(simt)
+    layout_cl = layout == "channels_last" or x.dim() == 2 or x[0, 0].numel() == 1
+    kind = "nsc" if layout_cl else "ncs"
+    assert any(f"bn_reduce_{kind}_kernel" in k for k in log), log
+    assert any("bn_apply_kernel" in k for k in log) and any("bn_grad_kernel" in k for k in log)
+    count = x.numel() / c
+    for name, o, t, r, scale in (("y", y, theirs[0], ref[0], 1.0), ("dx", dx, theirs[1], ref[1], 4.0),
+                                 ("dw", dw, theirs[2], ref[2], count ** 0.5), ("db", db, theirs[3], ref[3], count ** 0.5),
+                                 ("dz", dz, theirs[4], ref[4], 1.0)):
+        assert_close_as_torch(o.to(t.dtype), t, r, dtype, f"batch_norm {name}", scale=scale)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_batch_norm_sync_halves_match_fused_backward(simt, layout):
+    x = torch.randn(6, 8, 5, 4)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w, dy = torch.randn(8), torch.randn_like(x)
+    mean, var = simt.batch_norm_stats(x)
+    dx, dw, db, _ = simt.batch_norm_bwd(dy, x, mean, var, w, None, 1e-5, True, "none", [True, True, True, False])
+    sg, sgx = simt.batch_norm_bwd_reduce(dy, x, mean, var, 1e-5)
+    n = x.numel() / 8
+    dx2 = simt.batch_norm_bwd_elemt(dy, x, mean, var, w, sg / n, sgx / n, 1e-5)
+    torch.testing.assert_close(sg, db)
+    torch.testing.assert_close(sgx, dw)
+    torch.testing.assert_close(dx2, dx, atol=1e-6, rtol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

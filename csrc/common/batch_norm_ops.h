@@ -13,12 +13,13 @@
 // or apply alone with the running statistics (eval); SyncBatchNorm merges the ranks' stats between
 // the two, and reduces bwd_reduce's sums across ranks before bwd_elemt.
 //
-// A backend supplies (A = acc_t<T>; pointers to [C] arrays; y, z, dz may be null):
-//   stats<T>(s, x, mean, var)                                   biased variance
-//   apply<T, W>(s, x, mean, var, w, b, z, eps, act, y)          y = act((x - mean) * rstd * w + b + z)
-//   bwd_reduce<T>(s, dy, x, y, mean, var, eps, act, sum_g, sum_gx)   g = dy masked by y > 0 (ReLU);
+// A backend supplies (A = acc_t<T>; xc: the input tensor, for its device; pointers to [C] arrays;
+// y, z, dz may be null):
+//   stats<T>(s, xc, x, mean, var)                                   biased variance
+//   apply<T, W>(s, xc, x, mean, var, w, b, z, eps, act, y)          y = act((x - mean) * rstd * w + b + z)
+//   bwd_reduce<T>(s, xc, dy, x, y, mean, var, eps, act, sum_g, sum_gx)   g = dy masked by y > 0 (ReLU);
 //                                                              sum_gx = sum g * xhat
-//   bwd_elemt<T, W>(s, dy, x, y, mean, var, w, eps, act, k_g, k_gx, k, dx, dz)
+//   bwd_elemt<T, W>(s, xc, dy, x, y, mean, var, w, eps, act, k_g, k_gx, k, dx, dz)
 //        dx = w * rstd * (g - k * k_g[c] - xhat * k * k_gx[c]) (k_g null: eval, dx = w * rstd * g);
 //        dz = g
 #pragma once
@@ -81,7 +82,7 @@ struct BatchNormOps {
     Tensor xc = batch_norm_input(x, s);
     FUSENORM_DISPATCH(x.scalar_type(), x.scalar_type(), kOp, [&] {
       using A = acc_t<scalar_t>;
-      Backend::template stats<scalar_t>(s, xc.data_ptr<scalar_t>(), mean.data_ptr<A>(), var.data_ptr<A>());
+      Backend::template stats<scalar_t>(s, xc, xc.data_ptr<scalar_t>(), mean.data_ptr<A>(), var.data_ptr<A>());
     });
     return {mean, var};
   }
@@ -104,7 +105,7 @@ struct BatchNormOps {
       using A = acc_t<scalar_t>;
       Tensor wk, bk;
       Backend::template apply<scalar_t, param_t>(
-          s, xc.data_ptr<scalar_t>(), m.data_ptr<A>(), v.data_ptr<A>(), param_ptr<param_t>(opt_ptr(weight), wk),
+          s, xc, xc.data_ptr<scalar_t>(), m.data_ptr<A>(), v.data_ptr<A>(), param_ptr<param_t>(opt_ptr(weight), wk),
           param_ptr<param_t>(opt_ptr(bias), bk), zc.defined() ? zc.data_ptr<scalar_t>() : nullptr,
           static_cast<A>(eps), act, y.data_ptr<scalar_t>());
     });
@@ -123,7 +124,7 @@ struct BatchNormOps {
     }
     FUSENORM_DISPATCH(xc.scalar_type(), xc.scalar_type(), kOp, [&] {
       using A = acc_t<scalar_t>;
-      Backend::template bwd_reduce<scalar_t>(s, dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
+      Backend::template bwd_reduce<scalar_t>(s, xc, dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(),
                                              yc.defined() ? yc.data_ptr<scalar_t>() : nullptr, m.data_ptr<A>(),
                                              v.data_ptr<A>(), static_cast<A>(eps), act, sum_g.data_ptr<A>(),
                                              sum_gx.data_ptr<A>());
@@ -173,7 +174,7 @@ struct BatchNormOps {
       using A = acc_t<scalar_t>;
       Tensor wk;
       Backend::template bwd_elemt<scalar_t, param_t>(
-          s, dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), yc.defined() ? yc.data_ptr<scalar_t>() : nullptr,
+          s, xc, dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), yc.defined() ? yc.data_ptr<scalar_t>() : nullptr,
           m.data_ptr<A>(), v.data_ptr<A>(), param_ptr<param_t>(opt_ptr(weight), wk), static_cast<A>(eps), act,
           k_g ? k_g->data_ptr<A>() : nullptr, k_gx ? k_gx->data_ptr<A>() : nullptr, static_cast<A>(k_scale),
           dx ? dx->data_ptr<scalar_t>() : nullptr, dz ? dz->data_ptr<scalar_t>() : nullptr);

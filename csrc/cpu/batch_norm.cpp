@@ -179,7 +179,7 @@ struct BatchNormBackend {
   };
 
   template <typename T>
-  static void stats(const BatchNormShape& s, const T* x, acc_t<T>* mean, acc_t<T>* var) {
+  static void stats(const BatchNormShape& s, const at::Tensor&, const T* x, acc_t<T>* mean, acc_t<T>* var) {
     using A = acc_t<T>;
     const int64_t C = s.C;
     if (!s.channels_last) {
@@ -265,7 +265,7 @@ struct BatchNormBackend {
   }
 
   template <typename T, typename W>
-  static void apply(const BatchNormShape& s, const T* x, const acc_t<T>* mean, const acc_t<T>* var, const W* w,
+  static void apply(const BatchNormShape& s, const at::Tensor&, const T* x, const acc_t<T>* mean, const acc_t<T>* var, const W* w,
                     const W* b, const T* z, acc_t<T> eps, Act act, T* y) {
     using A = acc_t<T>;
     const Coefs<A, W> k(s.C, mean, var, w, b, eps);
@@ -290,7 +290,7 @@ struct BatchNormBackend {
   }
 
   template <typename T>
-  static void bwd_reduce(const BatchNormShape& s, const T* dy, const T* x, const T* y, const acc_t<T>* mean,
+  static void bwd_reduce(const BatchNormShape& s, const at::Tensor&, const T* dy, const T* x, const T* y, const acc_t<T>* mean,
                          const acc_t<T>* var, acc_t<T> eps, Act, acc_t<T>* sum_g, acc_t<T>* sum_gx) {
     using A = acc_t<T>;
     const int64_t C = s.C;
@@ -338,7 +338,7 @@ struct BatchNormBackend {
   }
 
   template <typename T, typename W>
-  static void bwd_elemt(const BatchNormShape& s, const T* dy, const T* x, const T* y, const acc_t<T>* mean,
+  static void bwd_elemt(const BatchNormShape& s, const at::Tensor&, const T* dy, const T* x, const T* y, const acc_t<T>* mean,
                         const acc_t<T>* var, const W* w, acc_t<T> eps, Act, const acc_t<T>* k_g,
                         const acc_t<T>* k_gx, acc_t<T> k, T* dx, T* dz) {
     using A = acc_t<T>;
