@@ -1,0 +1,306 @@
+"""fusenorm.BatchNorm1d/2d/3d and fusenorm.batch_norm against torch.nn, both layouts."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICES, DTYPES, assert_close_as_torch
+
+import fusenorm
+
+MODS = {1: (torch.nn.BatchNorm1d, fusenorm.BatchNorm1d), 2: (torch.nn.BatchNorm2d, fusenorm.BatchNorm2d),
+        3: (torch.nn.BatchNorm3d, fusenorm.BatchNorm3d)}
+# input shapes by case: BatchNorm1d takes [N, C] and [N, C, L]
+SHAPES = {"1d-2D": (12, 9), "1d-3D": (4, 9, 13), "2d": (3, 9, 7, 6), "3d": (2, 9, 3, 5, 4)}
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    perm = (0, *range(2, x.dim()), 1)
+    return x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
+
+
+def _run(fn, cast, x, w, b, z, dy, rm, rv, training, **kw):
+    leaves = [cast(t).detach().requires_grad_() for t in (x, w, b)]
+    rm, rv = cast(rm).clone(), cast(rv).clone()
+    y = fn(leaves[0], rm, rv, leaves[1], leaves[2], training, 0.1, 1e-5, **kw)
+    return (y.detach(),) + torch.autograd.grad(y, leaves, cast(dy)), (rm, rv)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(SHAPES))
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_functional_matches_torch(device, dtype, case, layout, training):
+    shape = SHAPES[case]
+    c = shape[1]
+    x = (torch.randn(shape, device=device) * 3 + 1).to(dtype)
+    if layout == "channels_last":
+        x = _channels_last(x)
+    w, b = torch.randn(c, dtype=dtype, device=device), torch.randn(c, dtype=dtype, device=device)
+    rm, rv = torch.randn(c, dtype=dtype, device=device), torch.rand(c, dtype=dtype, device=device) + 0.5
+    dy = torch.randn_like(x)
+    (theirs, t_run), (ref, _), (ours, o_run) = (
+        _run(F.batch_norm, lambda t: t, x, w, b, None, dy, rm, rv, training),
+        _run(F.batch_norm, lambda t: t.double(), x, w, b, None, dy, rm, rv, training),
+        _run(fusenorm.batch_norm, lambda t: t, x, w, b, None, dy, rm, rv, training),
+    )
+    assert ours[0].stride() == x.stride(), "the output keeps the input's memory format"
+    count = x.numel() // c
+    for name, o, t, r, scale in zip(("y", "dx", "dw", "db"), ours, theirs, ref, (1, 4, count ** 0.5, count ** 0.5)):
+        assert_close_as_torch(o, t, r, dtype, f"batch_norm {name}", scale=scale)
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 1e-2)
+    for a, t in zip(o_run, t_run):  # running statistics (in place, unbiased variance)
+        torch.testing.assert_close(a, t, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_half_input_fp32_parameters(device, dtype):
+    theirs = torch.nn.BatchNorm2d(8).to(device)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+    ours = fusenorm.convert(copy.deepcopy(theirs))
+    x = torch.randn(4, 8, 6, 6, device=device).to(dtype).requires_grad_()
+    y_t, y_o = theirs(x), ours(x)
+    assert y_o.dtype == y_t.dtype == dtype
+    torch.testing.assert_close(y_o, y_t, atol=2e-2, rtol=1e-2)
+    dy = torch.randn_like(y_t)
+    g_t = torch.autograd.grad(y_t, [x, theirs.weight], dy)
+    g_o = torch.autograd.grad(y_o, [x, ours.weight], dy)
+    torch.testing.assert_close(g_o[0], g_t[0], atol=2e-2, rtol=1e-2)
+    torch.testing.assert_close(g_o[1], g_t[1], atol=0.3, rtol=1e-2)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, None, 0.0, 1.0])
+@pytest.mark.parametrize("affine,track", [(True, True), (False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_module_train_eval_sequence(device, momentum, affine, track, layout):
+    """Buffers (num_batches_tracked too) after every step, outputs in train and eval, as torch.nn."""
+    theirs = torch.nn.BatchNorm2d(6, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    ours = fusenorm.BatchNorm2d(6, momentum=momentum, affine=affine, track_running_stats=track).to(device)
+    if affine:
+        with torch.no_grad():
+            theirs.weight.normal_()
+            theirs.bias.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    for step in range(6):
+        train = step not in (2, 5)
+        theirs.train(train)
+        ours.train(train)
+        x = 3 + 2 * torch.randn(4, 6, 5, 7, device=device)
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        torch.testing.assert_close(ours(x), theirs(x), atol=2e-5, rtol=1e-5)
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=f"{k} after step {step}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_large_mean_tiny_variance(device, layout):
+    """x = 1e4 + 1e-2 * noise in fp32: statistics and output stay close to fp64 (exact moments,
+    and the mean is subtracted before scaling, so nothing cancels)."""
+    x = 1e4 + 1e-2 * torch.randn(8, 4, 16, 16, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    dy = torch.randn_like(x)
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    (theirs, _), (ref, ref_run), (ours, our_run) = (
+        _run(F.batch_norm, lambda t: t, x, w, b, None, dy, rm, rv, True),
+        _run(F.batch_norm, lambda t: t.double(), x, w, b, None, dy, rm, rv, True),
+        _run(fusenorm.batch_norm, lambda t: t, x, w, b, None, dy, rm, rv, True),
+    )
+    for name, o, t, r in zip(("y", "dx", "dw", "db"), ours, theirs, ref):
+        assert_close_as_torch(o, t, r, torch.float32, f"batch_norm {name}", scale=1e2)
+    # a unit-variance output; the fp32 mean itself is only known to half an ulp of 1e4 (0.05 std),
+    # where E[x^2] - E[x]^2 would lose the variance entirely
+    assert (ours[0].double() - ref[0]).abs().max() < 0.1
+    torch.testing.assert_close(our_run[1].double(), ref_run[1], rtol=1e-3, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_relu_residual_epilogue(device, layout, training):
+    """forward(x, residual) with activation="relu" = relu(bn(x) + residual), gradients for all."""
+    ours = fusenorm.BatchNorm2d(5, activation="relu").to(device)
+    theirs = torch.nn.BatchNorm2d(5).to(device)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+        theirs.running_mean.normal_()
+    ours.load_state_dict(theirs.state_dict())
+    ours.train(training)
+    theirs.train(training)
+    x = torch.randn(3, 5, 6, 7, device=device)
+    z = torch.randn(3, 5, 6, 7, device=device)
+    if layout == "channels_last":
+        x, z = x.to(memory_format=torch.channels_last), z.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    z.requires_grad_()
+    y_o = ours(x, z)
+    y_t = F.relu(theirs(x) + z)
+    torch.testing.assert_close(y_o, y_t, atol=1e-5, rtol=1e-5)
+    assert y_o.stride() == x.stride()
+    dy = torch.randn_like(y_t)
+    g_o = torch.autograd.grad(y_o, [x, z, ours.weight, ours.bias], dy)
+    g_t = torch.autograd.grad(y_t, [x, z, theirs.weight, theirs.bias], dy)
+    for a, t in zip(g_o, g_t):
+        torch.testing.assert_close(a, t, atol=1e-4, rtol=1e-4)
+    for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        torch.testing.assert_close(a, t, atol=1e-6, rtol=1e-5, msg=k)
+    # residual without activation
+    plain = fusenorm.BatchNorm2d(5).to(device).train(training)
+    plain.load_state_dict(theirs.state_dict())
+    torch.testing.assert_close(plain(x, z), F.batch_norm(x, plain.running_mean.clone(), plain.running_var.clone(),
+                                                         plain.weight, plain.bias, training) + z, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_empty_batch(device):
+    theirs, ours = torch.nn.BatchNorm2d(3).to(device), fusenorm.BatchNorm2d(3).to(device)
+    for m in (theirs, ours):
+        with torch.no_grad():
+            m.running_mean.fill_(2)
+            m.running_var.fill_(3)
+    x = torch.randn(0, 3, 4, 4, device=device, requires_grad=True)
+    y_t, y_o = theirs(x), ours(x)
+    assert y_o.shape == y_t.shape
+    for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        torch.testing.assert_close(a, t, msg=k)
+    y_o.sum().backward()
+    assert x.grad.shape == x.shape
+    torch.testing.assert_close(ours.weight.grad, torch.zeros(3, device=device))
+    ours.eval()
+    assert ours(torch.randn(0, 3, 2, 2, device=device)).shape == (0, 3, 2, 2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device):
+    x = torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    z = torch.randn(3, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, device=device, requires_grad=True)
+    rm, rv = torch.randn(4, dtype=torch.float64, device=device), torch.rand(4, dtype=torch.float64, device=device) + 1
+    assert torch.autograd.gradcheck(lambda t, ww, bb: fusenorm.batch_norm(t, None, None, ww, bb, True), (x, w, b))
+    assert torch.autograd.gradcheck(lambda t, ww, bb: fusenorm.batch_norm(t, rm, rv, ww, bb, False), (x, w, b))
+    xc = _channels_last(torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device)).requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: fusenorm.batch_norm(t, None, None, None, None, True), (xc,))
+    # relu + residual, away from the kink
+    assert torch.autograd.gradcheck(
+        lambda t, zz, ww, bb: fusenorm.batch_norm(t, None, None, ww, bb, True, activation="relu", residual=zz),
+        (x, z, w, b), atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(4, 6, 5, 3, device=device)
+    xc = x.to(memory_format=torch.channels_last)
+    w, b = torch.randn(6, device=device), torch.randn(6, device=device)
+    ops = torch.ops.fusenorm
+    for t in (x, xc):
+        mean, var = ops.batch_norm_stats(t)
+        y = ops.batch_norm_apply(t, mean, var, w, b, torch.randn_like(t), 1e-5, "relu")
+        dy = torch.randn_like(t)
+        torch.library.opcheck(ops.batch_norm_stats, (t,))
+        torch.library.opcheck(ops.batch_norm_apply, (t, mean, var, w, b, None, 1e-5, "none"))
+        torch.library.opcheck(ops.batch_norm_apply, (t, mean, var, w, b, torch.randn_like(t), 1e-5, "relu"))
+        torch.library.opcheck(ops.batch_norm_bwd, (dy, t, mean, var, w, y, 1e-5, True, "relu", [True, True, True, True]))
+        torch.library.opcheck(ops.batch_norm_bwd, (dy, t, mean, var, None, None, 1e-5, False, "none",
+                                                   [True, False, True, False]))
+        torch.library.opcheck(ops.batch_norm_bwd_reduce, (dy, t, mean, var, 1e-5))
+        torch.library.opcheck(ops.batch_norm_bwd_elemt, (dy, t, mean, var, w, mean, var, 1e-5))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_compile_fullgraph(layout, momentum):
+    """torch.compile keeps the ops and the in-place buffer updates: same outputs, same buffers."""
+    theirs = torch.nn.BatchNorm2d(4, momentum=momentum)
+    ours = fusenorm.BatchNorm2d(4, momentum=momentum)
+    compiled = torch.compile(ours, fullgraph=True)
+    for step in range(3):
+        x = torch.randn(2, 4, 6, 6) * 2 + 1
+        if layout == "channels_last":
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        y = compiled(x)
+        torch.testing.assert_close(y, theirs(x), atol=1e-5, rtol=1e-5)
+        y.sum().backward()
+    for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=k)
+    ours.eval()
+    theirs.eval()
+    torch.testing.assert_close(torch.compile(ours, fullgraph=True)(x), theirs(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_backward_is_deterministic(device, layout):
+    x = torch.randn(16, 32, 17, 19, device=device)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    m = fusenorm.BatchNorm2d(32).to(device)
+    x.requires_grad_()
+    dy = torch.randn_like(x)
+    grads = [torch.autograd.grad(m(x), [x, m.weight, m.bias], dy) for _ in range(2)]
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
+def test_errors_match_torch():
+    cases = [
+        lambda ns: ns.BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),          # one value per channel in training
+        lambda ns: ns.BatchNorm1d(3)(torch.randn(1, 3)),                # same, 2-D input
+        lambda ns: ns.BatchNorm2d(3)(torch.randn(2, 3, 4)),             # wrong rank
+        lambda ns: ns.BatchNorm1d(3)(torch.randn(2, 3, 4, 4)),          # wrong rank
+        lambda ns: ns.BatchNorm3d(3)(torch.randn(2, 3, 4, 4)),          # wrong rank
+        lambda ns: ns.BatchNorm2d(3).eval()(torch.randn(2, 4, 3, 3)),   # channel mismatch (running stats)
+        lambda ns: ns.BatchNorm2d(3)(torch.randn(2, 4, 3, 3)),          # channel mismatch in training
+    ]
+    for call in cases:
+        with pytest.raises(Exception) as theirs:
+            call(torch.nn)
+        with pytest.raises(Exception) as ours:
+            call(fusenorm)
+        assert type(ours.value) is type(theirs.value), (ours.value, theirs.value)
+        assert str(ours.value) == str(theirs.value)
+    with pytest.raises(RuntimeError, match="running_mean must be defined"):
+        fusenorm.batch_norm(torch.randn(2, 3), None, None, training=False)
+    with pytest.raises(RuntimeError, match="weight should contain 3 elements not 4"):
+        fusenorm.batch_norm(torch.randn(2, 3, 4), None, None, torch.ones(4), training=True)
+    with pytest.raises(NotImplementedError):
+        fusenorm.batch_norm(torch.randint(0, 3, (2, 3)), torch.zeros(3), torch.ones(3))
+    with pytest.raises(ValueError, match="activation"):
+        fusenorm.BatchNorm2d(3, activation="silu")
+
+
+def test_drop_in_modules():
+    for t_cls, o_cls in MODS.values():
+        for kw in ({}, {"affine": False}, {"track_running_stats": False}, {"momentum": None, "eps": 1e-3}):
+            theirs, ours = t_cls(6, **kw), o_cls(6, **kw)
+            assert list(ours.state_dict()) == list(theirs.state_dict())
+            ours.load_state_dict(theirs.state_dict())
+            theirs.load_state_dict(ours.state_dict())
+            assert repr(ours) == repr(theirs)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(100, 8), torch.nn.BatchNorm1d(8))
+    ref = copy.deepcopy(model)
+    fusenorm.convert(model)
+    assert type(model[1]) is fusenorm.BatchNorm2d and type(model[4]) is fusenorm.BatchNorm1d
+    x = torch.randn(5, 3, 7, 7)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    model(x).sum().backward()
+    sync = fusenorm.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref))
+    assert type(sync[1]) is fusenorm.SyncBatchNorm and type(sync[4]) is fusenorm.SyncBatchNorm
+    assert list(sync.state_dict()) == list(torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)).state_dict())
+    # without a process group SyncBatchNorm is a BatchNorm
+    torch.testing.assert_close(sync(x), ref(x), atol=1e-5, rtol=1e-5)

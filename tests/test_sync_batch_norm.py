@@ -1,0 +1,83 @@
+"""fusenorm.SyncBatchNorm in a real torch.distributed group: 2 and 3 processes with the gloo
+backend, each given an uneven slice of one batch (one rank's slice is empty), against
+torch.nn.BatchNorm on the whole batch: outputs, input gradients, weight/bias gradients summed over
+the ranks (what DDP's all-reduce does), and the running statistics on every rank."""
+from __future__ import annotations
+
+import datetime
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _worker(rank: int, world: int, store: str, sizes: list, layout: str, out_dir: str) -> None:
+    sys.path.insert(0, os.path.join(HERE, "..", "python"))
+    import fusenorm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        g = torch.Generator().manual_seed(7)
+        full = torch.randn(sum(sizes), 6, 5, 4, generator=g) * 2 + 3
+        dy_full = torch.randn(full.shape, generator=g)
+        start = sum(sizes[:rank])
+        x = full[start:start + sizes[rank]].clone()
+        dy = dy_full[start:start + sizes[rank]].clone()
+        if layout == "channels_last":
+            x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+        x.requires_grad_()
+        m = fusenorm.SyncBatchNorm(6, momentum=0.3)
+        with torch.no_grad():
+            m.weight.copy_(torch.linspace(0.5, 1.5, 6))
+            m.bias.copy_(torch.linspace(-1, 1, 6))
+        outs = []
+        for step in range(2):  # two steps: the running statistics compound
+            y = m(x)
+            (y * dy).sum().backward()
+            outs.append({"y": y.detach().clone(), "dx": x.grad.clone(), "dw": m.weight.grad.clone(),
+                         "db": m.bias.grad.clone()})
+            x.grad = None
+            m.weight.grad = None
+            m.bias.grad = None
+        torch.save({"steps": outs, "state": m.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("sizes", [[5, 3], [4, 0, 3]], ids=["2-ranks", "3-ranks-one-empty"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_sync_batch_norm_matches_whole_batch(tmp_path, sizes, layout):
+    world = len(sizes)
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), sizes, layout, str(tmp_path)), nprocs=world, join=True)
+    g = torch.Generator().manual_seed(7)
+    full = (torch.randn(sum(sizes), 6, 5, 4, generator=g) * 2 + 3).requires_grad_()
+    dy_full = torch.randn(full.shape, generator=g)
+    ref = torch.nn.BatchNorm2d(6, momentum=0.3)
+    with torch.no_grad():
+        ref.weight.copy_(torch.linspace(0.5, 1.5, 6))
+        ref.bias.copy_(torch.linspace(-1, 1, 6))
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for step in range(2):
+        y = ref(full)
+        dx, dw, db = torch.autograd.grad((y * dy_full).sum(), [full, ref.weight, ref.bias])
+        got_y = torch.cat([r["steps"][step]["y"] for r in results])
+        got_dx = torch.cat([r["steps"][step]["dx"] for r in results])
+        torch.testing.assert_close(got_y, y.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got_dx, dx, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(sum(r["steps"][step]["dw"] for r in results), dw, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(sum(r["steps"][step]["db"] for r in results), db, atol=1e-4, rtol=1e-5)
+        for r in results:
+            assert r["steps"][step]["y"].stride() == (
+                r["steps"][step]["y"].contiguous(memory_format=torch.channels_last).stride()
+                if layout == "channels_last" else r["steps"][step]["y"].contiguous().stride())
+    for r in results:
+        assert list(r["state"]) == list(ref.state_dict())
+        for k, t in ref.state_dict().items():
+            torch.testing.assert_close(r["state"][k], t, atol=1e-5, rtol=1e-5, msg=k)
