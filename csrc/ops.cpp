@@ -25,9 +25,12 @@ TORCH_LIBRARY(fusenorm, m) {
         " str activation=\"none\") -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("group_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight,"
         " Tensor? bias, str activation, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
-  // BatchNorm over [N, C, *] in either layout; mean/var are [C] (var biased). Training = stats + apply,
-  // eval = apply with the running statistics; the caller updates the running statistics.
+  // BatchNorm over [N, C, *] in either layout; mean/var are [C] (var biased). Training: batch_norm_fwd
+  // (= stats + apply, fused where the data allows); eval: apply with the running statistics. The
+  // caller updates the running statistics from the returned mean/var.
   // activation: "none" or "relu", applied after adding the optional residual: relu(bn(x) + residual).
+  m.def("batch_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps,"
+        " str activation=\"none\") -> (Tensor y, Tensor mean, Tensor var)");
   m.def("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)");
   m.def("batch_norm_apply(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual,"
         " float eps, str activation=\"none\") -> Tensor");

@@ -13,7 +13,9 @@ import fusenorm
 MODS = {1: (torch.nn.BatchNorm1d, fusenorm.BatchNorm1d), 2: (torch.nn.BatchNorm2d, fusenorm.BatchNorm2d),
         3: (torch.nn.BatchNorm3d, fusenorm.BatchNorm3d)}
 # input shapes by case: BatchNorm1d takes [N, C] and [N, C, L]
-SHAPES = {"1d-2D": (12, 9), "1d-3D": (4, 9, 13), "2d": (3, 9, 7, 6), "3d": (2, 9, 3, 5, 4)}
+SHAPES = {"1d-2D": (12, 9), "1d-3D": (4, 9, 13), "2d": (3, 9, 7, 6), "3d": (2, 9, 3, 5, 4),
+          # a channel too large to stay in cache between passes (the CPU's two-step path), and one channel
+          "2d-large": (40, 2, 64, 64), "2d-one-channel": (5, 1, 6, 7)}
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
@@ -211,6 +213,8 @@ def test_opcheck(device):
         y = ops.batch_norm_apply(t, mean, var, w, b, torch.randn_like(t), 1e-5, "relu")
         dy = torch.randn_like(t)
         torch.library.opcheck(ops.batch_norm_stats, (t,))
+        torch.library.opcheck(ops.batch_norm_fwd, (t, w, b, None, 1e-5, "none"))
+        torch.library.opcheck(ops.batch_norm_fwd, (t, None, None, torch.randn_like(t), 1e-5, "relu"))
         torch.library.opcheck(ops.batch_norm_apply, (t, mean, var, w, b, None, 1e-5, "none"))
         torch.library.opcheck(ops.batch_norm_apply, (t, mean, var, w, b, torch.randn_like(t), 1e-5, "relu"))
         torch.library.opcheck(ops.batch_norm_bwd, (dy, t, mean, var, w, y, 1e-5, True, "relu", [True, True, True, True]))

@@ -315,13 +315,15 @@ def test_batch_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, trai
     theirs, ref = _bn_reference(x, w, b, z, dy, training, relu, rm, rv)
     act = "relu" if relu else "none"
     if training:
-        mean, var = simt.batch_norm_stats(x)
+        y, mean, var = simt.batch_norm_fwd(x, w, b, z, 1e-5, act)
+        m2, v2 = simt.batch_norm_stats(x)
+        assert torch.equal(m2, mean) and torch.equal(v2, var)
         xd = x.double().transpose(0, 1).reshape(c, -1)
         torch.testing.assert_close(mean.double(), xd.mean(1), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), atol=1e-5, rtol=1e-4)
     else:
         mean, var = rm, rv
-    y = simt.batch_norm_apply(x, mean, var, w, b, z, 1e-5, act)
+        y = simt.batch_norm_apply(x, mean, var, w, b, z, 1e-5, act)
     assert y.stride() == x.stride()
     dx, dw, db, dz = simt.batch_norm_bwd(dy, x, mean, var, w, y, 1e-5, training, act, [True, True, True, True])
     if not relu:

@@ -14,14 +14,17 @@
 // the two, and reduces bwd_reduce's sums across ranks before bwd_elemt.
 //
 // A backend supplies (A = acc_t<T>; xc: the input tensor, for its device; pointers to [C] arrays;
-// y, z, dz may be null):
-//   stats<T>(s, xc, x, mean, var)                                   biased variance
-//   apply<T, W>(s, xc, x, mean, var, w, b, z, eps, act, y)          y = act((x - mean) * rstd * w + b + z)
-//   bwd_reduce<T>(s, xc, dy, x, y, mean, var, eps, act, sum_g, sum_gx)   g = dy masked by y > 0 (ReLU);
-//                                                              sum_gx = sum g * xhat
+// y, z, dz, dx, sum_g, sum_gx may be null):
+//   stats<T>(s, xc, x, mean, var)                                biased variance
+//   apply<T, W>(s, xc, x, mean, var, w, b, z, eps, act, y)       y = act((x - mean) * rstd * w + b + z)
+//   fwd_train<T, W>(s, xc, x, w, b, z, eps, act, y, mean, var)   stats, then apply (fused where it can)
+//   bwd_reduce<T>(s, xc, dy, x, y, mean, var, eps, act, sum_g, sum_gx)
+//        g = dy masked by y > 0 (ReLU); sum_g = sum g, sum_gx = sum g * xhat
 //   bwd_elemt<T, W>(s, xc, dy, x, y, mean, var, w, eps, act, k_g, k_gx, k, dx, dz)
 //        dx = w * rstd * (g - k * k_g[c] - xhat * k * k_gx[c]) (k_g null: eval, dx = w * rstd * g);
 //        dz = g
+//   bwd<T, W>(s, xc, dy, x, y, mean, var, w, eps, act, training, sum_g, sum_gx, dx, dz)
+//        bwd_reduce (when sum_g) then bwd_elemt with k = 1 / count (fused where it can)
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -56,6 +59,25 @@ at::Tensor batch_norm_input(const at::Tensor& x, const BatchNormShape& s);
 at::Tensor like_layout(const at::Tensor& t, const at::Tensor& xc, const char* op, const char* name);
 // ReLU or nothing: the BatchNorm epilogues.
 Act parse_bn_activation(const std::string& name);
+
+// The two-step forms of fwd_train and bwd, for backends (or layouts) that do not fuse them.
+template <typename Backend, typename T, typename W>
+void compose_fwd_train(const BatchNormShape& s, const at::Tensor& xc, const T* x, const W* w, const W* b, const T* z,
+                       acc_t<T> eps, Act act, T* y, acc_t<T>* mean, acc_t<T>* var) {
+  Backend::template stats<T>(s, xc, x, mean, var);
+  Backend::template apply<T, W>(s, xc, x, mean, var, w, b, z, eps, act, y);
+}
+
+template <typename Backend, typename T, typename W>
+void compose_bwd(const BatchNormShape& s, const at::Tensor& xc, const T* dy, const T* x, const T* y,
+                 const acc_t<T>* mean, const acc_t<T>* var, const W* w, acc_t<T> eps, Act act, bool training,
+                 acc_t<T>* sum_g, acc_t<T>* sum_gx, T* dx, T* dz) {
+  using A = acc_t<T>;
+  if (sum_g) Backend::template bwd_reduce<T>(s, xc, dy, x, y, mean, var, eps, act, sum_g, sum_gx);
+  if (dx || dz)
+    Backend::template bwd_elemt<T, W>(s, xc, dy, x, y, mean, var, w, eps, act, training ? sum_g : nullptr,
+                                      training ? sum_gx : nullptr, A(1) / static_cast<A>(s.count()), dx, dz);
+}
 
 template <typename Backend>
 struct BatchNormOps {
@@ -112,6 +134,33 @@ struct BatchNormOps {
     return y;
   }
 
+  // Training forward: batch statistics and y in one op.
+  static std::tuple<Tensor, Tensor, Tensor> batch_norm_fwd(const Tensor& x, const OptTensor& weight,
+                                                          const OptTensor& bias, const OptTensor& residual, double eps,
+                                                          const std::string& activation) {
+    const BatchNormShape s = check_batch_norm_input(kOp, x);
+    const Act act = parse_bn_activation(activation);
+    check_params(kOp, x, weight, bias);
+    if (opt_ptr(weight)) check_channel_vector(*weight, "weight", s.C, x);
+    if (opt_ptr(bias)) check_channel_vector(*bias, "bias", s.C, x);
+    typename Backend::Guard guard(x);
+    Tensor xc = batch_norm_input(x, s);
+    Tensor zc = opt_ptr(residual) ? like_layout(*residual, xc, kOp, "residual") : Tensor();
+    Tensor y = at::empty_like(xc);
+    auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
+    Tensor mean = at::zeros({s.C}, sopt), var = at::zeros({s.C}, sopt);
+    if (s.count() == 0) return {y, mean, var};  // no values: zeros, as batch_norm_stats
+    FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), kOp, [&] {
+      using A = acc_t<scalar_t>;
+      Tensor wk, bk;
+      Backend::template fwd_train<scalar_t, param_t>(
+          s, xc, xc.data_ptr<scalar_t>(), param_ptr<param_t>(opt_ptr(weight), wk),
+          param_ptr<param_t>(opt_ptr(bias), bk), zc.defined() ? zc.data_ptr<scalar_t>() : nullptr,
+          static_cast<A>(eps), act, y.data_ptr<scalar_t>(), mean.data_ptr<A>(), var.data_ptr<A>());
+    });
+    return {y, mean, var};
+  }
+
   // The reduction half of the backward: per-channel sums of g and g * xhat, in fp32 (fp64).
   static std::tuple<Tensor, Tensor> reduce(const BatchNormShape& s, const Tensor& dyc, const Tensor& xc,
                                            const Tensor& yc, const Tensor& m, const Tensor& v, double eps, Act act) {
@@ -155,15 +204,21 @@ struct BatchNormOps {
     Tensor dz = want_dz ? at::empty_like(xc) : at::empty({0}, x.options());
     Tensor dw = at::empty({0}, x.options()), db = at::empty({0}, x.options());
     const bool want_sums = mask[1] || mask[2] || (mask[0] && training);
-    Tensor sum_g, sum_gx;
-    if (want_sums) std::tie(sum_g, sum_gx) = reduce(s, dyc, xc, yc, m, v, eps, act);
+    auto sopt = m.options();
+    Tensor sum_g = at::zeros({want_sums ? s.C : 0}, sopt), sum_gx = at::zeros({want_sums ? s.C : 0}, sopt);
+    if (s.count() > 0 && (want_sums || mask[0] || want_dz)) {
+      FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, std::nullopt), kOp, [&] {
+        using A = acc_t<scalar_t>;
+        Tensor wk;
+        Backend::template bwd<scalar_t, param_t>(
+            s, xc, dyc.data_ptr<scalar_t>(), xc.data_ptr<scalar_t>(), yc.defined() ? yc.data_ptr<scalar_t>() : nullptr,
+            m.data_ptr<A>(), v.data_ptr<A>(), param_ptr<param_t>(opt_ptr(weight), wk), static_cast<A>(eps), act,
+            training, want_sums ? sum_g.data_ptr<A>() : nullptr, want_sums ? sum_gx.data_ptr<A>() : nullptr,
+            mask[0] ? dx.data_ptr<scalar_t>() : nullptr, want_dz ? dz.data_ptr<scalar_t>() : nullptr);
+      });
+    }
     if (mask[1] && opt_ptr(weight)) dw = sum_gx.to(weight->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
     if (mask[2]) db = sum_g.to(opt_ptr(weight) ? weight->scalar_type() : x.scalar_type(), false, true);
-    if ((mask[0] || want_dz) && s.numel() > 0) {
-      const double inv_count = 1.0 / static_cast<double>(s.count());
-      elemt(s, dyc, xc, yc, m, v, weight, eps, act, training ? &sum_g : nullptr, training ? &sum_gx : nullptr,
-            inv_count, mask[0] ? &dx : nullptr, want_dz ? &dz : nullptr);
-    }
     return {dx, dw, db, dz};
   }
 

@@ -6,7 +6,8 @@
 //   NSC: the N * S rows are cut into chunks of ~16K values; each chunk gets exact per-channel
 //        moments from cache (pivot = its first row); a fixed set of tasks merges its chunks in
 //        order, then the tasks are merged in order.
-// Elementwise passes (apply, dx) run along the contiguous axis: per (n, c) run with scalar
+// Training forward and backward in NCS fuse both passes per channel when a channel fits in L2 (see
+// fuse_channels). Elementwise passes (apply, dx) run along the contiguous axis: per (n, c) run with scalar
 // coefficients (NCS), or per row with per-channel coefficient arrays (NSC), AVX2 for fp32
 // accumulation. y = act((x - mean) * (rstd * w) + b + z): subtracting the mean first keeps
 // large-mean inputs exact, where x * scale + (b - mean * scale) would cancel.
@@ -20,6 +21,7 @@ namespace fusenorm::cpu {
 
 constexpr int64_t kBnChunk = 16384;  // values per cache-resident chunk
 constexpr int64_t kBnTasks = 64;     // NSC: chunk ranges merged independently (not the thread count)
+constexpr int64_t kBnFuseBytes = int64_t(1) << 19;  // one channel's data kept in L2 between passes
 
 // Exact moments of n <= kBnChunk contiguous values: one read into cache (converted into buf for
 // half types), two passes from there, pivot = the first value.
@@ -177,6 +179,78 @@ struct BatchNormBackend {
   struct Guard {
     explicit Guard(const at::Tensor&) {}
   };
+
+  // NCS, training: when one channel's N runs stay in L2 between its passes and there are enough
+  // channels for every thread, one task per channel reduces and then normalizes (or sums, then
+  // writes dx) from cache: x (and dy) come from memory once. Same arithmetic and order as the
+  // two-step path, so the results are identical.
+  static bool fuse_channels(const BatchNormShape& s, int64_t bytes_per_site) {
+    return !s.channels_last && s.C >= at::get_num_threads() && s.count() * bytes_per_site <= kBnFuseBytes;
+  }
+
+  template <typename T, typename W>
+  static void fwd_train(const BatchNormShape& s, const at::Tensor& xc, const T* x, const W* w, const W* b, const T* z,
+                        acc_t<T> eps, Act act, T* y, acc_t<T>* mean, acc_t<T>* var) {
+    using A = acc_t<T>;
+    if (!fuse_channels(s, sizeof(T)))
+      return compose_fwd_train<BatchNormBackend, T, W>(s, xc, x, w, b, z, eps, act, y, mean, var);
+    const int64_t C = s.C, S = s.S;
+    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      std::vector<A> buf(std::min(S, kBnChunk));
+      for (int64_t c = cb; c < ce; ++c) {
+        Welford<A> acc;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const T* p = x + (n * C + c) * S;
+          Welford<A> run;
+          for (int64_t i = 0; i < S; i += kBnChunk) run.merge(run_moments(p + i, std::min(kBnChunk, S - i), buf.data()));
+          acc.merge(run);
+        }
+        mean[c] = acc.mean;
+        var[c] = acc.m2 / acc.count;
+        const A mu = mean[c], sc = A(1) / std::sqrt(var[c] + eps) * (w ? static_cast<A>(w[c]) : A(1));
+        const A sh = b ? static_cast<A>(b[c]) : A(0);
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t o = (n * C + c) * S;
+          affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mu, &sc, &sh, act == Act::Relu);
+        }
+      }
+    });
+  }
+
+  template <typename T, typename W>
+  static void bwd(const BatchNormShape& s, const at::Tensor& xc, const T* dy, const T* x, const T* y,
+                  const acc_t<T>* mean, const acc_t<T>* var, const W* w, acc_t<T> eps, Act act, bool training,
+                  acc_t<T>* sum_g, acc_t<T>* sum_gx, T* dx, T* dz) {
+    using A = acc_t<T>;
+    if (!sum_g || !fuse_channels(s, 2 * sizeof(T)))
+      return compose_bwd<BatchNormBackend, T, W>(s, xc, dy, x, y, mean, var, w, eps, act, training, sum_g, sum_gx,
+                                                 dx, dz);
+    const int64_t C = s.C, S = s.S;
+    const A k = A(1) / static_cast<A>(s.count());
+    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        A a_g = 0, a_gx = 0;
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t o = (n * C + c) * S;
+          A pg = 0, pgx = 0;
+          grad_sums_run<false>(dy + o, x + o, y ? y + o : nullptr, S, &mean[c], &pg, &pgx);
+          a_g += pg;
+          a_gx += pgx;
+        }
+        const A rs = A(1) / std::sqrt(var[c] + eps);
+        sum_g[c] = a_g;
+        sum_gx[c] = a_gx / std::sqrt(var[c] + eps);
+        if (!dx && !dz) continue;
+        const A a = rs * (w ? static_cast<A>(w[c]) : A(1));
+        const A kg = training ? sum_g[c] * k : A(0), e = training ? a * rs * sum_gx[c] * k : A(0);
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t o = (n * C + c) * S;
+          grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
+                          &mean[c], &a, &kg, &e);
+        }
+      }
+    });
+  }
 
   template <typename T>
   static void stats(const BatchNormShape& s, const at::Tensor&, const T* x, acc_t<T>* mean, acc_t<T>* var) {
@@ -377,6 +451,7 @@ struct BatchNormBackend {
 
 TORCH_LIBRARY_IMPL(fusenorm, CPU, m) {
   using Ops = fusenorm::BatchNormOps<fusenorm::cpu::BatchNormBackend>;
+  m.impl("batch_norm_fwd", &Ops::batch_norm_fwd);
   m.impl("batch_norm_stats", &Ops::batch_norm_stats);
   m.impl("batch_norm_apply", &Ops::batch_norm_apply);
   m.impl("batch_norm_bwd", &Ops::batch_norm_bwd);

@@ -6,6 +6,7 @@
 
 TORCH_LIBRARY_IMPL(fusenorm, CUDA, m) {
   using Ops = fusenorm::BatchNormOps<fusenorm::cuda::BatchNormBackend>;
+  m.impl("batch_norm_fwd", &Ops::batch_norm_fwd);
   m.impl("batch_norm_stats", &Ops::batch_norm_stats);
   m.impl("batch_norm_apply", &Ops::batch_norm_apply);
   m.impl("batch_norm_bwd", &Ops::batch_norm_bwd);

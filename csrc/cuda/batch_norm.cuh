@@ -332,6 +332,19 @@ struct BatchNormBackend {
     reduce<T, true>(s, xc, x, dy, y, mean, var, eps, sum_g, sum_gx);
   }
 
+  template <typename T, typename W>
+  static void fwd_train(const BatchNormShape& s, const at::Tensor& xc, const T* x, const W* w, const W* b, const T* z,
+                        acc_t<T> eps, Act act, T* y, acc_t<T>* mean, acc_t<T>* var) {
+    compose_fwd_train<BatchNormBackend, T, W>(s, xc, x, w, b, z, eps, act, y, mean, var);
+  }
+
+  template <typename T, typename W>
+  static void bwd(const BatchNormShape& s, const at::Tensor& xc, const T* dy, const T* x, const T* y,
+                  const acc_t<T>* mean, const acc_t<T>* var, const W* w, acc_t<T> eps, Act act, bool training,
+                  acc_t<T>* sum_g, acc_t<T>* sum_gx, T* dx, T* dz) {
+    compose_bwd<BatchNormBackend, T, W>(s, xc, dy, x, y, mean, var, w, eps, act, training, sum_g, sum_gx, dx, dz);
+  }
+
   // Runs f(V, NSC, I) with the widest vector the layout and alignment allow and the narrowest
   // index type; vecs = number of V-vectors.
   template <typename T, typename F>

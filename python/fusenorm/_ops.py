@@ -77,6 +77,12 @@ def _bn_layout_like(x: torch.Tensor) -> torch.Tensor:
     return _group_layout_like(x)
 
 
+@torch.library.register_fake("fusenorm::batch_norm_fwd")
+def _batch_norm_fwd_fake(x, weight, bias, residual, eps, activation="none"):
+    stat = x.new_empty((x.shape[1],), dtype=_stat_dtype(x))
+    return _bn_layout_like(x), stat, stat.clone()
+
+
 @torch.library.register_fake("fusenorm::batch_norm_stats")
 def _batch_norm_stats_fake(x):
     stat = x.new_empty((x.shape[1],), dtype=_stat_dtype(x))

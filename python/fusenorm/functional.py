@@ -240,6 +240,7 @@ class InstanceNormStatsFunction(torch.autograd.Function):
         return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2]), None, None
 
 
+_BN_FWD = torch.ops.fusenorm.batch_norm_fwd.default
 _BN_STATS = torch.ops.fusenorm.batch_norm_stats.default
 _BN_APPLY = torch.ops.fusenorm.batch_norm_apply.default
 BN_ACTIVATIONS = (None, "relu")
@@ -252,9 +253,8 @@ def _bn_activation_name(activation: Optional[str]) -> str:
 
 
 class BatchNormFunction(torch.autograd.Function):
-    """y = act(bn(x) + residual) with given statistics. training: mean/var are x's own batch
-    statistics (computed outside, not differentiable themselves), and dx includes the gradient
-    through them; else they are constants (the running statistics)."""
+    """y = act(bn(x) + residual) with given statistics (eval: the running statistics, constants;
+    with training=True they would be x's own batch statistics and dx would go through them)."""
 
     @staticmethod
     def forward(ctx, x, mean, var, weight, bias, residual, eps, training, activation):
@@ -271,17 +271,46 @@ class BatchNormFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         want = [need[0], ctx.has_weight and need[3], ctx.bias_dtype is not None and need[4],
                 ctx.has_residual and need[5]]
-        relu = ctx.activation == "relu"
-        dx, dw, db, dz = torch.ops.fusenorm.batch_norm_bwd(
-            dy, x, mean, var, weight, y, ctx.eps, ctx.training, ctx.activation,
-            [want[0], want[1], want[2], want[3] and relu],
-        )
-        if want[2] and db.dtype != ctx.bias_dtype:
-            db = db.to(ctx.bias_dtype)
-        if want[3] and not relu:
-            dz = dy
-        return (_or_none(dx, want[0]), None, None, _or_none(dw, want[1]), _or_none(db, want[2]),
-                _or_none(dz, want[3]), None, None, None)
+        dx, dw, db, dz = _bn_backward(ctx, dy, x, mean, var, weight, y, want)
+        return dx, None, None, dw, db, dz, None, None, None
+
+
+class BatchNormTrainFunction(torch.autograd.Function):
+    """Training forward in one op: y = act(bn(x) + residual) with x's batch statistics, which are
+    also returned (not differentiable) for the running-statistics update."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, eps, activation):
+        y, mean, var = _BN_FWD(x, weight, bias, residual, eps, activation)
+        ctx.save_for_backward(x, mean, var, weight, y if activation == "relu" else None)
+        ctx.eps, ctx.training, ctx.activation = eps, True, activation
+        ctx.has_weight, ctx.bias_dtype = weight is not None, None if bias is None else bias.dtype
+        ctx.has_residual = residual is not None
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, mean, var, weight, y = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        want = [need[0], ctx.has_weight and need[1], ctx.bias_dtype is not None and need[2],
+                ctx.has_residual and need[3]]
+        dx, dw, db, dz = _bn_backward(ctx, dy, x, mean, var, weight, y, want)
+        return dx, dw, db, dz, None, None
+
+
+def _bn_backward(ctx, dy, x, mean, var, weight, y, want):
+    """(dx, dweight, dbias, dresidual), None where not wanted."""
+    relu = ctx.activation == "relu"
+    dx, dw, db, dz = torch.ops.fusenorm.batch_norm_bwd(
+        dy, x, mean, var, weight, y, ctx.eps, ctx.training, ctx.activation,
+        [want[0], want[1], want[2], want[3] and relu],
+    )
+    if want[2] and db.dtype != ctx.bias_dtype:
+        db = db.to(ctx.bias_dtype)
+    if want[3] and not relu:
+        dz = dy
+    return tuple(_or_none(t, w) for t, w in zip((dx, dw, db, dz), want))
 
 
 def _check_running(name: str, t: Optional[torch.Tensor], c: int) -> None:
@@ -325,22 +354,25 @@ def batch_norm(
     c = x.size(1)
     _check_running("running_mean", running_mean, c)
     _check_running("running_var", running_var, c)
+    eps = float(eps)
+    grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias) or _need(residual))
     if training:
         torch.nn.functional._verify_batch_size(x.size())
-        mean, var = _BN_STATS(x.detach())
+        if grad:
+            y, mean, var = BatchNormTrainFunction.apply(x, weight, bias, residual, eps, act)
+        else:
+            y, mean, var = _BN_FWD(x, weight, bias, residual, eps, act)
         count = x.numel() // c if c else 0
         if count > 0:
             _update_running(running_mean, running_var, mean, var, count, momentum)
-    else:
-        if running_mean is None:
-            raise RuntimeError("running_mean must be defined in evaluation mode")
-        if running_var is None:
-            raise RuntimeError("running_var must be defined in evaluation mode")
-        mean, var = running_mean, running_var
-    eps = float(eps)
-    if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias) or _need(residual)):
-        return BatchNormFunction.apply(x, mean, var, weight, bias, residual, eps, bool(training), act)
-    return _BN_APPLY(x, mean, var, weight, bias, residual, eps, act)
+        return y
+    if running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if running_var is None:
+        raise RuntimeError("running_var must be defined in evaluation mode")
+    if grad:
+        return BatchNormFunction.apply(x, running_mean, running_var, weight, bias, residual, eps, False, act)
+    return _BN_APPLY(x, running_mean, running_var, weight, bias, residual, eps, act)
 
 
 class SyncBatchNormFunction(torch.autograd.Function):

@@ -4,6 +4,7 @@
 
 FUSENORM_SIMT_FRAGMENT(FUSENORM_SIMT_NS, m) {
   using Ops = fusenorm::BatchNormOps<fusenorm::cuda::BatchNormBackend>;
+  m.def("batch_norm_fwd", &Ops::batch_norm_fwd);
   m.def("batch_norm_stats", &Ops::batch_norm_stats);
   m.def("batch_norm_apply", &Ops::batch_norm_apply);
   m.def("batch_norm_bwd", &Ops::batch_norm_bwd);
