@@ -3,6 +3,8 @@
 # a compute-sanitizer sweep (memcheck + racecheck) and the GPU benchmark; write logs and JSON
 # into the folder given as $1. Budget: under 8 minutes on an H100 machine.
 #   usage: scripts/gpu_check.sh OUTDIR
+#   env: PYTEST_K=expr (e.g. cuda: only the CUDA-device tests), SKIP_SANITIZER=1, SKIP_BENCH=1, BENCH_NORMS=a,b (suites; default all), BENCH_FULL=1,
+#        TEST_TIMEOUT / BENCH_TIMEOUT / BENCH_FULL_TIMEOUT (seconds)
 set -u
 OUTDIR=${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUTDIR"
@@ -30,8 +32,8 @@ step "tests"
 # xdist (when present) isolates a crashing test and still reports the rest
 XDIST=$($PY -c "import xdist" 2>/dev/null && echo "-n 8")
 # tests/test_simt.py (the kernels on the host emulator) is for machines without a GPU: skipped here
-timeout 200 $PY -m pytest -q -p no:cacheprovider $XDIST --timeout 120 --tb=short -rfE \
-  --ignore=tests/test_simt.py tests >"$OUTDIR/pytest.log" 2>&1
+timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider $XDIST --timeout 120 --tb=short -rfE \
+  --ignore=tests/test_simt.py ${PYTEST_K:+-k "$PYTEST_K"} tests >"$OUTDIR/pytest.log" 2>&1
 TEST_RC=$?
 grep -E "^(FAILED|ERROR)|crashed|passed|failed" "$OUTDIR/pytest.log" | tail -30
 
@@ -51,7 +53,8 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 # always leaves a table; BENCH_FULL=1 adds --full in what is left of the budget (its shape lists
 # have not yet been timed on a GPU: on an earlier H100 run --full did not fit 170 s).
 step "benchmark (--quick)"
-timeout ${BENCH_TIMEOUT:-170} $PY -m benchmarks --quick --device cuda --out "$OUTDIR" --quiet >"$OUTDIR/bench.log" 2>&1
+timeout ${BENCH_TIMEOUT:-170} $PY -m benchmarks --quick --device cuda --out "$OUTDIR" --quiet \
+  ${BENCH_NORMS:+--norms $BENCH_NORMS} >"$OUTDIR/bench.log" 2>&1
 BENCH_RC=$?
 tail -60 "$OUTDIR/bench.log"
 if [ "${BENCH_FULL:-0}" = 1 ]; then

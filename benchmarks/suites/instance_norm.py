@@ -22,9 +22,9 @@ def default_shapes(device: str, full: bool) -> List[Tuple[int, int, int, int]]:
         if full:
             shapes += [(8, 128, 64, 64), (2, 32, 256, 256), (16, 256, 32, 32)]
         return shapes
-    shapes = [(16, 64, 256, 256), (16, 128, 128, 128), (16, 256, 64, 64)]
+    shapes = [(16, 64, 256, 256)]
     if full:
-        shapes += [(1, 32, 512, 512), (4, 64, 256, 256)]
+        shapes += [(16, 128, 128, 128), (16, 256, 64, 64), (1, 32, 512, 512), (4, 64, 256, 256)]
     return shapes
 
 

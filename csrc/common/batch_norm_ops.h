@@ -148,8 +148,12 @@ struct BatchNormOps {
     Tensor zc = opt_ptr(residual) ? like_layout(*residual, xc, kOp, "residual") : Tensor();
     Tensor y = at::empty_like(xc);
     auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
-    Tensor mean = at::zeros({s.C}, sopt), var = at::zeros({s.C}, sopt);
-    if (s.count() == 0) return {y, mean, var};  // no values: zeros, as batch_norm_stats
+    Tensor mean = at::empty({s.C}, sopt), var = at::empty({s.C}, sopt);
+    if (s.count() == 0) {  // no values: zeros, as batch_norm_stats
+      mean.zero_();
+      var.zero_();
+      return {y, mean, var};
+    }
     FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), kOp, [&] {
       using A = acc_t<scalar_t>;
       Tensor wk, bk;
@@ -205,7 +209,11 @@ struct BatchNormOps {
     Tensor dw = at::empty({0}, x.options()), db = at::empty({0}, x.options());
     const bool want_sums = mask[1] || mask[2] || (mask[0] && training);
     auto sopt = m.options();
-    Tensor sum_g = at::zeros({want_sums ? s.C : 0}, sopt), sum_gx = at::zeros({want_sums ? s.C : 0}, sopt);
+    Tensor sum_g = at::empty({want_sums ? s.C : 0}, sopt), sum_gx = at::empty({want_sums ? s.C : 0}, sopt);
+    if (s.count() == 0) {  // no values: the sums are 0
+      sum_g.zero_();
+      sum_gx.zero_();
+    }
     if (s.count() > 0 && (want_sums || mask[0] || want_dz)) {
       FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, std::nullopt), kOp, [&] {
         using A = acc_t<scalar_t>;

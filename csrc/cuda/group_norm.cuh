@@ -1,22 +1,26 @@
 // CUDA GroupNorm (and InstanceNorm, one group per channel), both layouts (common/group_norm_ops.h).
 //
-// Forward: one block per (n, group); statistics are an exact two-pass over the group (shifted by its
-// first element, as in the row norms), then the affine step and the activation in the same pass.
+// Forward, three launches that fill the device at any batch size: per-(n, c) partial statistics
+// (common/channel_reduce.cuh: NCS runs, or NSC tiles with threads along the channels), a finalize
+// that merges them per (n, group) in a fixed order (Chan), then one vectorized grid-stride pass
+// that normalizes, applies the affine step and the activation.
 // Backward: one block per (n, group) for dx; each warp also owns some of the group's channels and
 // sums dz * xhat and dz over the sites into [N, C] partials, which column_sum_kernel adds over n in
 // a fixed order: deterministic, no atomics. Index math is int64; the group's elements are visited
 // in group order (channel-major for NCS, site-major for NSC) so consecutive threads read
 // consecutive addresses in both layouts.
-// TODO(perf): split large groups across blocks (batch 1 fills few SMs) and vectorize the loads.
+// TODO(perf): the backward still reads x and dy three times per group with scalar loads.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
 #include "common/activation.h"
+#include "common/channel_reduce.cuh"
 #include "common/dispatch.h"
 #include "common/group_norm_ops.h"
 #include "common/reduce.cuh"
 #include "common/simt.cuh"
+#include "common/vec.cuh"
 #include "common/welford.h"
 
 namespace fusenorm::cuda {
@@ -33,37 +37,54 @@ struct GroupIndex {
   __device__ __forceinline__ int64_t channel(int64_t g, int64_t i) const { return g * cpg + (nsc ? i % cpg : i / S); }
 };
 
-template <typename T, typename W>
+// Forward statistics: merges the per-(n, c) partials of common/channel_reduce.cuh into (n, group):
+// part[n * stride_n + sp * stride_sp + c] over the group's channels and the slices, in order.
+template <typename A>
 __global__ void __launch_bounds__(kGroupBlock)
-    group_norm_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const W* __restrict__ w,
-                          const W* __restrict__ b, acc_t<T>* __restrict__ mean, acc_t<T>* __restrict__ rstd,
-                          GroupIndex ix, int64_t G, acc_t<T> eps, Act act) {
+    group_norm_finalize_kernel(const ChanPart<A>* __restrict__ part, int64_t N, int64_t G, int64_t cpg,
+                               int64_t splits, int64_t stride_n, int64_t stride_sp, A eps, A* __restrict__ mean,
+                               A* __restrict__ rstd) {
+  const int64_t ng = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (ng >= N * G) return;
+  const int64_t n = ng / G, g = ng % G;
+  ChanPart<A> p{A(0), A(0), A(0)};
+  for (int64_t sp = 0; sp < splits; ++sp)
+    for (int64_t j = 0; j < cpg; ++j) chan_merge<false>(p, part[n * stride_n + sp * stride_sp + g * cpg + j]);
+  mean[ng] = p.a;
+  rstd[ng] = simt::rsqrt(p.b / p.n + eps);
+}
+
+// y = act((x - mean[n, g]) * rstd[n, g] * w[c] + b[c]) over 16-byte vectors of x (V values of one
+// channel for NCS, V consecutive channels for NSC), grid-stride.
+template <typename T, typename W, int V, bool NSC, typename I>
+__global__ void __launch_bounds__(kGroupBlock)
+    group_norm_apply_kernel(const T* __restrict__ x, T* __restrict__ y, const W* __restrict__ w,
+                            const W* __restrict__ b, const acc_t<T>* __restrict__ mean,
+                            const acc_t<T>* __restrict__ rstd, I vecs, I C, I S, I cpg, I G, Act act) {
   using A = acc_t<T>;
-  __shared__ A red[32];
-  const int64_t ng = blockIdx.x, n = ng / G, g = ng % G;
-  const int64_t L = ix.cpg * ix.S;
-  const T* xg = x + ix.base(n, g);
-  T* yg = y + ix.base(n, g);
-  const A c = static_cast<A>(xg[0]);
-  A s = A(0);
-  for (int64_t i = threadIdx.x; i < L; i += blockDim.x) s += static_cast<A>(xg[ix.offset(i)]) - c;
-  const A mu = block_allsum(s, red) / static_cast<A>(L);
-  A q = A(0);
-  for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
-    const A d = (static_cast<A>(xg[ix.offset(i)]) - c) - mu;
-    q += d * d;
-  }
-  const A rs = simt::rsqrt(block_allsum(q, red) / static_cast<A>(L) + eps);
-  for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
-    const int64_t o = ix.offset(i), ch = ix.channel(g, i);
-    A z = ((static_cast<A>(xg[o]) - c) - mu) * rs;
-    if (w) z *= static_cast<A>(w[ch]);
-    if (b) z += static_cast<A>(b[ch]);
-    yg[o] = static_cast<T>(activate(act, z));
-  }
-  if (threadIdx.x == 0) {
-    mean[ng] = c + mu;
-    rstd[ng] = rs;
+  for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < vecs; i += I(gridDim.x) * blockDim.x) {
+    const I e = i * V;
+    I c, n;
+    if constexpr (NSC) {
+      const I row = e / C;  // n * S + site
+      c = e - row * C;
+      n = row / S;
+    } else {
+      const I plane = e / S;  // n * C + c
+      c = plane % C;
+      n = plane / C;
+    }
+    const Vec<T, V> xv = load_vec<V>(x, i);
+    Vec<T, V> out;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const I cj = NSC ? c + j : c, ng = n * G + cj / cpg;
+      A z = (static_cast<A>(xv.v[j]) - mean[ng]) * rstd[ng];
+      if (w) z *= static_cast<A>(w[cj]);
+      if (b) z += static_cast<A>(b[cj]);
+      out.v[j] = static_cast<T>(activate(act, z));
+    }
+    store_vec<V>(y, i, out);
   }
 }
 
@@ -132,11 +153,55 @@ struct GroupNormBackend {
   static void fwd(const GroupNormShape& s, const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias,
                   double eps, Act act, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
     using A = acc_t<T>;
+    constexpr int VW = vec_width<T>();
     at::Tensor wk, bk;
-    const GroupIndex ix{s.C, s.S, s.cpg(), s.channels_last};
-    simt::launch(group_norm_fwd_kernel<T, W>, dim3(s.N * s.G), dim3(kGroupBlock), 0, simt::current_stream(),
-                 x.data_ptr<T>(), y.data_ptr<T>(), param_ptr<W>(weight, wk), param_ptr<W>(bias, bk),
-                 mean.data_ptr<A>(), rstd.data_ptr<A>(), ix, s.G, static_cast<A>(eps), act);
+    const cudaStream_t stream = simt::current_stream();
+    const T* X = x.data_ptr<T>();
+    T* Y = y.data_ptr<T>();
+    const int64_t target = int64_t(simt::device_limits(x.get_device()).sms) * 8;
+    // per-(n, c) partials: NCS as N * C runs of S values, NSC as N batches of [S, C]
+    const bool nsc = s.channels_last;
+    const ChannelPartials p =
+        nsc ? channel_partials<T, false>(true, X, nullptr, nullptr, nullptr, 1, s.C, s.S, s.N, s.S, target,
+                                         mean.options(), stream)
+            : channel_partials<T, false>(false, X, nullptr, nullptr, nullptr, 1, s.N * s.C, s.S, 1, 0, target,
+                                         mean.options(), stream);
+    const int64_t stride_n = nsc ? p.splits * s.C : s.C, stride_sp = nsc ? s.C : s.N * s.C;
+    simt::launch(group_norm_finalize_kernel<A>, dim3(ceil_div(s.N * s.G, kGroupBlock)), dim3(kGroupBlock), 0, stream,
+                 p.parts<A>(), s.N, s.G, s.cpg(), p.splits, stride_n, stride_sp, static_cast<A>(eps),
+                 mean.data_ptr<A>(), rstd.data_ptr<A>());
+    const W* w = param_ptr<W>(weight, wk);
+    const W* b = param_ptr<W>(bias, bk);
+    const int64_t numel = s.N * s.C * s.S;
+    auto run = [&](auto vw, auto ix) {
+      constexpr int V = decltype(vw)::value;
+      using I = decltype(ix);
+      const int64_t vecs = numel / V;
+      const int64_t grid = std::clamp<int64_t>(ceil_div(vecs, kGroupBlock), 1, target * 4);
+      auto launch = [&](auto kernel) {
+        simt::launch(kernel, dim3(grid), dim3(kGroupBlock), 0, stream, X, Y, w, b, mean.data_ptr<A>(),
+                     rstd.data_ptr<A>(), I(vecs), I(s.C), I(s.S), I(s.cpg()), I(s.G), act);
+      };
+      if (nsc) {
+        launch(group_norm_apply_kernel<T, W, V, true, I>);
+      } else {
+        launch(group_norm_apply_kernel<T, W, V, false, I>);
+      }
+    };
+    const bool vec = is_aligned(X, 16) && is_aligned(Y, 16) && (nsc ? s.C : s.S) % VW == 0;
+    const bool small = numel < (int64_t(1) << 31);
+    auto by_index = [&](auto vw) {
+      if (small) {
+        run(vw, uint32_t(0));
+      } else {
+        run(vw, int64_t(0));
+      }
+    };
+    if (vec) {
+      by_index(std::integral_constant<int, VW>());
+    } else {
+      by_index(std::integral_constant<int, 1>());
+    }
   }
 
   template <typename T, typename W>

@@ -1,0 +1,260 @@
+// Per-channel partial reductions over [N, C, S]-shaped data, shared by BatchNorm (statistics and
+// backward sums per channel) and GroupNorm (statistics per (sample, channel), merged into groups).
+//
+// Each block reduces one slice of one "channel" into a ChanPart of a workspace; the caller's
+// finalize kernel merges the slices of each channel in a fixed order. No atomics: deterministic.
+//   NCS: `C` runs per sample of S contiguous values (channel c = N runs at stride C * S). Block b
+//        takes slice b % splits of channel b / splits: a range of 4-vector segments of its runs.
+//        part[sp * C + c].
+//   NSC: x is [batches][rows][C]. Block (bx, sp, z) owns a tile of channels (threads along C,
+//        V per thread) and slice sp of the rows of batch z. part[(z * splits + sp) * C + c].
+// Statistics merge (mean, M2, count) with Chan's formula; GRAD sums g and g * (x - mean[c]) where
+// g = dy, masked by y > 0 when y is given (ReLU).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include <algorithm>
+
+#include "common/reduce.cuh"
+#include "common/simt.cuh"
+#include "common/vec.cuh"
+#include "common/welford.h"
+
+namespace fusenorm::cuda {
+
+constexpr int kChannelThreads = 256;
+
+// One slice of one channel: statistics (a = mean, b = M2, n = count) or, for GRAD, the backward's
+// sums (a = sum g, b = sum g * (x - mean)).
+template <typename A>
+struct ChanPart {
+  A a, b, n;
+};
+
+template <bool GRAD, typename A>
+__device__ __forceinline__ void chan_merge(ChanPart<A>& p, const ChanPart<A>& q) {
+  if constexpr (GRAD) {
+    p.a += q.a;
+    p.b += q.b;
+  } else {
+    if (q.n == A(0)) return;
+    if (p.n == A(0)) {
+      p = q;
+      return;
+    }
+    const A n = p.n + q.n, d = q.a - p.a, f = q.n / n;
+    p.a += d * f;
+    p.b += q.b + d * d * p.n * f;
+    p.n = n;
+  }
+}
+
+// Lane 0 gets the warp's merge.
+template <bool GRAD, typename A>
+__device__ __forceinline__ ChanPart<A> chan_warp_reduce(ChanPart<A> p) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const ChanPart<A> q{__shfl_down_sync(kFullMask, p.a, o), __shfl_down_sync(kFullMask, p.b, o),
+                      __shfl_down_sync(kFullMask, p.n, o)};
+    chan_merge<GRAD>(p, q);
+  }
+  return p;
+}
+
+// g: dy, or 0 where the ReLU output y is not positive (never dy * 0).
+template <typename A, typename T>
+__device__ __forceinline__ A grad_in_relu(T dy, const T* y, T yv) {
+  return (y && !(static_cast<A>(yv) > A(0))) ? A(0) : static_cast<A>(dy);
+}
+
+// NCS partials: block b reduces slice b % splits of channel b / splits. A channel is N runs of S
+// values, cut into segments of `seg` values (a multiple of V); slice sp takes a contiguous range.
+template <typename T, int V, bool GRAD>
+__global__ void __launch_bounds__(kChannelThreads)
+    channel_reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
+                              const acc_t<T>* __restrict__ mean, ChanPart<acc_t<T>>* __restrict__ part, int64_t N,
+                              int64_t C, int64_t S, int64_t splits, int64_t seg) {
+  using A = acc_t<T>;
+  __shared__ ChanPart<A> red[32];
+  const int64_t c = blockIdx.x / splits, sp = blockIdx.x % splits;
+  const int64_t spp = (S + seg - 1) / seg, total = N * spp;
+  const int64_t k0 = total * sp / splits, k1 = total * (sp + 1) / splits;
+  const A mu = GRAD ? mean[c] : A(0);
+  ChanPart<A> p{A(0), A(0), A(0)};
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t n = k / spp, s0 = (k % spp) * seg, s1 = s0 + seg < S ? s0 + seg : S;
+    const int64_t base = (n * C + c) * S;
+    for (int64_t s = s0 + threadIdx.x * V; s < s1; s += int64_t(blockDim.x) * V) {
+      const int64_t vi = (base + s) / V;
+      const Vec<T, V> xv = load_vec<V>(x, vi);
+      if constexpr (GRAD) {
+        const Vec<T, V> dv = load_vec<V>(dy, vi);
+        Vec<T, V> yv{};
+        if (y) yv = load_vec<V>(y, vi);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const A g = grad_in_relu<A>(dv.v[j], y, yv.v[j]);
+          p.a += g;
+          p.b += g * (static_cast<A>(xv.v[j]) - mu);
+        }
+      } else {
+        A m = A(0), q = A(0);
+#pragma unroll
+        for (int j = 0; j < V; ++j) m += static_cast<A>(xv.v[j]);
+        m /= A(V);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const A d = static_cast<A>(xv.v[j]) - m;
+          q += d * d;
+        }
+        chan_merge<false>(p, ChanPart<A>{m, q, A(V)});
+      }
+    }
+  }
+  p = chan_warp_reduce<GRAD>(p);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  if (lane == 0) red[warp] = p;
+  __syncthreads();
+  if (warp == 0) {
+    p = lane < warps ? red[lane] : ChanPart<A>{A(0), A(0), A(0)};
+    p = chan_warp_reduce<GRAD>(p);
+    if (lane == 0) part[sp * C + c] = p;
+  }
+}
+
+// NSC partials: x is [rows, C]. Thread (tx, ty) of block (bx, sp) owns channels
+// [(bx * blockDim.x + tx) * V, + V) and rows ty, ty + blockDim.y, ... of slice sp.
+template <typename T, int V, bool GRAD>
+__global__ void __launch_bounds__(kChannelThreads)
+    channel_reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
+                              const acc_t<T>* __restrict__ mean, ChanPart<acc_t<T>>* __restrict__ part, int64_t rows,
+                              int64_t C, int64_t splits) {
+  using A = acc_t<T>;
+  FUSENORM_DYNAMIC_SMEM(unsigned char, smem_raw);
+  ChanPart<A>* sm = reinterpret_cast<ChanPart<A>*>(smem_raw);  // [blockDim.y][blockDim.x][V]
+  const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  const int64_t sp = blockIdx.y, r0 = rows * sp / splits, r1 = rows * (sp + 1) / splits;
+  const bool active = c0 < C;
+  const int64_t batch = int64_t(blockIdx.z) * rows * C;  // x, dy, y of batch z (GRAD: batches == 1)
+  x += batch;
+  if (GRAD) {
+    dy += batch;
+    if (y) y += batch;
+  }
+  part += int64_t(blockIdx.z) * splits * C;
+  ChanPart<A> p[V];
+  A mu[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    p[j] = ChanPart<A>{A(0), A(0), A(0)};
+    mu[j] = (GRAD && active) ? mean[c0 + j] : A(0);
+  }
+  if (active) {
+    A cnt = A(0);
+    for (int64_t r = r0 + threadIdx.y; r < r1; r += blockDim.y) {
+      const int64_t vi = (r * C + c0) / V;
+      const Vec<T, V> xv = load_vec<V>(x, vi);
+      if constexpr (GRAD) {
+        const Vec<T, V> dv = load_vec<V>(dy, vi);
+        Vec<T, V> yv{};
+        if (y) yv = load_vec<V>(y, vi);
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const A g = grad_in_relu<A>(dv.v[j], y, yv.v[j]);
+          p[j].a += g;
+          p[j].b += g * (static_cast<A>(xv.v[j]) - mu[j]);
+        }
+      } else {  // Welford, one reciprocal per row for the V channels
+        cnt += A(1);
+        const A inv = A(1) / cnt;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const A v = static_cast<A>(xv.v[j]), d = v - p[j].a;
+          p[j].a += d * inv;
+          p[j].b += d * (v - p[j].a);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) p[j].n = cnt;
+  }
+  const int64_t me = (int64_t(threadIdx.y) * blockDim.x + threadIdx.x) * V;
+#pragma unroll
+  for (int j = 0; j < V; ++j) sm[me + j] = p[j];
+  __syncthreads();
+  if (threadIdx.y != 0 || !active) return;
+  for (int t = 1; t < int(blockDim.y); ++t) {
+    const int64_t o = (int64_t(t) * blockDim.x + threadIdx.x) * V;
+#pragma unroll
+    for (int j = 0; j < V; ++j) chan_merge<GRAD>(p[j], sm[o + j]);
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) part[sp * C + c0 + j] = p[j];
+}
+
+struct ChannelPartials {
+  at::Tensor workspace;  // keeps the ChanParts alive
+  int64_t splits = 1;
+  template <typename A>
+  const ChanPart<A>* parts() const {
+    return reinterpret_cast<const ChanPart<A>*>(workspace.data_ptr<A>());
+  }
+};
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Launches the partial kernel for either layout, with as many slices per channel as fill the
+// device (`target` blocks) and 16-byte vectors where the layout and alignment allow.
+//   NCS: N runs of S values per channel, C channels.    NSC: `batches` x [rows, C].
+template <typename T, bool GRAD>
+ChannelPartials channel_partials(bool nsc, const T* x, const T* dy, const T* y, const acc_t<T>* mean, int64_t N,
+                                 int64_t C, int64_t S, int64_t batches, int64_t rows, int64_t target,
+                                 const at::TensorOptions& acc_options, cudaStream_t stream) {
+  using A = acc_t<T>;
+  constexpr int VW = vec_width<T>();
+  const bool aligned = is_aligned(x, 16) && is_aligned(dy, 16) && is_aligned(y, 16);
+  ChannelPartials out;
+  auto workspace = [&](int64_t parts) {
+    out.workspace = at::empty({parts * 3}, acc_options);
+    return reinterpret_cast<ChanPart<A>*>(out.workspace.template data_ptr<A>());
+  };
+  if (!nsc) {
+    auto run = [&](auto vw) {
+      constexpr int V = decltype(vw)::value;
+      const int64_t seg = int64_t(kChannelThreads) * V * 4, per_channel = N * ceil_div(S, seg);
+      out.splits = std::clamp<int64_t>(ceil_div(target, C), 1, per_channel);
+      ChanPart<A>* p = workspace(out.splits * C);
+      simt::launch(channel_reduce_ncs_kernel<T, V, GRAD>, dim3(C * out.splits), dim3(kChannelThreads), 0, stream, x,
+                   dy, y, mean, p, N, C, S, out.splits, seg);
+    };
+    if (aligned && S % VW == 0) {
+      run(std::integral_constant<int, VW>());
+    } else {
+      run(std::integral_constant<int, 1>());
+    }
+    return out;
+  }
+  auto run = [&](auto vw) {
+    constexpr int V = decltype(vw)::value;
+    const int64_t cvecs = ceil_div(C, V);
+    int tx = 1;
+    while (tx < 32 && tx < cvecs) tx *= 2;
+    const int ty = kChannelThreads / tx;
+    const int64_t gx = ceil_div(cvecs, tx);
+    out.splits = std::clamp<int64_t>(ceil_div(target, gx * batches), 1, std::min<int64_t>(ceil_div(rows, ty), 65535));
+    ChanPart<A>* p = workspace(batches * out.splits * C);
+    const int64_t smem = int64_t(kChannelThreads) * V * sizeof(ChanPart<A>);
+    auto kernel = channel_reduce_nsc_kernel<T, V, GRAD>;
+    simt::allow_dynamic_smem(kernel, smem);
+    simt::launch(kernel, dim3(gx, out.splits, batches), dim3(tx, ty), smem, stream, x, dy, y, mean, p, rows, C,
+                 out.splits);
+  };
+  if (aligned && C % VW == 0) {
+    run(std::integral_constant<int, VW>());
+  } else {
+    run(std::integral_constant<int, 1>());
+  }
+  return out;
+}
+
+}  // namespace fusenorm::cuda
