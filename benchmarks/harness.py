@@ -443,7 +443,9 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
-    """Short commit hash of the repo, or 'unknown'."""
+    """Short commit hash of the repo (FUSENORM_COMMIT when set: a copied tree's .git can be stale), or 'unknown'."""
+    if os.environ.get("FUSENORM_COMMIT"):
+        return os.environ["FUSENORM_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10

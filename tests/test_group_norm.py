@@ -35,13 +35,24 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _reference(x, groups, w, b, act, dy):
+    """torch.nn in x's dtype and in fp64. torch's CUDA GroupNorm rejects some inputs that its CPU
+    kernel takes (half input with fp32 parameters; a bias without a weight fails in its backward),
+    so the same-dtype reference falls back to the CPU there."""
     out = []
     for cast in (lambda t: t, lambda t: t.double()):
-        leaves = [None if t is None else cast(t).detach().requires_grad_() for t in (x, w, b)]
-        y = ACTS[act](F.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5))
-        grads = torch.autograd.grad(y, [t for t in leaves if t is not None], cast(dy))
+        for where in (None, "cpu"):
+            move = (lambda t: t) if where is None else (lambda t: t.cpu())
+            leaves = [None if t is None else move(cast(t)).detach().requires_grad_() for t in (x, w, b)]
+            try:
+                y = ACTS[act](F.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5))
+                grads = torch.autograd.grad(y, [t for t in leaves if t is not None], move(cast(dy)))
+                break
+            except RuntimeError:
+                if where is not None or not x.is_cuda:
+                    raise
         it = iter(grads)
-        out.append((y.detach(),) + tuple(next(it) if t is not None else None for t in leaves))
+        res = (y.detach(),) + tuple(next(it) if t is not None else None for t in leaves)
+        out.append(tuple(None if t is None else t.to(x.device) for t in res))
     return out
 
 

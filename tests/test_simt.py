@@ -343,6 +343,27 @@ def test_batch_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, trai
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_statistics_large_mean(simt, layout):
+    """x = 1e4 + 1e-2 * noise in fp32, several slices per channel: the partials are relative to a
+    pivot, so BatchNorm's and GroupNorm's statistics keep the variance (E[x^2] - E[x]^2 or
+    unshifted fp32 Welford would lose it)."""
+    x = 1e4 + 1e-2 * torch.randn(8, 4, 48, 48)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    mean, var = simt.batch_norm_stats(x)
+    log = _launched(simt)
+    xd = x.double().transpose(0, 1).reshape(4, -1)
+    assert (mean.double() - xd.mean(1)).abs().max() < 1e-3  # an ulp of 1e4 is 1e-3
+    torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), rtol=1e-3, atol=0)
+    _, gmean, grstd = simt.group_norm_fwd(x, 2, None, None, 1e-12, "none")
+    xg = x.double().reshape(8, 2, -1)
+    torch.testing.assert_close(grstd.double(), xg.var(2, unbiased=False).rsqrt(), rtol=1e-3, atol=0)
+    assert (gmean.double() - xg.mean(2)).abs().max() < 1e-3
+    kind = "nsc" if layout == "channels_last" else "ncs"
+    assert any(f"channel_reduce_{kind}_kernel" in k for k in log)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batch_norm_sync_halves_match_fused_backward(simt, layout):
     x = torch.randn(6, 8, 5, 4)
     if layout == "channels_last":

@@ -4,12 +4,13 @@
 // Each block reduces one slice of one "channel" into a ChanPart of a workspace; the caller's
 // finalize kernel merges the slices of each channel in a fixed order. No atomics: deterministic.
 //   NCS: `C` runs per sample of S contiguous values (channel c = N runs at stride C * S). Block b
-//        takes slice b % splits of channel b / splits: a range of 4-vector segments of its runs.
+//        takes slice b % splits of channel b / splits: a range of the vectors of its runs.
 //        part[sp * C + c].
 //   NSC: x is [batches][rows][C]. Block (bx, sp, z) owns a tile of channels (threads along C,
 //        V per thread) and slice sp of the rows of batch z. part[(z * splits + sp) * C + c].
-// Statistics merge (mean, M2, count) with Chan's formula; GRAD sums g and g * (x - mean[c]) where
-// g = dy, masked by y > 0 when y is given (ReLU).
+// Statistics are taken relative to a pivot value per channel group (its first value) and merge
+// (mean, M2, count) with Chan's formula; GRAD sums g and g * (x - mean[c]) where g = dy, masked by
+// y > 0 when y is given (ReLU). chan_warp_merge is the finalize kernels' ordered merge.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -67,48 +68,47 @@ __device__ __forceinline__ A grad_in_relu(T dy, const T* y, T yv) {
   return (y && !(static_cast<A>(yv) > A(0))) ? A(0) : static_cast<A>(dy);
 }
 
-// NCS partials: block b reduces slice b % splits of channel b / splits. A channel is N runs of S
-// values, cut into segments of `seg` values (a multiple of V); slice sp takes a contiguous range.
-template <typename T, int V, bool GRAD>
+// NCS partials: channel c (of C) is N runs of S values at stride C * S, seen as N * S / V vectors
+// (V divides S); block b reduces slice b % splits, a contiguous range of those vectors, of channel
+// b / splits. Statistics are taken relative to the channel's pivot (the first value of channel
+// (c / pgrp) * pgrp), so that a large mean does not cost precision: finalize adds it back.
+template <typename T, int V, bool GRAD, typename I>
 __global__ void __launch_bounds__(kChannelThreads)
     channel_reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
-                              const acc_t<T>* __restrict__ mean, ChanPart<acc_t<T>>* __restrict__ part, int64_t N,
-                              int64_t C, int64_t S, int64_t splits, int64_t seg) {
+                              const acc_t<T>* __restrict__ mean, ChanPart<acc_t<T>>* __restrict__ part, I N, I C,
+                              I S, I splits, I pgrp) {
   using A = acc_t<T>;
   __shared__ ChanPart<A> red[32];
-  const int64_t c = blockIdx.x / splits, sp = blockIdx.x % splits;
-  const int64_t spp = (S + seg - 1) / seg, total = N * spp;
-  const int64_t k0 = total * sp / splits, k1 = total * (sp + 1) / splits;
-  const A mu = GRAD ? mean[c] : A(0);
+  const I c = blockIdx.x / splits, sp = blockIdx.x % splits;
+  const I sv = S / V;
+  const int64_t total = int64_t(N) * sv;
+  const I v0 = static_cast<I>(total * sp / splits), v1 = static_cast<I>(total * (sp + 1) / splits);
+  const A mu = GRAD ? mean[c] : static_cast<A>(x[(c / pgrp) * pgrp * S]);  // GRAD: mean; else the pivot
   ChanPart<A> p{A(0), A(0), A(0)};
-  for (int64_t k = k0; k < k1; ++k) {
-    const int64_t n = k / spp, s0 = (k % spp) * seg, s1 = s0 + seg < S ? s0 + seg : S;
-    const int64_t base = (n * C + c) * S;
-    for (int64_t s = s0 + threadIdx.x * V; s < s1; s += int64_t(blockDim.x) * V) {
-      const int64_t vi = (base + s) / V;
-      const Vec<T, V> xv = load_vec<V>(x, vi);
-      if constexpr (GRAD) {
-        const Vec<T, V> dv = load_vec<V>(dy, vi);
-        Vec<T, V> yv{};
-        if (y) yv = load_vec<V>(y, vi);
+  for (I v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
+    const I n = v / sv, vi = (n * C + c) * sv + (v - n * sv);
+    const Vec<T, V> xv = load_vec<V>(x, vi);
+    if constexpr (GRAD) {
+      const Vec<T, V> dv = load_vec<V>(dy, vi);
+      Vec<T, V> yv{};
+      if (y) yv = load_vec<V>(y, vi);
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const A g = grad_in_relu<A>(dv.v[j], y, yv.v[j]);
-          p.a += g;
-          p.b += g * (static_cast<A>(xv.v[j]) - mu);
-        }
-      } else {
-        A m = A(0), q = A(0);
-#pragma unroll
-        for (int j = 0; j < V; ++j) m += static_cast<A>(xv.v[j]);
-        m /= A(V);
-#pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const A d = static_cast<A>(xv.v[j]) - m;
-          q += d * d;
-        }
-        chan_merge<false>(p, ChanPart<A>{m, q, A(V)});
+      for (int j = 0; j < V; ++j) {
+        const A g = grad_in_relu<A>(dv.v[j], y, yv.v[j]);
+        p.a += g;
+        p.b += g * (static_cast<A>(xv.v[j]) - mu);
       }
+    } else {
+      A m = A(0), q = A(0);
+#pragma unroll
+      for (int j = 0; j < V; ++j) m += static_cast<A>(xv.v[j]) - mu;
+      m /= A(V);
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const A d = (static_cast<A>(xv.v[j]) - mu) - m;
+        q += d * d;
+      }
+      chan_merge<false>(p, ChanPart<A>{m, q, A(V)});
     }
   }
   p = chan_warp_reduce<GRAD>(p);
@@ -118,17 +118,18 @@ __global__ void __launch_bounds__(kChannelThreads)
   if (warp == 0) {
     p = lane < warps ? red[lane] : ChanPart<A>{A(0), A(0), A(0)};
     p = chan_warp_reduce<GRAD>(p);
-    if (lane == 0) part[sp * C + c] = p;
+    if (lane == 0) part[int64_t(sp) * C + c] = p;
   }
 }
 
-// NSC partials: x is [rows, C]. Thread (tx, ty) of block (bx, sp) owns channels
-// [(bx * blockDim.x + tx) * V, + V) and rows ty, ty + blockDim.y, ... of slice sp.
+// NSC partials: x is [batches][rows][C]. Thread (tx, ty) of block (bx, sp, z) owns channels
+// [(bx * blockDim.x + tx) * V, + V) and rows ty, ty + blockDim.y, ... of slice sp of batch z.
+// Statistics relative to the pivot x[z][0][(c / pgrp) * pgrp], as above.
 template <typename T, int V, bool GRAD>
 __global__ void __launch_bounds__(kChannelThreads)
     channel_reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
                               const acc_t<T>* __restrict__ mean, ChanPart<acc_t<T>>* __restrict__ part, int64_t rows,
-                              int64_t C, int64_t splits) {
+                              int64_t C, int64_t splits, int64_t pgrp) {
   using A = acc_t<T>;
   FUSENORM_DYNAMIC_SMEM(unsigned char, smem_raw);
   ChanPart<A>* sm = reinterpret_cast<ChanPart<A>*>(smem_raw);  // [blockDim.y][blockDim.x][V]
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(kChannelThreads)
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     p[j] = ChanPart<A>{A(0), A(0), A(0)};
-    mu[j] = (GRAD && active) ? mean[c0 + j] : A(0);
+    mu[j] = !active ? A(0) : GRAD ? mean[c0 + j] : static_cast<A>(x[((c0 + j) / pgrp) * pgrp]);
   }
   if (active) {
     A cnt = A(0);
@@ -169,7 +170,7 @@ __global__ void __launch_bounds__(kChannelThreads)
         const A inv = A(1) / cnt;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          const A v = static_cast<A>(xv.v[j]), d = v - p[j].a;
+          const A v = static_cast<A>(xv.v[j]) - mu[j], d = v - p[j].a;
           p[j].a += d * inv;
           p[j].b += d * (v - p[j].a);
         }
@@ -192,6 +193,15 @@ __global__ void __launch_bounds__(kChannelThreads)
   for (int j = 0; j < V; ++j) part[sp * C + c0 + j] = p[j];
 }
 
+// Lane 0 gets the merge of parts[first + k * stride(k)] for k < count, where the k-th part is
+// at(k): lanes stride the parts, then the warp merges (a fixed order: deterministic).
+template <bool GRAD, typename A, typename At>
+__device__ __forceinline__ ChanPart<A> chan_warp_merge(int64_t count, At at) {
+  ChanPart<A> p{A(0), A(0), A(0)};
+  for (int64_t k = threadIdx.x & 31; k < count; k += 32) chan_merge<GRAD>(p, at(k));
+  return chan_warp_reduce<GRAD>(p);
+}
+
 struct ChannelPartials {
   at::Tensor workspace;  // keeps the ChanParts alive
   int64_t splits = 1;
@@ -204,11 +214,13 @@ struct ChannelPartials {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Launches the partial kernel for either layout, with as many slices per channel as fill the
-// device (`target` blocks) and 16-byte vectors where the layout and alignment allow.
+// device (`target` blocks, each with a few vectors per thread at least) and 16-byte vectors where
+// the layout and alignment allow. pgrp: channels that share a pivot (1 for BatchNorm, the group
+// size for GroupNorm).
 //   NCS: N runs of S values per channel, C channels.    NSC: `batches` x [rows, C].
 template <typename T, bool GRAD>
 ChannelPartials channel_partials(bool nsc, const T* x, const T* dy, const T* y, const acc_t<T>* mean, int64_t N,
-                                 int64_t C, int64_t S, int64_t batches, int64_t rows, int64_t target,
+                                 int64_t C, int64_t S, int64_t batches, int64_t rows, int64_t pgrp, int64_t target,
                                  const at::TensorOptions& acc_options, cudaStream_t stream) {
   using A = acc_t<T>;
   constexpr int VW = vec_width<T>();
@@ -221,11 +233,19 @@ ChannelPartials channel_partials(bool nsc, const T* x, const T* dy, const T* y, 
   if (!nsc) {
     auto run = [&](auto vw) {
       constexpr int V = decltype(vw)::value;
-      const int64_t seg = int64_t(kChannelThreads) * V * 4, per_channel = N * ceil_div(S, seg);
-      out.splits = std::clamp<int64_t>(ceil_div(target, C), 1, per_channel);
+      const int64_t vecs = N * (S / V);
+      out.splits = std::clamp<int64_t>(ceil_div(target, C), 1, ceil_div(vecs, int64_t(kChannelThreads) * 4));
       ChanPart<A>* p = workspace(out.splits * C);
-      simt::launch(channel_reduce_ncs_kernel<T, V, GRAD>, dim3(C * out.splits), dim3(kChannelThreads), 0, stream, x,
-                   dy, y, mean, p, N, C, S, out.splits, seg);
+      auto go = [&](auto ix) {
+        using I = decltype(ix);
+        simt::launch(channel_reduce_ncs_kernel<T, V, GRAD, I>, dim3(C * out.splits), dim3(kChannelThreads), 0, stream,
+                     x, dy, y, mean, p, I(N), I(C), I(S), I(out.splits), I(pgrp));
+      };
+      if (N * C * S < (int64_t(1) << 31)) {
+        go(uint32_t(0));
+      } else {
+        go(int64_t(0));
+      }
     };
     if (aligned && S % VW == 0) {
       run(std::integral_constant<int, VW>());
@@ -241,13 +261,13 @@ ChannelPartials channel_partials(bool nsc, const T* x, const T* dy, const T* y, 
     while (tx < 32 && tx < cvecs) tx *= 2;
     const int ty = kChannelThreads / tx;
     const int64_t gx = ceil_div(cvecs, tx);
-    out.splits = std::clamp<int64_t>(ceil_div(target, gx * batches), 1, std::min<int64_t>(ceil_div(rows, ty), 65535));
+    out.splits = std::clamp<int64_t>(ceil_div(target, gx * batches), 1, std::min<int64_t>(ceil_div(rows, ty * 8), 65535));
     ChanPart<A>* p = workspace(batches * out.splits * C);
     const int64_t smem = int64_t(kChannelThreads) * V * sizeof(ChanPart<A>);
     auto kernel = channel_reduce_nsc_kernel<T, V, GRAD>;
     simt::allow_dynamic_smem(kernel, smem);
     simt::launch(kernel, dim3(gx, out.splits, batches), dim3(tx, ty), smem, stream, x, dy, y, mean, p, rows, C,
-                 out.splits);
+                 out.splits, pgrp);
   };
   if (aligned && C % VW == 0) {
     run(std::integral_constant<int, VW>());

@@ -37,20 +37,25 @@ struct GroupIndex {
   __device__ __forceinline__ int64_t channel(int64_t g, int64_t i) const { return g * cpg + (nsc ? i % cpg : i / S); }
 };
 
-// Forward statistics: merges the per-(n, c) partials of common/channel_reduce.cuh into (n, group):
-// part[n * stride_n + sp * stride_sp + c] over the group's channels and the slices, in order.
-template <typename A>
+// Forward statistics: one warp per (n, group) merges the per-(n, c) partials of
+// common/channel_reduce.cuh, part[n * stride_n + sp * stride_sp + c] over the slices and the group's
+// channels, in a fixed order; the partials are relative to the group's first value
+// x[n * piv_n + g * piv_g], added back here.
+template <typename T>
 __global__ void __launch_bounds__(kGroupBlock)
-    group_norm_finalize_kernel(const ChanPart<A>* __restrict__ part, int64_t N, int64_t G, int64_t cpg,
-                               int64_t splits, int64_t stride_n, int64_t stride_sp, A eps, A* __restrict__ mean,
-                               A* __restrict__ rstd) {
-  const int64_t ng = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (ng >= N * G) return;
+    group_norm_finalize_kernel(const ChanPart<acc_t<T>>* __restrict__ part, const T* __restrict__ x, int64_t N,
+                               int64_t G, int64_t cpg, int64_t splits, int64_t stride_n, int64_t stride_sp,
+                               int64_t piv_n, int64_t piv_g, acc_t<T> eps, acc_t<T>* __restrict__ mean,
+                               acc_t<T>* __restrict__ rstd) {
+  using A = acc_t<T>;
+  const int64_t ng = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (ng >= N * G) return;  // the whole warp
   const int64_t n = ng / G, g = ng % G;
-  ChanPart<A> p{A(0), A(0), A(0)};
-  for (int64_t sp = 0; sp < splits; ++sp)
-    for (int64_t j = 0; j < cpg; ++j) chan_merge<false>(p, part[n * stride_n + sp * stride_sp + g * cpg + j]);
-  mean[ng] = p.a;
+  const ChanPart<A> p = chan_warp_merge<false, A>(splits * cpg, [&](int64_t k) {
+    return part[n * stride_n + (k / cpg) * stride_sp + g * cpg + k % cpg];
+  });
+  if ((threadIdx.x & 31) != 0) return;
+  mean[ng] = static_cast<A>(x[n * piv_n + g * piv_g]) + p.a;
   rstd[ng] = simt::rsqrt(p.b / p.n + eps);
 }
 
@@ -76,10 +81,19 @@ __global__ void __launch_bounds__(kGroupBlock)
     }
     const Vec<T, V> xv = load_vec<V>(x, i);
     Vec<T, V> out;
+    // the group of channel c + j, stepped along j (one division per vector)
+    I g = c / cpg, r = c - g * cpg;
+    A mu = mean[n * G + g], rs = rstd[n * G + g];
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const I cj = NSC ? c + j : c, ng = n * G + cj / cpg;
-      A z = (static_cast<A>(xv.v[j]) - mean[ng]) * rstd[ng];
+      const I cj = NSC ? c + j : c;
+      if (NSC && j > 0 && ++r == cpg) {
+        r = 0;
+        ++g;
+        mu = mean[n * G + g];
+        rs = rstd[n * G + g];
+      }
+      A z = (static_cast<A>(xv.v[j]) - mu) * rs;
       if (w) z *= static_cast<A>(w[cj]);
       if (b) z += static_cast<A>(b[cj]);
       out.v[j] = static_cast<T>(activate(act, z));
@@ -126,11 +140,15 @@ __global__ void __launch_bounds__(kGroupBlock)
     }
   }
   if (!part_w && !part_b) return;
-  // Warp k sums channels k, k + warps, ... over the sites; lanes stride the sites.
+  // Each channel's sites are split over wpc warps (all warps busy when the group has fewer channels
+  // than the block has warps, as InstanceNorm's one); lanes stride the sites; a channel's wpc
+  // partials are added in order.
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  for (int64_t j = warp; j < ix.cpg; j += warps) {
+  const int wpc = ix.cpg < warps ? warps / static_cast<int>(ix.cpg) : 1;
+  __shared__ A sub_w[32], sub_b[32];
+  for (int64_t j = warp / wpc; j < ix.cpg; j += warps / wpc) {
     A sw = A(0), sb = A(0);
-    for (int64_t site = lane; site < ix.S; site += 32) {
+    for (int64_t site = lane + (warp % wpc) * 32; site < ix.S; site += 32 * wpc) {
       const int64_t i = ix.nsc ? site * ix.cpg + j : j * ix.S + site;  // group order index
       A xhat, dz, wc;
       grad(i, xhat, dz, wc);
@@ -139,10 +157,26 @@ __global__ void __launch_bounds__(kGroupBlock)
     }
     sw = warp_allsum(sw);
     sb = warp_allsum(sb);
-    if (lane == 0) {
+    if (lane != 0) continue;
+    if (wpc == 1) {
       if (part_w) part_w[n * ix.C + g * ix.cpg + j] = sw;
       if (part_b) part_b[n * ix.C + g * ix.cpg + j] = sb;
+    } else {
+      sub_w[warp] = sw;
+      sub_b[warp] = sb;
     }
+  }
+  if (wpc == 1) return;  // uniform over the block
+  __syncthreads();
+  if (threadIdx.x < ix.cpg) {
+    const int64_t j = threadIdx.x;
+    A sw = A(0), sb = A(0);
+    for (int k = 0; k < wpc; ++k) {
+      sw += sub_w[j * wpc + k];
+      sb += sub_b[j * wpc + k];
+    }
+    if (part_w) part_w[n * ix.C + g * ix.cpg + j] = sw;
+    if (part_b) part_b[n * ix.C + g * ix.cpg + j] = sb;
   }
 }
 
@@ -162,14 +196,16 @@ struct GroupNormBackend {
     // per-(n, c) partials: NCS as N * C runs of S values, NSC as N batches of [S, C]
     const bool nsc = s.channels_last;
     const ChannelPartials p =
-        nsc ? channel_partials<T, false>(true, X, nullptr, nullptr, nullptr, 1, s.C, s.S, s.N, s.S, target,
+        nsc ? channel_partials<T, false>(true, X, nullptr, nullptr, nullptr, 1, s.C, s.S, s.N, s.S, s.cpg(), target,
                                          mean.options(), stream)
-            : channel_partials<T, false>(false, X, nullptr, nullptr, nullptr, 1, s.N * s.C, s.S, 1, 0, target,
+            : channel_partials<T, false>(false, X, nullptr, nullptr, nullptr, 1, s.N * s.C, s.S, 1, 0, s.cpg(), target,
                                          mean.options(), stream);
     const int64_t stride_n = nsc ? p.splits * s.C : s.C, stride_sp = nsc ? s.C : s.N * s.C;
-    simt::launch(group_norm_finalize_kernel<A>, dim3(ceil_div(s.N * s.G, kGroupBlock)), dim3(kGroupBlock), 0, stream,
-                 p.parts<A>(), s.N, s.G, s.cpg(), p.splits, stride_n, stride_sp, static_cast<A>(eps),
-                 mean.data_ptr<A>(), rstd.data_ptr<A>());
+    const int64_t piv_n = s.C * s.S, piv_g = nsc ? s.cpg() : s.cpg() * s.S;
+    constexpr int64_t per_block = kGroupBlock / 32;  // a warp per (n, group)
+    simt::launch(group_norm_finalize_kernel<T>, dim3(ceil_div(s.N * s.G, per_block)), dim3(kGroupBlock), 0, stream,
+                 p.parts<A>(), X, s.N, s.G, s.cpg(), p.splits, stride_n, stride_sp, piv_n, piv_g,
+                 static_cast<A>(eps), mean.data_ptr<A>(), rstd.data_ptr<A>());
     const W* w = param_ptr<W>(weight, wk);
     const W* b = param_ptr<W>(bias, bk);
     const int64_t numel = s.N * s.C * s.S;
