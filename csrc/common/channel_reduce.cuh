@@ -9,8 +9,9 @@
 //   NSC: x is [batches][rows][C]. Block (bx, sp, z) owns a tile of channels (threads along C,
 //        V per thread) and slice sp of the rows of batch z. part[(z * splits + sp) * C + c].
 // Statistics are taken relative to a pivot value per channel group (its first value) and merge
-// (mean, M2, count) with Chan's formula; GRAD sums g and g * (x - mean[c]) where g = dy, masked by
-// y > 0 when y is given (ReLU). chan_warp_merge is the finalize kernels' ordered merge.
+// (mean, M2, count) with Chan's formula; GRAD sums the two terms an Op gives per element
+// (BatchNorm: g and g * (x - mean); GroupNorm: dz and dz * xhat). chan_warp_merge is the finalize
+// kernels' ordered merge.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -68,22 +69,46 @@ __device__ __forceinline__ A grad_in_relu(T dy, const T* y, T yv) {
   return (y && !(static_cast<A>(yv) > A(0))) ? A(0) : static_cast<A>(dy);
 }
 
+// What the GRAD partials sum, per element: an Op gives a context for channel k of batch z (NCS:
+// k is the run index, z = 0) and from it adds g to a and g * xc to b.
+// BatchNorm: g = dy, masked by y > 0 with ReLU; xc = x - mean[k].
+template <typename A>
+struct BnGradOp {
+  const A* mean;
+  struct Ctx {
+    A mu;
+  };
+  __device__ __forceinline__ Ctx ctx(int64_t k, int64_t) const { return {mean[k]}; }
+  template <typename T>
+  __device__ __forceinline__ void add(const Ctx& c, T x, T dy, const T* y, T yv, A& a, A& b) const {
+    const A g = grad_in_relu<A>(dy, y, yv);
+    a += g;
+    b += g * (static_cast<A>(x) - c.mu);
+  }
+};
+
+// The statistics partials need no op.
+struct StatsOp {
+  struct Ctx {};
+  __device__ __forceinline__ Ctx ctx(int64_t, int64_t) const { return {}; }
+};
+
 // NCS partials: channel c (of C) is N runs of S values at stride C * S, seen as N * S / V vectors
 // (V divides S); block b reduces slice b % splits, a contiguous range of those vectors, of channel
 // b / splits. Statistics are taken relative to the channel's pivot (the first value of channel
 // (c / pgrp) * pgrp), so that a large mean does not cost precision: finalize adds it back.
-template <typename T, int V, bool GRAD, typename I>
+template <typename T, int V, bool GRAD, typename I, typename Op>
 __global__ void __launch_bounds__(kChannelThreads)
-    channel_reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
-                              const acc_t<T>* __restrict__ mean, ChanPart<acc_t<T>>* __restrict__ part, I N, I C,
-                              I S, I splits, I pgrp) {
+    channel_reduce_ncs_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y, Op op,
+                              ChanPart<acc_t<T>>* __restrict__ part, I N, I C, I S, I splits, I pgrp) {
   using A = acc_t<T>;
   __shared__ ChanPart<A> red[32];
   const I c = blockIdx.x / splits, sp = blockIdx.x % splits;
   const I sv = S / V;
   const int64_t total = int64_t(N) * sv;
   const I v0 = static_cast<I>(total * sp / splits), v1 = static_cast<I>(total * (sp + 1) / splits);
-  const A mu = GRAD ? mean[c] : static_cast<A>(x[(c / pgrp) * pgrp * S]);  // GRAD: mean; else the pivot
+  const typename Op::Ctx cx = op.ctx(c, 0);
+  const A mu = GRAD ? A(0) : static_cast<A>(x[(c / pgrp) * pgrp * S]);  // the pivot
   ChanPart<A> p{A(0), A(0), A(0)};
   for (I v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
     const I n = v / sv, vi = (n * C + c) * sv + (v - n * sv);
@@ -93,11 +118,7 @@ __global__ void __launch_bounds__(kChannelThreads)
       Vec<T, V> yv{};
       if (y) yv = load_vec<V>(y, vi);
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const A g = grad_in_relu<A>(dv.v[j], y, yv.v[j]);
-        p.a += g;
-        p.b += g * (static_cast<A>(xv.v[j]) - mu);
-      }
+      for (int j = 0; j < V; ++j) op.add(cx, xv.v[j], dv.v[j], y, yv.v[j], p.a, p.b);
     } else {
       A m = A(0), q = A(0);
 #pragma unroll
@@ -125,18 +146,18 @@ __global__ void __launch_bounds__(kChannelThreads)
 // NSC partials: x is [batches][rows][C]. Thread (tx, ty) of block (bx, sp, z) owns channels
 // [(bx * blockDim.x + tx) * V, + V) and rows ty, ty + blockDim.y, ... of slice sp of batch z.
 // Statistics relative to the pivot x[z][0][(c / pgrp) * pgrp], as above.
-template <typename T, int V, bool GRAD>
+template <typename T, int V, bool GRAD, typename Op>
 __global__ void __launch_bounds__(kChannelThreads)
-    channel_reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y,
-                              const acc_t<T>* __restrict__ mean, ChanPart<acc_t<T>>* __restrict__ part, int64_t rows,
-                              int64_t C, int64_t splits, int64_t pgrp) {
+    channel_reduce_nsc_kernel(const T* __restrict__ x, const T* __restrict__ dy, const T* __restrict__ y, Op op,
+                              ChanPart<acc_t<T>>* __restrict__ part, int64_t rows, int64_t C, int64_t splits,
+                              int64_t pgrp) {
   using A = acc_t<T>;
   FUSENORM_DYNAMIC_SMEM(unsigned char, smem_raw);
   ChanPart<A>* sm = reinterpret_cast<ChanPart<A>*>(smem_raw);  // [blockDim.y][blockDim.x][V]
   const int64_t c0 = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) * V;
   const int64_t sp = blockIdx.y, r0 = rows * sp / splits, r1 = rows * (sp + 1) / splits;
   const bool active = c0 < C;
-  const int64_t batch = int64_t(blockIdx.z) * rows * C;  // x, dy, y of batch z (GRAD: batches == 1)
+  const int64_t batch = int64_t(blockIdx.z) * rows * C;  // x, dy, y of batch z
   x += batch;
   if (GRAD) {
     dy += batch;
@@ -144,11 +165,13 @@ __global__ void __launch_bounds__(kChannelThreads)
   }
   part += int64_t(blockIdx.z) * splits * C;
   ChanPart<A> p[V];
-  A mu[V];
+  A mu[V];  // the pivots
+  typename Op::Ctx cx[V];
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     p[j] = ChanPart<A>{A(0), A(0), A(0)};
-    mu[j] = !active ? A(0) : GRAD ? mean[c0 + j] : static_cast<A>(x[((c0 + j) / pgrp) * pgrp]);
+    mu[j] = (!active || GRAD) ? A(0) : static_cast<A>(x[((c0 + j) / pgrp) * pgrp]);
+    if (active) cx[j] = op.ctx(c0 + j, blockIdx.z);
   }
   if (active) {
     A cnt = A(0);
@@ -160,11 +183,7 @@ __global__ void __launch_bounds__(kChannelThreads)
         Vec<T, V> yv{};
         if (y) yv = load_vec<V>(y, vi);
 #pragma unroll
-        for (int j = 0; j < V; ++j) {
-          const A g = grad_in_relu<A>(dv.v[j], y, yv.v[j]);
-          p[j].a += g;
-          p[j].b += g * (static_cast<A>(xv.v[j]) - mu[j]);
-        }
+        for (int j = 0; j < V; ++j) op.add(cx[j], xv.v[j], dv.v[j], y, yv.v[j], p[j].a, p[j].b);
       } else {  // Welford, one reciprocal per row for the V channels
         cnt += A(1);
         const A inv = A(1) / cnt;
@@ -218,8 +237,8 @@ inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // the layout and alignment allow. pgrp: channels that share a pivot (1 for BatchNorm, the group
 // size for GroupNorm).
 //   NCS: N runs of S values per channel, C channels.    NSC: `batches` x [rows, C].
-template <typename T, bool GRAD>
-ChannelPartials channel_partials(bool nsc, const T* x, const T* dy, const T* y, const acc_t<T>* mean, int64_t N,
+template <typename T, bool GRAD, typename Op>
+ChannelPartials channel_partials(bool nsc, const T* x, const T* dy, const T* y, Op op, int64_t N,
                                  int64_t C, int64_t S, int64_t batches, int64_t rows, int64_t pgrp, int64_t target,
                                  const at::TensorOptions& acc_options, cudaStream_t stream) {
   using A = acc_t<T>;
@@ -238,8 +257,8 @@ ChannelPartials channel_partials(bool nsc, const T* x, const T* dy, const T* y, 
       ChanPart<A>* p = workspace(out.splits * C);
       auto go = [&](auto ix) {
         using I = decltype(ix);
-        simt::launch(channel_reduce_ncs_kernel<T, V, GRAD, I>, dim3(C * out.splits), dim3(kChannelThreads), 0, stream,
-                     x, dy, y, mean, p, I(N), I(C), I(S), I(out.splits), I(pgrp));
+        simt::launch(channel_reduce_ncs_kernel<T, V, GRAD, I, Op>, dim3(C * out.splits), dim3(kChannelThreads), 0,
+                     stream, x, dy, y, op, p, I(N), I(C), I(S), I(out.splits), I(pgrp));
       };
       if (N * C * S < (int64_t(1) << 31)) {
         go(uint32_t(0));
@@ -264,9 +283,9 @@ ChannelPartials channel_partials(bool nsc, const T* x, const T* dy, const T* y, 
     out.splits = std::clamp<int64_t>(ceil_div(target, gx * batches), 1, std::min<int64_t>(ceil_div(rows, ty * 8), 65535));
     ChanPart<A>* p = workspace(batches * out.splits * C);
     const int64_t smem = int64_t(kChannelThreads) * V * sizeof(ChanPart<A>);
-    auto kernel = channel_reduce_nsc_kernel<T, V, GRAD>;
+    auto kernel = channel_reduce_nsc_kernel<T, V, GRAD, Op>;
     simt::allow_dynamic_smem(kernel, smem);
-    simt::launch(kernel, dim3(gx, out.splits, batches), dim3(tx, ty), smem, stream, x, dy, y, mean, p, rows, C,
+    simt::launch(kernel, dim3(gx, out.splits, batches), dim3(tx, ty), smem, stream, x, dy, y, op, p, rows, C,
                  out.splits, pgrp);
   };
   if (aligned && C % VW == 0) {

@@ -142,9 +142,15 @@ struct BatchNormBackend {
                      const acc_t<T>* mean, const acc_t<T>* var, acc_t<T> eps, acc_t<T>* out_a, acc_t<T>* out_b) {
     using A = acc_t<T>;
     const cudaStream_t stream = simt::current_stream();
-    const ChannelPartials p = channel_partials<T, GRAD>(s.channels_last, x, dy, y, mean, s.N, s.C, s.S, 1, s.count(),
-                                                        1, target_blocks(xc),
-                                                        xc.options().dtype(stat_dtype(xc.scalar_type())), stream);
+    const auto opts = xc.options().dtype(stat_dtype(xc.scalar_type()));
+    ChannelPartials p;
+    if constexpr (GRAD) {
+      p = channel_partials<T, true>(s.channels_last, x, dy, y, BnGradOp<A>{mean}, s.N, s.C, s.S, 1, s.count(), 1,
+                                    target_blocks(xc), opts, stream);
+    } else {
+      p = channel_partials<T, false>(s.channels_last, x, dy, y, StatsOp{}, s.N, s.C, s.S, 1, s.count(), 1,
+                                     target_blocks(xc), opts, stream);
+    }
     constexpr int64_t per_block = kChannelThreads / 32;  // a warp per channel
     simt::launch(bn_finalize_kernel<T, GRAD>, dim3(ceil_div(s.C, per_block)), dim3(kChannelThreads), 0, stream,
                  p.parts<A>(), p.splits, s.C, x, s.channels_last ? int64_t(1) : s.S, var, eps, out_a, out_b);

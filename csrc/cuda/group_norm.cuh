@@ -4,12 +4,9 @@
 // (common/channel_reduce.cuh: NCS runs, or NSC tiles with threads along the channels), a finalize
 // that merges them per (n, group) in a fixed order (Chan), then one vectorized grid-stride pass
 // that normalizes, applies the affine step and the activation.
-// Backward: one block per (n, group) for dx; each warp also owns some of the group's channels and
-// sums dz * xhat and dz over the sites into [N, C] partials, which column_sum_kernel adds over n in
-// a fixed order: deterministic, no atomics. Index math is int64; the group's elements are visited
-// in group order (channel-major for NCS, site-major for NSC) so consecutive threads read
-// consecutive addresses in both layouts.
-// TODO(perf): the backward still reads x and dy three times per group with scalar loads.
+// Backward, the same shape: per-(n, c) partial sums of dz and dz * xhat (the same partial kernels,
+// with GroupNormGradOp), then one warp per channel for dweight / dbias and one per (n, group) for
+// the group sums, then a vectorized dx pass. x and dy are read twice; no atomics: deterministic.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -26,16 +23,6 @@
 namespace fusenorm::cuda {
 
 constexpr int kGroupBlock = 256;
-
-struct GroupIndex {
-  int64_t C, S, cpg;
-  bool nsc;
-  __device__ __forceinline__ int64_t base(int64_t n, int64_t g) const {
-    return nsc ? n * S * C + g * cpg : n * C * S + g * cpg * S;
-  }
-  __device__ __forceinline__ int64_t offset(int64_t i) const { return nsc ? (i / cpg) * C + i % cpg : i; }
-  __device__ __forceinline__ int64_t channel(int64_t g, int64_t i) const { return g * cpg + (nsc ? i % cpg : i / S); }
-};
 
 // Forward statistics: one warp per (n, group) merges the per-(n, c) partials of
 // common/channel_reduce.cuh, part[n * stride_n + sp * stride_sp + c] over the slices and the group's
@@ -102,81 +89,108 @@ __global__ void __launch_bounds__(kGroupBlock)
   }
 }
 
-template <typename T, typename W>
-__global__ void __launch_bounds__(kGroupBlock)
-    group_norm_bwd_kernel(const T* __restrict__ dy, const T* __restrict__ x, const acc_t<T>* __restrict__ mean,
-                          const acc_t<T>* __restrict__ rstd, const W* __restrict__ w, const W* __restrict__ b,
-                          T* __restrict__ dx, acc_t<T>* __restrict__ part_w, acc_t<T>* __restrict__ part_b,
-                          GroupIndex ix, int64_t G, Act act) {
-  using A = acc_t<T>;
-  __shared__ A red[32];
-  const int64_t ng = blockIdx.x, n = ng / G, g = ng % G;
-  const int64_t L = ix.cpg * ix.S;
-  const int64_t base = ix.base(n, g);
-  const A mu = mean[ng], rs = rstd[ng];
-  // dz and g = dz * w for element i of the group, recomputing z when there is an activation
-  auto grad = [&](int64_t i, A& xhat, A& dz, A& wc) {
-    const int64_t o = base + ix.offset(i), ch = ix.channel(g, i);
-    xhat = (static_cast<A>(x[o]) - mu) * rs;
-    wc = w ? static_cast<A>(w[ch]) : A(1);
-    dz = static_cast<A>(dy[o]);
-    if (act != Act::None) dz = activate_backward(act, xhat * wc + (b ? static_cast<A>(b[ch]) : A(0)), dz);
+// Backward, per element: xhat = (x - mean[n, g]) * rstd[n, g], z = xhat * w[c] + b[c],
+// dz = dy * act'(z). The GRAD partials of common/channel_reduce.cuh sum dz and dz * xhat per (n, c).
+template <typename A, typename W>
+struct GroupNormGradOp {
+  const A* mean;
+  const A* rstd;
+  const W* w;
+  const W* b;
+  int64_t C, G, cpg;
+  bool nsc;  // NCS: k is the run n * C + c; NSC: k = c, z = n
+  Act act;
+  struct Ctx {
+    A mu, rs, w, b;
   };
-  if (dx) {
-    A s_g = A(0), s_gx = A(0);
-    for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
-      A xhat, dz, wc;
-      grad(i, xhat, dz, wc);
-      const A gi = simt::mul_rn(dz, wc);
-      s_g += gi;
-      s_gx += gi * xhat;
-    }
-    const A a = block_allsum(s_g, red) / static_cast<A>(L);
-    const A cc = block_allsum(s_gx, red) / static_cast<A>(L);
-    for (int64_t i = threadIdx.x; i < L; i += blockDim.x) {
-      A xhat, dz, wc;
-      grad(i, xhat, dz, wc);
-      dx[base + ix.offset(i)] = static_cast<T>(rs * (simt::mul_rn(dz, wc) - a - xhat * cc));
-    }
+  __device__ __forceinline__ Ctx ctx(int64_t k, int64_t z) const {
+    const int64_t n = nsc ? z : k / C, c = nsc ? k : k % C, ng = n * G + c / cpg;
+    return {mean[ng], rstd[ng], w ? static_cast<A>(w[c]) : A(1), b ? static_cast<A>(b[c]) : A(0)};
   }
-  if (!part_w && !part_b) return;
-  // Each channel's sites are split over wpc warps (all warps busy when the group has fewer channels
-  // than the block has warps, as InstanceNorm's one); lanes stride the sites; a channel's wpc
-  // partials are added in order.
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
-  const int wpc = ix.cpg < warps ? warps / static_cast<int>(ix.cpg) : 1;
-  __shared__ A sub_w[32], sub_b[32];
-  for (int64_t j = warp / wpc; j < ix.cpg; j += warps / wpc) {
-    A sw = A(0), sb = A(0);
-    for (int64_t site = lane + (warp % wpc) * 32; site < ix.S; site += 32 * wpc) {
-      const int64_t i = ix.nsc ? site * ix.cpg + j : j * ix.S + site;  // group order index
-      A xhat, dz, wc;
-      grad(i, xhat, dz, wc);
-      sw += dz * xhat;
-      sb += dz;
-    }
-    sw = warp_allsum(sw);
-    sb = warp_allsum(sb);
-    if (lane != 0) continue;
-    if (wpc == 1) {
-      if (part_w) part_w[n * ix.C + g * ix.cpg + j] = sw;
-      if (part_b) part_b[n * ix.C + g * ix.cpg + j] = sb;
+  template <typename T>
+  __device__ __forceinline__ void add(const Ctx& c, T x, T dy, const T*, T, A& a, A& bsum) const {
+    const A xhat = (static_cast<A>(x) - c.mu) * c.rs;
+    A d = static_cast<A>(dy);
+    if (act != Act::None) d = activate_backward(act, xhat * c.w + c.b, d);
+    a += d;
+    bsum += d * xhat;
+  }
+};
+
+// One warp per (n, group): s_g = sum_c w[c] * sum dz, s_gx = sum_c w[c] * sum dz * xhat over the
+// group's channels and the slices (part[n * stride_n + sp * stride_sp + c]), in a fixed order.
+template <typename A, typename W>
+__global__ void __launch_bounds__(kGroupBlock)
+    group_norm_bwd_group_sums_kernel(const ChanPart<A>* __restrict__ part, const W* __restrict__ w, int64_t N,
+                                     int64_t G, int64_t cpg, int64_t splits, int64_t stride_n, int64_t stride_sp,
+                                     A* __restrict__ s_g, A* __restrict__ s_gx) {
+  const int64_t ng = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (ng >= N * G) return;  // the whole warp
+  const int64_t n = ng / G, g = ng % G;
+  const ChanPart<A> p = chan_warp_merge<true, A>(splits * cpg, [&](int64_t k) {
+    const int64_t c = g * cpg + k % cpg;
+    const ChanPart<A> q = part[n * stride_n + (k / cpg) * stride_sp + c];
+    const A wc = w ? static_cast<A>(w[c]) : A(1);
+    return ChanPart<A>{simt::mul_rn(wc, q.a), wc * q.b, A(0)};
+  });
+  if ((threadIdx.x & 31) != 0) return;
+  s_g[ng] = p.a;
+  s_gx[ng] = p.b;
+}
+
+// One warp per channel: dbias = sum dz, dweight = sum dz * xhat over the samples and slices.
+template <typename A, typename W>
+__global__ void __launch_bounds__(kGroupBlock)
+    group_norm_bwd_channel_sums_kernel(const ChanPart<A>* __restrict__ part, int64_t N, int64_t C, int64_t splits,
+                                       int64_t stride_n, int64_t stride_sp, W* __restrict__ dw, W* __restrict__ db) {
+  const int64_t c = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (c >= C) return;  // the whole warp
+  const ChanPart<A> p = chan_warp_merge<true, A>(
+      N * splits, [&](int64_t k) { return part[(k / splits) * stride_n + (k % splits) * stride_sp + c]; });
+  if ((threadIdx.x & 31) != 0) return;
+  if (dw) dw[c] = static_cast<W>(p.b);
+  if (db) db[c] = static_cast<W>(p.a);
+}
+
+// dx = rstd * (dz * w - s_g / L - xhat * s_gx / L), L = cpg * S, over 16-byte vectors as in the
+// forward's apply pass.
+template <typename T, typename W, int V, bool NSC, typename I>
+__global__ void __launch_bounds__(kGroupBlock)
+    group_norm_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+                         const W* __restrict__ w, const W* __restrict__ b, const acc_t<T>* __restrict__ mean,
+                         const acc_t<T>* __restrict__ rstd, const acc_t<T>* __restrict__ s_g,
+                         const acc_t<T>* __restrict__ s_gx, acc_t<T> inv_L, I vecs, I C, I S, I cpg, I G, Act act) {
+  using A = acc_t<T>;
+  for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < vecs; i += I(gridDim.x) * blockDim.x) {
+    const I e = i * V;
+    I c, n;
+    if constexpr (NSC) {
+      const I row = e / C;
+      c = e - row * C;
+      n = row / S;
     } else {
-      sub_w[warp] = sw;
-      sub_b[warp] = sb;
+      const I plane = e / S;
+      c = plane % C;
+      n = plane / C;
     }
-  }
-  if (wpc == 1) return;  // uniform over the block
-  __syncthreads();
-  if (threadIdx.x < ix.cpg) {
-    const int64_t j = threadIdx.x;
-    A sw = A(0), sb = A(0);
-    for (int k = 0; k < wpc; ++k) {
-      sw += sub_w[j * wpc + k];
-      sb += sub_b[j * wpc + k];
+    const Vec<T, V> xv = load_vec<V>(x, i), dv = load_vec<V>(dy, i);
+    Vec<T, V> out;
+    I g = c / cpg, r = c - g * cpg;
+    I ng = n * G + g;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const I cj = NSC ? c + j : c;
+      if (NSC && j > 0 && ++r == cpg) {
+        r = 0;
+        ++ng;
+      }
+      const A rs = rstd[ng], xhat = (static_cast<A>(xv.v[j]) - mean[ng]) * rs;
+      const A wc = w ? static_cast<A>(w[cj]) : A(1);
+      A d = static_cast<A>(dv.v[j]);
+      if (act != Act::None) d = activate_backward(act, xhat * wc + (b ? static_cast<A>(b[cj]) : A(0)), d);
+      out.v[j] = static_cast<T>(rs * (simt::mul_rn(d, wc) - s_g[ng] * inv_L - xhat * (s_gx[ng] * inv_L)));
     }
-    if (part_w) part_w[n * ix.C + g * ix.cpg + j] = sw;
-    if (part_b) part_b[n * ix.C + g * ix.cpg + j] = sb;
+    store_vec<V>(dx, i, out);
   }
 }
 
@@ -187,7 +201,6 @@ struct GroupNormBackend {
   static void fwd(const GroupNormShape& s, const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias,
                   double eps, Act act, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
     using A = acc_t<T>;
-    constexpr int VW = vec_width<T>();
     at::Tensor wk, bk;
     const cudaStream_t stream = simt::current_stream();
     const T* X = x.data_ptr<T>();
@@ -196,9 +209,9 @@ struct GroupNormBackend {
     // per-(n, c) partials: NCS as N * C runs of S values, NSC as N batches of [S, C]
     const bool nsc = s.channels_last;
     const ChannelPartials p =
-        nsc ? channel_partials<T, false>(true, X, nullptr, nullptr, nullptr, 1, s.C, s.S, s.N, s.S, s.cpg(), target,
+        nsc ? channel_partials<T, false>(true, X, nullptr, nullptr, StatsOp{}, 1, s.C, s.S, s.N, s.S, s.cpg(), target,
                                          mean.options(), stream)
-            : channel_partials<T, false>(false, X, nullptr, nullptr, nullptr, 1, s.N * s.C, s.S, 1, 0, s.cpg(), target,
+            : channel_partials<T, false>(false, X, nullptr, nullptr, StatsOp{}, 1, s.N * s.C, s.S, 1, 0, s.cpg(), target,
                                          mean.options(), stream);
     const int64_t stride_n = nsc ? p.splits * s.C : s.C, stride_sp = nsc ? s.C : s.N * s.C;
     const int64_t piv_n = s.C * s.S, piv_g = nsc ? s.cpg() : s.cpg() * s.S;
@@ -208,11 +221,10 @@ struct GroupNormBackend {
                  static_cast<A>(eps), mean.data_ptr<A>(), rstd.data_ptr<A>());
     const W* w = param_ptr<W>(weight, wk);
     const W* b = param_ptr<W>(bias, bk);
-    const int64_t numel = s.N * s.C * s.S;
-    auto run = [&](auto vw, auto ix) {
+    elementwise<T>(s, is_aligned(X, 16) && is_aligned(Y, 16), [&](auto vw, auto ix) {
       constexpr int V = decltype(vw)::value;
       using I = decltype(ix);
-      const int64_t vecs = numel / V;
+      const int64_t vecs = s.N * s.C * s.S / V;
       const int64_t grid = std::clamp<int64_t>(ceil_div(vecs, kGroupBlock), 1, target * 4);
       auto launch = [&](auto kernel) {
         simt::launch(kernel, dim3(grid), dim3(kGroupBlock), 0, stream, X, Y, w, b, mean.data_ptr<A>(),
@@ -223,21 +235,7 @@ struct GroupNormBackend {
       } else {
         launch(group_norm_apply_kernel<T, W, V, false, I>);
       }
-    };
-    const bool vec = is_aligned(X, 16) && is_aligned(Y, 16) && (nsc ? s.C : s.S) % VW == 0;
-    const bool small = numel < (int64_t(1) << 31);
-    auto by_index = [&](auto vw) {
-      if (small) {
-        run(vw, uint32_t(0));
-      } else {
-        run(vw, int64_t(0));
-      }
-    };
-    if (vec) {
-      by_index(std::integral_constant<int, VW>());
-    } else {
-      by_index(std::integral_constant<int, 1>());
-    }
+    });
   }
 
   template <typename T, typename W>
@@ -245,19 +243,72 @@ struct GroupNormBackend {
                   const at::Tensor& rstd, const at::Tensor* weight, const at::Tensor* bias, Act act, bool want_dx,
                   bool want_dw, bool want_db, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
     using A = acc_t<T>;
-    at::Tensor wk, bk, part_w, part_b;
-    if (want_dw) part_w = at::empty({s.N, s.C}, mean.options());
-    if (want_db) part_b = at::empty({s.N, s.C}, mean.options());
-    const GroupIndex ix{s.C, s.S, s.cpg(), s.channels_last};
-    A* pw = want_dw ? part_w.data_ptr<A>() : nullptr;
-    A* pb = want_db ? part_b.data_ptr<A>() : nullptr;
+    at::Tensor wk, bk;
+    const W* w = param_ptr<W>(weight, wk);
+    const W* b = param_ptr<W>(bias, bk);
     const cudaStream_t stream = simt::current_stream();
-    simt::launch(group_norm_bwd_kernel<T, W>, dim3(s.N * s.G), dim3(kGroupBlock), 0, stream, dy.data_ptr<T>(),
-                 x.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), param_ptr<W>(weight, wk),
-                 param_ptr<W>(bias, bk), want_dx ? dx.data_ptr<T>() : nullptr, pw, pb, ix, s.G, act);
-    const int64_t cgrid = (s.C + 31) / 32;
-    if (want_dw) simt::launch(column_sum_kernel<A, W>, dim3(cgrid), dim3(32, 16), 0, stream, pw, s.N, s.C, dw.data_ptr<W>());
-    if (want_db) simt::launch(column_sum_kernel<A, W>, dim3(cgrid), dim3(32, 16), 0, stream, pb, s.N, s.C, db.data_ptr<W>());
+    const T* X = x.data_ptr<T>();
+    const T* DY = dy.data_ptr<T>();
+    const A* MEAN = mean.data_ptr<A>();
+    const A* RSTD = rstd.data_ptr<A>();
+    const int64_t target = int64_t(simt::device_limits(x.get_device()).sms) * 8;
+    const bool nsc = s.channels_last;
+    const GroupNormGradOp<A, W> op{MEAN, RSTD, w, b, s.C, s.G, s.cpg(), nsc, act};
+    // per-(n, c) sums of dz and dz * xhat: NCS as N * C runs of S values, NSC as N batches of [S, C]
+    const ChannelPartials p =
+        nsc ? channel_partials<T, true>(true, X, DY, nullptr, op, 1, s.C, s.S, s.N, s.S, 1, target, mean.options(),
+                                        stream)
+            : channel_partials<T, true>(false, X, DY, nullptr, op, 1, s.N * s.C, s.S, 1, 0, 1, target,
+                                        mean.options(), stream);
+    const int64_t stride_n = nsc ? p.splits * s.C : s.C, stride_sp = nsc ? s.C : s.N * s.C;
+    constexpr int64_t per_block = kGroupBlock / 32;  // a warp per output
+    if (want_dw || want_db)
+      simt::launch(group_norm_bwd_channel_sums_kernel<A, W>, dim3(ceil_div(s.C, per_block)), dim3(kGroupBlock), 0,
+                   stream, p.parts<A>(), s.N, s.C, p.splits, stride_n, stride_sp,
+                   want_dw ? dw.data_ptr<W>() : nullptr, want_db ? db.data_ptr<W>() : nullptr);
+    if (!want_dx) return;
+    at::Tensor sums = at::empty({2, s.N * s.G}, mean.options());
+    A* SG = sums.data_ptr<A>();
+    A* SGX = SG + s.N * s.G;
+    simt::launch(group_norm_bwd_group_sums_kernel<A, W>, dim3(ceil_div(s.N * s.G, per_block)), dim3(kGroupBlock), 0,
+                 stream, p.parts<A>(), w, s.N, s.G, s.cpg(), p.splits, stride_n, stride_sp, SG, SGX);
+    T* DX = dx.data_ptr<T>();
+    const A inv_L = A(1) / static_cast<A>(s.cpg() * s.S);
+    elementwise<T>(s, is_aligned(X, 16) && is_aligned(DY, 16) && is_aligned(DX, 16), [&](auto vw, auto ix) {
+      constexpr int V = decltype(vw)::value;
+      using I = decltype(ix);
+      const int64_t vecs = s.N * s.C * s.S / V;
+      const int64_t grid = std::clamp<int64_t>(ceil_div(vecs, kGroupBlock), 1, target * 4);
+      auto launch = [&](auto kernel) {
+        simt::launch(kernel, dim3(grid), dim3(kGroupBlock), 0, stream, DY, X, DX, w, b, MEAN, RSTD, SG, SGX, inv_L,
+                     I(vecs), I(s.C), I(s.S), I(s.cpg()), I(s.G), act);
+      };
+      if (nsc) {
+        launch(group_norm_dx_kernel<T, W, V, true, I>);
+      } else {
+        launch(group_norm_dx_kernel<T, W, V, false, I>);
+      }
+    });
+  }
+
+  // Runs f(V, I) with the widest vector the layout and alignment allow and the narrowest index type.
+  template <typename T, typename F>
+  static void elementwise(const GroupNormShape& s, bool aligned, F&& f) {
+    constexpr int VW = vec_width<T>();
+    const bool vec = aligned && (s.channels_last ? s.C : s.S) % VW == 0;
+    const bool small = s.N * s.C * s.S < (int64_t(1) << 31);
+    auto by_index = [&](auto vw) {
+      if (small) {
+        f(vw, uint32_t(0));
+      } else {
+        f(vw, int64_t(0));
+      }
+    };
+    if (vec) {
+      by_index(std::integral_constant<int, VW>());
+    } else {
+      by_index(std::integral_constant<int, 1>());
+    }
   }
 };
 
