@@ -35,16 +35,21 @@ def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 
 
 def _reference(x, groups, w, b, act, dy):
-    """torch.nn in x's dtype and in fp64. torch's CUDA GroupNorm rejects some inputs that its CPU
-    kernel takes (half input with fp32 parameters; a bias without a weight fails in its backward),
-    so the same-dtype reference falls back to the CPU there."""
+    """torch.nn in x's dtype and in fp64. torch's CUDA GroupNorm rejects a half input with fp32
+    parameters that its CPU kernel takes, so the same-dtype reference falls back to the CPU there;
+    a bias without a weight fails in torch 2.11's backward (CPU and CUDA), so the reference adds
+    that bias after a plain group_norm."""
     out = []
     for cast in (lambda t: t, lambda t: t.double()):
         for where in (None, "cpu"):
             move = (lambda t: t) if where is None else (lambda t: t.cpu())
             leaves = [None if t is None else move(cast(t)).detach().requires_grad_() for t in (x, w, b)]
             try:
-                y = ACTS[act](F.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5))
+                if leaves[1] is None and leaves[2] is not None:  # torch 2.11's backward fails here: add b apart
+                    shape = [1, -1] + [1] * (x.dim() - 2)
+                    y = ACTS[act](F.group_norm(leaves[0], groups, None, None, 1e-5) + leaves[2].view(shape))
+                else:
+                    y = ACTS[act](F.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5))
                 grads = torch.autograd.grad(y, [t for t in leaves if t is not None], move(cast(dy)))
                 break
             except RuntimeError:
