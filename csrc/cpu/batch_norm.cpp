@@ -3,9 +3,9 @@
 // Statistics, exact and independent of the thread count:
 //   NCS: each (n, c) run of S values gets exact two-pass moments from cache (chunks of <= 16K
 //        values), merged over n per channel with Chan's formula in order.
-//   NSC: the N * S rows are cut into chunks of ~16K values; each chunk gets exact per-channel
-//        moments from cache (pivot = its first row); a fixed set of tasks merges its chunks in
-//        order, then the tasks are merged in order.
+//   NSC: the N * S rows are cut into chunks of ~16K values; each chunk gets per-channel moments
+//        in one pass, relative to a pivot (its first row); a fixed set of tasks merges its chunks
+//        in order (Chan), then the tasks are merged in order.
 // Training forward and backward in NCS fuse both passes per channel when a channel fits in L2 (see
 // fuse_channels). Elementwise passes (apply, dx) run along the contiguous axis: per (n, c) run with scalar
 // coefficients (NCS), or per row with per-channel coefficient arrays (NSC), AVX2 for fp32
@@ -23,12 +23,13 @@ constexpr int64_t kBnChunk = 16384;  // values per cache-resident chunk
 constexpr int64_t kBnTasks = 64;     // NSC: chunk ranges merged independently (not the thread count)
 constexpr int64_t kBnFuseBytes = int64_t(1) << 19;  // one channel's data kept in L2 between passes
 
-// Exact moments of n <= kBnChunk contiguous values: one read into cache (converted into buf for
-// half types), two passes from there, pivot = the first value.
+// Exact moments of n <= kBnChunk contiguous values relative to the channel's pivot c (its first
+// value): one read into cache (converted into buf for half types), two passes from there. The
+// mean stays relative to c until every run is merged: absolute means near a large offset would
+// be rounded to its ulp at every merge.
 template <typename T, typename A>
-Welford<A> run_moments(const T* p, int64_t n, A* buf) {
+Welford<A> run_moments(const T* p, int64_t n, A* buf, A c) {
   constexpr bool same = std::is_same_v<T, A>;
-  const A c = static_cast<A>(p[0]);
   A sum;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
@@ -42,10 +43,20 @@ Welford<A> run_moments(const T* p, int64_t n, A* buf) {
   const A* v = same ? reinterpret_cast<const A*>(p) : buf;
   const A m = sum / A(n);
   Welford<A> w;
-  w.mean = c + m;
+  w.mean = m;
   w.m2 = sq_dev_of(v, n, c, m);
   w.count = A(n);
   return w;
+}
+
+// Prefetches the first 4 KiB of a run: in the per-channel (NCS) loops consecutive runs are C * S
+// values apart, a jump the hardware prefetcher does not follow, and short runs (7x7, 14x14) would
+// otherwise start each with a full memory latency.
+template <typename T>
+inline void prefetch_run(const T* p, int64_t n) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const int64_t bytes = std::min<int64_t>(n * int64_t(sizeof(T)), 4096);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 // The fixed task split of `chunks` chunks: task t covers [first(t), first(t + 1)).
@@ -199,13 +210,14 @@ struct BatchNormBackend {
       std::vector<A> buf(std::min(S, kBnChunk));
       for (int64_t c = cb; c < ce; ++c) {
         Welford<A> acc;
+        const A piv = static_cast<A>(x[c * S]);
         for (int64_t n = 0; n < s.N; ++n) {
           const T* p = x + (n * C + c) * S;
-          Welford<A> run;
-          for (int64_t i = 0; i < S; i += kBnChunk) run.merge(run_moments(p + i, std::min(kBnChunk, S - i), buf.data()));
-          acc.merge(run);
+          if (n + 1 < s.N) prefetch_run(p + C * S, S);
+          for (int64_t i = 0; i < S; i += kBnChunk)
+            acc.merge(run_moments(p + i, std::min(kBnChunk, S - i), buf.data(), piv));
         }
-        mean[c] = acc.mean;
+        mean[c] = piv + acc.mean;
         var[c] = acc.m2 / acc.count;
         const A mu = mean[c], sc = A(1) / std::sqrt(var[c] + eps) * (w ? static_cast<A>(w[c]) : A(1));
         const A sh = b ? static_cast<A>(b[c]) : A(0);
@@ -232,6 +244,10 @@ struct BatchNormBackend {
         A a_g = 0, a_gx = 0;
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t o = (n * C + c) * S;
+          if (n + 1 < s.N) {
+            prefetch_run(x + o + C * S, S);
+            prefetch_run(dy + o + C * S, S);
+          }
           A pg = 0, pgx = 0;
           grad_sums_run<false>(dy + o, x + o, y ? y + o : nullptr, S, &mean[c], &pg, &pgx);
           a_g += pg;
@@ -262,8 +278,10 @@ struct BatchNormBackend {
       at::parallel_for(0, planes, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
         std::vector<A> buf(std::min(S, kBnChunk));
         for (int64_t p = begin; p < end; ++p) {
+          const A piv = static_cast<A>(x[(p % C) * S]);
           Welford<A> w;
-          for (int64_t i = 0; i < S; i += kBnChunk) w.merge(run_moments(x + p * S + i, std::min(kBnChunk, S - i), buf.data()));
+          for (int64_t i = 0; i < S; i += kBnChunk)
+            w.merge(run_moments(x + p * S + i, std::min(kBnChunk, S - i), buf.data(), piv));
           part[p] = w;
         }
       });
@@ -271,7 +289,7 @@ struct BatchNormBackend {
         for (int64_t c = cb; c < ce; ++c) {
           Welford<A> w;
           for (int64_t n = 0; n < s.N; ++n) w.merge(part[n * C + c]);
-          mean[c] = w.mean;
+          mean[c] = static_cast<A>(x[c * S]) + w.mean;
           var[c] = w.m2 / w.count;
         }
       });
@@ -280,49 +298,45 @@ struct BatchNormBackend {
     const int64_t rows = s.count(), rpc = std::max<int64_t>(1, kBnChunk / C);
     const int64_t chunks = (rows + rpc - 1) / rpc, tasks = std::min(chunks, kBnTasks);
     std::vector<Welford<A>> part(tasks * C);
+    std::vector<A> piv(C);  // the first row: every chunk's moments are relative to it
+    to_acc(x, piv.data(), C);
     at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-      std::vector<A> piv(C), m(C), q(C), v(C);
+      std::vector<A> m(C), q(C), v(C);
       for (int64_t t = tb; t < te; ++t) {
         Welford<A>* acc = part.data() + t * C;
         for (int64_t k = task_first(t, chunks, tasks); k < task_first(t + 1, chunks, tasks); ++k) {
           const int64_t r0 = k * rpc, r1 = std::min(rows, r0 + rpc);
-          to_acc(x + r0 * C, piv.data(), C);
           std::fill(m.begin(), m.end(), A(0));
           std::fill(q.begin(), q.end(), A(0));
-          for (int64_t r = r0 + 1; r < r1; ++r) {  // the pivot row contributes 0
-            const T* xr = x + r * C;
-            int64_t c0 = 0;
-#ifdef FUSENORM_CPU_AVX2
-            if constexpr (std::is_same_v<A, float>)
-              for (; c0 + 8 <= C; c0 += 8)
-                _mm256_storeu_ps(&m[c0], _mm256_add_ps(_mm256_loadu_ps(&m[c0]),
-                                                       _mm256_sub_ps(load8(xr + c0), _mm256_loadu_ps(&piv[c0]))));
-#endif
-            to_acc(xr + c0, v.data(), C - c0);
-            for (int64_t c = c0; c < C; ++c) m[c] += v[c - c0] - piv[c];
-          }
-          const A len = A(r1 - r0);
-          for (int64_t c = 0; c < C; ++c) m[c] /= len;
+          // one pass: sums of d and d^2, d = x - pivot (a value of the channel, so d is on the
+          // scale of the spread and M2 = sum d^2 - (sum d)^2 / len does not cancel)
           for (int64_t r = r0; r < r1; ++r) {
             const T* xr = x + r * C;
             int64_t c0 = 0;
 #ifdef FUSENORM_CPU_AVX2
             if constexpr (std::is_same_v<A, float>)
               for (; c0 + 8 <= C; c0 += 8) {
-                const __m256 d = _mm256_sub_ps(_mm256_sub_ps(load8(xr + c0), _mm256_loadu_ps(&piv[c0])),
-                                               _mm256_loadu_ps(&m[c0]));
+                const __m256 d = _mm256_sub_ps(load8(xr + c0), _mm256_loadu_ps(&piv[c0]));
+                _mm256_storeu_ps(&m[c0], _mm256_add_ps(_mm256_loadu_ps(&m[c0]), d));
                 _mm256_storeu_ps(&q[c0], _mm256_fmadd_ps(d, d, _mm256_loadu_ps(&q[c0])));
               }
 #endif
             to_acc(xr + c0, v.data(), C - c0);
             for (int64_t c = c0; c < C; ++c) {
-              const A d = (v[c - c0] - piv[c]) - m[c];
+              const A d = v[c - c0] - piv[c];
+              m[c] += d;
               q[c] += d * d;
             }
           }
+          const A len = A(r1 - r0);
+          for (int64_t c = 0; c < C; ++c) {
+            const A mc = m[c] / len;
+            m[c] = mc;
+            q[c] = std::max(q[c] - mc * mc * len, A(0));
+          }
           for (int64_t c = 0; c < C; ++c) {
             Welford<A> w;
-            w.mean = piv[c] + m[c];
+            w.mean = m[c];
             w.m2 = q[c];
             w.count = len;
             acc[c].merge(w);
@@ -333,7 +347,7 @@ struct BatchNormBackend {
     for (int64_t c = 0; c < C; ++c) {
       Welford<A> w;
       for (int64_t t = 0; t < tasks; ++t) w.merge(part[t * C + c]);
-      mean[c] = w.mean;
+      mean[c] = piv[c] + w.mean;
       var[c] = w.m2 / w.count;
     }
   }
