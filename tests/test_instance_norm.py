@@ -138,3 +138,32 @@ def test_drop_in_modules():
     fusenorm.convert(model)
     assert type(model[1]) is fusenorm.InstanceNorm2d
     model(torch.randn(2, 3, 7, 7)).sum().backward()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("act", [None, "relu", "silu"])
+def test_eval_with_running_stats_gradients(device, act):
+    """Eval with running statistics (a per-channel scale-and-shift, BatchNorm's apply op for None /
+    ReLU): outputs and gradients as torch.nn, channels_last kept."""
+    theirs = torch.nn.InstanceNorm2d(5, affine=True, track_running_stats=True).to(device)
+    with torch.no_grad():
+        theirs.weight.normal_()
+        theirs.bias.normal_()
+        theirs.running_mean.normal_()
+        theirs.running_var.uniform_(0.5, 2)
+    ours = fusenorm.InstanceNorm2d(5, affine=True, track_running_stats=True, activation=act).to(device)
+    ours.load_state_dict(theirs.state_dict())
+    theirs.eval()
+    ours.eval()
+    x = torch.randn(3, 5, 6, 7, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    y_t = theirs(x)
+    if act:
+        y_t = getattr(F, act)(y_t)
+    y_o = ours(x)
+    assert y_o.stride() == x.stride()
+    torch.testing.assert_close(y_o, y_t, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(y_t)
+    g_t = torch.autograd.grad(y_t, [x, theirs.weight, theirs.bias], dy)
+    g_o = torch.autograd.grad(y_o, [x, ours.weight, ours.bias], dy)
+    for a, t in zip(g_o, g_t):
+        torch.testing.assert_close(a, t, atol=1e-4, rtol=1e-4)

@@ -190,7 +190,13 @@ def instance_norm(
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
-        # eval with running statistics: one scale-and-shift per channel (torch elementwise ops)
+        if act in ("none", "relu"):  # eval with running statistics: BatchNorm's one-pass apply
+            x, weight, bias = _autocast_fp32(input, weight, bias)
+            if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
+                return BatchNormFunction.apply(x, running_mean, running_var, weight, bias, None, float(eps), False,
+                                               act)
+            return _BN_APPLY(x, running_mean, running_var, weight, bias, None, float(eps), act)
+        # SiLU / GELU: one scale-and-shift per channel and the activation (torch elementwise ops)
         shape = [1, input.size(1)] + [1] * (input.dim() - 2)
         scale = torch.rsqrt(running_var.float() + eps)
         if weight is not None:
