@@ -71,6 +71,31 @@ def test_group_norm_suite_layouts_and_bytes() -> None:
             2 * n * ch * h * w * 2 + 2 * ch * 2
 
 
+def test_batch_norm_suite_modes_layouts_and_bytes() -> None:
+    quick = SUITES["batch_norm"].cases("cpu", False, [torch.float32])
+    names = sorted({c.norm for c in quick})
+    assert names == ["batch_norm", "batch_norm_cl", "batch_norm_eval", "batch_norm_eval_cl"]
+    # --quick: every shape in training, the first in eval; --full: eval at every shape too
+    train = [c for c in quick if not c.norm.startswith("batch_norm_eval")]
+    evals = [c for c in quick if c.norm.startswith("batch_norm_eval")]
+    assert len({c.shape for c in evals}) == 1 and len({c.shape for c in train}) > 1
+    full = SUITES["batch_norm"].cases("cpu", True, [torch.float32])
+    assert {c.shape for c in full if c.norm == "batch_norm_eval"} == {c.shape for c in full if c.norm == "batch_norm"}
+    for c in quick:
+        x, params = c.make_inputs("cpu")
+        assert x.is_contiguous(memory_format=torch.channels_last) == c.norm.endswith("_cl")
+        n, ch, h, w = c.shape
+        # fwd: x read + y written (fp32) + weight and bias read; fwd+bwd adds x, dy read, dx written,
+        # the parameters read and their gradients written
+        assert harness.bytes_moved(c.n_params, c.shape, c.normalized_shape, c.dtype, "fwd") == 2 * n * ch * h * w * 4 + 2 * ch * 4
+        assert harness.bytes_moved(c.n_params, c.shape, c.normalized_shape, c.dtype, "fwd+bwd") == \
+            5 * n * ch * h * w * 4 + 6 * ch * 4
+    small = [c for c in quick if c.norm == "batch_norm_eval"][0]
+    x, (w, b) = small.make_inputs("cpu")
+    x = x[:2, :, :3, :3].contiguous()
+    torch.testing.assert_close(small.fusenorm(x, w, b), small.torch_fn(x, w, b))
+
+
 @pytest.fixture(scope="module")
 def cli_result(tmp_path_factory: pytest.TempPathFactory) -> Dict[str, Any]:
     out = tmp_path_factory.mktemp("bench")

@@ -41,6 +41,13 @@ void check_channel_vector(const at::Tensor& v, const char* name, int64_t C, cons
               " like the input, got ", v.device().str());
 }
 
+void check_bn_params(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, int64_t C) {
+  check_params(op, x, weight, bias);
+  if (opt_ptr(weight)) check_channel_vector(*weight, "weight", C, x);
+  if (opt_ptr(bias)) check_channel_vector(*bias, "bias", C, x);
+}
+
 at::Tensor batch_norm_input(const at::Tensor& x, const BatchNormShape& s) {
   if (x.is_contiguous()) return x;
   return s.channels_last ? x : x.contiguous();

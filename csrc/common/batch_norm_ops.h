@@ -53,6 +53,9 @@ struct BatchNormShape {
 BatchNormShape check_batch_norm_input(const char* op, const at::Tensor& x);
 // A per-channel vector of C values ("running_mean should contain 3 elements not 4").
 void check_channel_vector(const at::Tensor& v, const char* name, int64_t C, const at::Tensor& x);
+// check_params, and weight / bias of C values.
+void check_bn_params(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                     const std::optional<at::Tensor>& bias, int64_t C);
 // x itself when its layout is NCS or NSC, else a contiguous copy.
 at::Tensor batch_norm_input(const at::Tensor& x, const BatchNormShape& s);
 // t (same sizes as x) with the strides of xc, copied only when they differ.
@@ -114,9 +117,7 @@ struct BatchNormOps {
                                  const std::string& activation) {
     const BatchNormShape s = check_batch_norm_input(kOp, x);
     const Act act = parse_bn_activation(activation);
-    check_params(kOp, x, weight, bias);
-    if (opt_ptr(weight)) check_channel_vector(*weight, "weight", s.C, x);
-    if (opt_ptr(bias)) check_channel_vector(*bias, "bias", s.C, x);
+    check_bn_params(kOp, x, weight, bias, s.C);
     typename Backend::Guard guard(x);
     Tensor m = acc_vector(mean, x, "running_mean", s.C), v = acc_vector(var, x, "running_var", s.C);
     Tensor xc = batch_norm_input(x, s);
@@ -140,9 +141,7 @@ struct BatchNormOps {
                                                           const std::string& activation) {
     const BatchNormShape s = check_batch_norm_input(kOp, x);
     const Act act = parse_bn_activation(activation);
-    check_params(kOp, x, weight, bias);
-    if (opt_ptr(weight)) check_channel_vector(*weight, "weight", s.C, x);
-    if (opt_ptr(bias)) check_channel_vector(*bias, "bias", s.C, x);
+    check_bn_params(kOp, x, weight, bias, s.C);
     typename Backend::Guard guard(x);
     Tensor xc = batch_norm_input(x, s);
     Tensor zc = opt_ptr(residual) ? like_layout(*residual, xc, kOp, "residual") : Tensor();
@@ -193,8 +192,7 @@ struct BatchNormOps {
                                                                    std::array<bool, 4> mask) {
     const BatchNormShape s = check_batch_norm_input(kOp, x);
     const Act act = parse_bn_activation(activation);
-    check_params(kOp, x, weight, std::nullopt);
-    if (opt_ptr(weight)) check_channel_vector(*weight, "weight", s.C, x);
+    check_bn_params(kOp, x, weight, std::nullopt, s.C);
     TORCH_CHECK(dy.sizes() == x.sizes(), kOp, ": grad_output of size ", shape_str(dy.sizes()),
                 " does not match input of size ", shape_str(x.sizes()));
     TORCH_CHECK(act == Act::None || opt_ptr(y), kOp, ": the ReLU backward needs the forward output y");
@@ -259,8 +257,7 @@ struct BatchNormOps {
                                      const OptTensor& weight, const Tensor& mean_dy, const Tensor& mean_dy_xhat,
                                      double eps) {
     const BatchNormShape s = check_batch_norm_input(kOp, x);
-    check_params(kOp, x, weight, std::nullopt);
-    if (opt_ptr(weight)) check_channel_vector(*weight, "weight", s.C, x);
+    check_bn_params(kOp, x, weight, std::nullopt, s.C);
     typename Backend::Guard guard(x);
     Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
     Tensor kg = acc_vector(mean_dy, x, "mean_dy", s.C), kgx = acc_vector(mean_dy_xhat, x, "mean_dy_xhat", s.C);

@@ -75,6 +75,14 @@ struct Coefs {
   }
 };
 
+#ifdef FUSENORM_CPU_AVX2
+// 8 lanes of a coefficient: p[k, k + 8) (Vec, channels last) or *p broadcast.
+template <bool Vec>
+inline __m256 coef8(const float* p, int64_t k) {
+  return Vec ? _mm256_loadu_ps(p + k) : _mm256_set1_ps(*p);
+}
+#endif
+
 // out[i] = act((x[i] - mu) * sc + sh + z[i]) over a run of n values; mu/sc/sh are scalars (Vec =
 // false) or arrays indexed like x (Vec = true, channels last).
 template <bool Vec, typename T, typename A>
@@ -85,9 +93,7 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
     const __m256 zero = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) {
       const int64_t k = Vec ? i : 0;
-      const __m256 m = Vec ? _mm256_loadu_ps(mu + k) : _mm256_set1_ps(*mu);
-      const __m256 a = Vec ? _mm256_loadu_ps(sc + k) : _mm256_set1_ps(*sc);
-      const __m256 b = Vec ? _mm256_loadu_ps(sh + k) : _mm256_set1_ps(*sh);
+      const __m256 m = coef8<Vec>(mu, k), a = coef8<Vec>(sc, k), b = coef8<Vec>(sh, k);
       __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(load8(x + i), m), a, b);
       if (z) v = _mm256_add_ps(v, load8(z + i));
       if (relu) v = _mm256_max_ps(v, zero);
@@ -121,7 +127,7 @@ inline void grad_sums_run(const T* dy, const T* x, const T* y, int64_t n, const 
     __m256 ag = zero, agx = zero, ag2 = zero, agx2 = zero;
     for (; i + 8 <= n; i += 8) {
       const int64_t k = Vec ? i : 0;
-      const __m256 m = Vec ? _mm256_loadu_ps(mu + k) : _mm256_set1_ps(*mu);
+      const __m256 m = coef8<Vec>(mu, k);
       __m256 g = load8(dy + i);
       if (y) g = _mm256_and_ps(_mm256_cmp_ps(load8(y + i), zero, _CMP_GT_OQ), g);
       const __m256 d = _mm256_sub_ps(load8(x + i), m);
@@ -169,10 +175,7 @@ inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t 
       if (y) g = _mm256_and_ps(_mm256_cmp_ps(load8(y + i), zero, _CMP_GT_OQ), g);
       if (dz) store8(dz + i, g);
       if (!dx) continue;
-      const __m256 m = Vec ? _mm256_loadu_ps(mu + k) : _mm256_set1_ps(*mu);
-      const __m256 av = Vec ? _mm256_loadu_ps(a + k) : _mm256_set1_ps(*a);
-      const __m256 kv = Vec ? _mm256_loadu_ps(kg + k) : _mm256_set1_ps(*kg);
-      const __m256 ev = Vec ? _mm256_loadu_ps(e + k) : _mm256_set1_ps(*e);
+      const __m256 m = coef8<Vec>(mu, k), av = coef8<Vec>(a, k), kv = coef8<Vec>(kg, k), ev = coef8<Vec>(e, k);
       const __m256 d = _mm256_sub_ps(load8(x + i), m);
       store8(dx + i, _mm256_fnmadd_ps(d, ev, _mm256_mul_ps(av, _mm256_sub_ps(g, kv))));
     }

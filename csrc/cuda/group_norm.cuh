@@ -46,6 +46,33 @@ __global__ void __launch_bounds__(kGroupBlock)
   rstd[ng] = simt::rsqrt(p.b / p.n + eps);
 }
 
+// The channel c and sample n of element e: NSC: e = (n * S + site) * C + c; NCS: e = (n * C + c) * S + site.
+template <bool NSC, typename I>
+__device__ __forceinline__ void channel_and_sample(I e, I C, I S, I& c, I& n) {
+  if constexpr (NSC) {
+    const I row = e / C;
+    c = e - row * C;
+    n = row / S;
+  } else {
+    const I plane = e / S;
+    c = plane % C;
+    n = plane / C;
+  }
+}
+
+// The (n, group) index of channel c, then of c + 1, c + 2, ... (one division per vector).
+template <typename I>
+struct GroupStep {
+  I ng, r, cpg;
+  __device__ __forceinline__ GroupStep(I c, I n, I cpg_, I G) : ng(n * G + c / cpg_), r(c % cpg_), cpg(cpg_) {}
+  __device__ __forceinline__ void next() {
+    if (++r == cpg) {
+      r = 0;
+      ++ng;
+    }
+  }
+};
+
 // y = act((x - mean[n, g]) * rstd[n, g] * w[c] + b[c]) over 16-byte vectors of x (V values of one
 // channel for NCS, V consecutive channels for NSC), grid-stride.
 template <typename T, typename W, int V, bool NSC, typename I>
@@ -55,32 +82,16 @@ __global__ void __launch_bounds__(kGroupBlock)
                             const acc_t<T>* __restrict__ rstd, I vecs, I C, I S, I cpg, I G, Act act) {
   using A = acc_t<T>;
   for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < vecs; i += I(gridDim.x) * blockDim.x) {
-    const I e = i * V;
     I c, n;
-    if constexpr (NSC) {
-      const I row = e / C;  // n * S + site
-      c = e - row * C;
-      n = row / S;
-    } else {
-      const I plane = e / S;  // n * C + c
-      c = plane % C;
-      n = plane / C;
-    }
+    channel_and_sample<NSC>(i * V, C, S, c, n);
     const Vec<T, V> xv = load_vec<V>(x, i);
     Vec<T, V> out;
-    // the group of channel c + j, stepped along j (one division per vector)
-    I g = c / cpg, r = c - g * cpg;
-    A mu = mean[n * G + g], rs = rstd[n * G + g];
+    GroupStep<I> gs(c, n, cpg, G);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const I cj = NSC ? c + j : c;
-      if (NSC && j > 0 && ++r == cpg) {
-        r = 0;
-        ++g;
-        mu = mean[n * G + g];
-        rs = rstd[n * G + g];
-      }
-      A z = (static_cast<A>(xv.v[j]) - mu) * rs;
+      if (NSC && j > 0) gs.next();
+      A z = (static_cast<A>(xv.v[j]) - mean[gs.ng]) * rstd[gs.ng];
       if (w) z *= static_cast<A>(w[cj]);
       if (b) z += static_cast<A>(b[cj]);
       out.v[j] = static_cast<T>(activate(act, z));
@@ -162,28 +173,16 @@ __global__ void __launch_bounds__(kGroupBlock)
                          const acc_t<T>* __restrict__ s_gx, acc_t<T> inv_L, I vecs, I C, I S, I cpg, I G, Act act) {
   using A = acc_t<T>;
   for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < vecs; i += I(gridDim.x) * blockDim.x) {
-    const I e = i * V;
     I c, n;
-    if constexpr (NSC) {
-      const I row = e / C;
-      c = e - row * C;
-      n = row / S;
-    } else {
-      const I plane = e / S;
-      c = plane % C;
-      n = plane / C;
-    }
+    channel_and_sample<NSC>(i * V, C, S, c, n);
     const Vec<T, V> xv = load_vec<V>(x, i), dv = load_vec<V>(dy, i);
     Vec<T, V> out;
-    I g = c / cpg, r = c - g * cpg;
-    I ng = n * G + g;
+    GroupStep<I> gs(c, n, cpg, G);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const I cj = NSC ? c + j : c;
-      if (NSC && j > 0 && ++r == cpg) {
-        r = 0;
-        ++ng;
-      }
+      if (NSC && j > 0) gs.next();
+      const I ng = gs.ng;
       const A rs = rstd[ng], xhat = (static_cast<A>(xv.v[j]) - mean[ng]) * rs;
       const A wc = w ? static_cast<A>(w[cj]) : A(1);
       A d = static_cast<A>(dv.v[j]);
