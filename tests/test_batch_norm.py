@@ -312,3 +312,16 @@ def test_drop_in_modules():
     assert list(sync.state_dict()) == list(torch.nn.SyncBatchNorm.convert_sync_batchnorm(copy.deepcopy(ref)).state_dict())
     # without a process group SyncBatchNorm is a BatchNorm
     torch.testing.assert_close(sync(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "layer_norm", "group_norm"])
+def test_double_backward_raises(norm):
+    """The backward ops have no derivative: a second-order gradient is an error (it used to come out
+    as no gradient at all, with only a warning)."""
+    x = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
+    fn = {"batch_norm": lambda t: fusenorm.batch_norm(t, None, None, training=True),
+          "layer_norm": lambda t: fusenorm.layer_norm(t, (5,)),
+          "group_norm": lambda t: fusenorm.group_norm(t, 2)}[norm]
+    (g,) = torch.autograd.grad(fn(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.sum().backward()

@@ -1,13 +1,16 @@
 """Functional API with the signatures of torch.nn.functional, backed by torch.ops.fusenorm.*.
 
 The autograd Functions call only fusenorm ops (which have fake kernels), so
-torch.compile(fullgraph=True) traces them without a graph break and keeps our kernels.
+torch.compile(fullgraph=True) traces them without a graph break and keeps our kernels. Their
+backwards are once_differentiable: a double backward raises instead of silently giving no gradient
+(the backward ops have no derivative of their own).
 """
 from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import _ops  # noqa: F401  (ops + fakes)
 
@@ -59,6 +62,7 @@ class LayerNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias, 2, 3)
@@ -77,6 +81,7 @@ class RMSNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, rstd, weight = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]]
@@ -127,6 +132,7 @@ class GroupNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias, 2, 3)
@@ -238,6 +244,7 @@ class InstanceNormStatsFunction(torch.autograd.Function):
         return y, mean, rstd
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _dmean, _drstd):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias, 1, 2)
@@ -272,6 +279,7 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, mean, var, weight, y = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -296,6 +304,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy, _dmean, _dvar):
         x, mean, var, weight, y = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -408,6 +417,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         import torch.distributed as dist
 
