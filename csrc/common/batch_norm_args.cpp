@@ -1,8 +1,6 @@
 // BatchNorm argument checks (torch.batch_norm's wording) and layout, for every backend.
 #include <ATen/ops/empty_like.h>
 
-#include <vector>
-
 #include "common/batch_norm_ops.h"
 
 namespace fusenorm {
@@ -11,14 +9,6 @@ Act parse_bn_activation(const std::string& name) {
   if (name == "none" || name.empty()) return Act::None;
   if (name == "relu") return Act::Relu;
   TORCH_CHECK_VALUE(false, "fusenorm: batch_norm activation must be None or \"relu\", got \"", name, "\"");
-}
-
-// [N, C, *] stored as [N, *, C]
-static bool is_channels_last_like(const at::Tensor& x) {
-  std::vector<int64_t> perm{0};
-  for (int64_t i = 2; i < x.dim(); ++i) perm.push_back(i);
-  perm.push_back(1);
-  return x.permute(perm).is_contiguous();
 }
 
 BatchNormShape check_batch_norm_input(const char* op, const at::Tensor& x) {

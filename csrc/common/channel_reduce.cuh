@@ -232,6 +232,41 @@ struct ChannelPartials {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Blocks that fill x's device several times over: the slice count target of channel_partials.
+inline int64_t target_blocks(const at::Tensor& x) { return int64_t(simt::device_limits(x.get_device()).sms) * 8; }
+
+// Blocks of kChannelThreads for a grid-stride pass over `vecs` vectors.
+inline dim3 elementwise_grid(const at::Tensor& x, int64_t vecs) {
+  return dim3(static_cast<unsigned>(std::clamp<int64_t>(ceil_div(vecs, kChannelThreads), 1, target_blocks(x) * 4)));
+}
+
+// An elementwise pass over [N, C, S] data in either layout: runs f(V, NSC, I) with the widest
+// vector the alignment allows whose values share a channel (NCS: V divides S) or a row (NSC: V
+// divides C), as integral constants, and the narrowest index type I that holds numel.
+template <typename T, typename F>
+void channel_elementwise(bool nsc, int64_t C, int64_t S, int64_t numel, bool aligned, F&& f) {
+  constexpr int VW = vec_width<T>();
+  auto by_index = [&](auto vw, auto layout) {
+    if (numel < (int64_t(1) << 31)) {
+      f(vw, layout, uint32_t(0));
+    } else {
+      f(vw, layout, int64_t(0));
+    }
+  };
+  auto by_layout = [&](auto vw) {
+    if (nsc) {
+      by_index(vw, std::true_type());
+    } else {
+      by_index(vw, std::false_type());
+    }
+  };
+  if (aligned && (nsc ? C : S) % VW == 0) {
+    by_layout(std::integral_constant<int, VW>());
+  } else {
+    by_layout(std::integral_constant<int, 1>());
+  }
+}
+
 // Launches the partial kernel for either layout, with as many slices per channel as fill the
 // device (`target` blocks, each with a few vectors per thread at least) and 16-byte vectors where
 // the layout and alignment allow. pgrp: channels that share a pivot (1 for BatchNorm, the group

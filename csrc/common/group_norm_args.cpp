@@ -13,8 +13,7 @@ Act parse_activation(const std::string& name) {
   TORCH_CHECK_VALUE(false, "fusenorm: activation must be None, \"silu\", \"gelu\" or \"relu\", got \"", name, "\"");
 }
 
-// Channel stride 1 and the spatial dims dense with stride C: [N, C, *] stored as [N, *, C].
-static bool is_channels_last_like(const at::Tensor& x) {
+bool is_channels_last_like(const at::Tensor& x) {
   if (x.dim() < 3) return false;
   std::vector<int64_t> perm{0};
   for (int64_t i = 2; i < x.dim(); ++i) perm.push_back(i);

@@ -42,6 +42,10 @@ struct GroupNormShape {
 GroupNormShape check_group_norm_args(const char* op, const at::Tensor& x, int64_t num_groups,
                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias);
 
+// Channel stride 1 and the spatial dims dense with stride C: [N, C, *] stored as [N, *, C]
+// (GroupNorm's and BatchNorm's NSC layout).
+bool is_channels_last_like(const at::Tensor& x);
+
 // x itself when its layout is NCS or NSC, else a contiguous copy.
 at::Tensor group_norm_input(const at::Tensor& x, const GroupNormShape& s);
 

@@ -62,14 +62,34 @@ inline void prefetch_run(const T* p, int64_t n) {
 // The fixed task split of `chunks` chunks: task t covers [first(t), first(t + 1)).
 inline int64_t task_first(int64_t t, int64_t chunks, int64_t tasks) { return chunks * t / tasks; }
 
-// Per-channel coefficients of the elementwise passes, in the accumulation type.
+// Channel c's coefficients, defined once so that the fused and the two-step paths compute the
+// same values. Forward: y = (x - mean) * scale + shift with scale = rstd * w. Backward (grad_run):
+// a = rstd * w, kg = k * k_g, e = a * rstd * k * k_gx (kg = e = 0 without k_g: eval).
+template <typename A, typename W>
+inline A fwd_scale(const A* var, const W* w, A eps, int64_t c) {
+  return A(1) / std::sqrt(var[c] + eps) * (w ? static_cast<A>(w[c]) : A(1));
+}
+
+template <typename A>
+struct GradCoef {
+  A a, kg, e;
+};
+
+template <typename A, typename W>
+inline GradCoef<A> grad_coef(const A* var, const W* w, A eps, int64_t c, const A* k_g, const A* k_gx, A k) {
+  const A rs = A(1) / std::sqrt(var[c] + eps), a = rs * (w ? static_cast<A>(w[c]) : A(1));
+  if (!k_g) return {a, A(0), A(0)};
+  return {a, k_g[c] * k, a * rs * k_gx[c] * k};
+}
+
+// Per-channel coefficients of the forward's elementwise pass, in the accumulation type.
 template <typename A, typename W>
 struct Coefs {
   std::vector<A> mu, scale, shift;  // y = (x - mu) * scale + shift
   Coefs(int64_t C, const A* mean, const A* var, const W* w, const W* b, A eps) : mu(C), scale(C), shift(C) {
     for (int64_t c = 0; c < C; ++c) {
       mu[c] = mean[c];
-      scale[c] = A(1) / std::sqrt(var[c] + eps) * (w ? static_cast<A>(w[c]) : A(1));
+      scale[c] = fwd_scale(var, w, eps, c);
       shift[c] = b ? static_cast<A>(b[c]) : A(0);
     }
   }
@@ -222,7 +242,7 @@ struct BatchNormBackend {
         }
         mean[c] = piv + acc.mean;
         var[c] = acc.m2 / acc.count;
-        const A mu = mean[c], sc = A(1) / std::sqrt(var[c] + eps) * (w ? static_cast<A>(w[c]) : A(1));
+        const A mu = mean[c], sc = fwd_scale(var, w, eps, c);
         const A sh = b ? static_cast<A>(b[c]) : A(0);
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t o = (n * C + c) * S;
@@ -256,16 +276,14 @@ struct BatchNormBackend {
           a_g += pg;
           a_gx += pgx;
         }
-        const A rs = A(1) / std::sqrt(var[c] + eps);
         sum_g[c] = a_g;
         sum_gx[c] = a_gx / std::sqrt(var[c] + eps);
         if (!dx && !dz) continue;
-        const A a = rs * (w ? static_cast<A>(w[c]) : A(1));
-        const A kg = training ? sum_g[c] * k : A(0), e = training ? a * rs * sum_gx[c] * k : A(0);
+        const GradCoef<A> g = grad_coef(var, w, eps, c, training ? sum_g : nullptr, sum_gx, k);
         for (int64_t n = 0; n < s.N; ++n) {
           const int64_t o = (n * C + c) * S;
           grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
-                          &mean[c], &a, &kg, &e);
+                          &mean[c], &g.a, &g.kg, &g.e);
         }
       }
     });
@@ -434,14 +452,12 @@ struct BatchNormBackend {
                         const acc_t<T>* k_gx, acc_t<T> k, T* dx, T* dz) {
     using A = acc_t<T>;
     const int64_t C = s.C;
-    std::vector<A> mu(mean, mean + C), a(C), kg(C, A(0)), e(C, A(0));
+    std::vector<A> mu(mean, mean + C), a(C), kg(C), e(C);
     for (int64_t c = 0; c < C; ++c) {
-      const A rs = A(1) / std::sqrt(var[c] + eps);
-      a[c] = rs * (w ? static_cast<A>(w[c]) : A(1));
-      if (k_g) {
-        kg[c] = k_g[c] * k;
-        e[c] = a[c] * rs * k_gx[c] * k;
-      }
+      const GradCoef<A> g = grad_coef(var, w, eps, c, k_g, k_gx, k);
+      a[c] = g.a;
+      kg[c] = g.kg;
+      e[c] = g.e;
     }
     if (!s.channels_last) {
       const int64_t S = s.S;

@@ -135,7 +135,6 @@ struct BatchNormBackend {
   using Guard = simt::DeviceGuard;
 
   // Blocks for a grid that fills the device several times over.
-  static int64_t target_blocks(const at::Tensor& x) { return int64_t(simt::device_limits(x.get_device()).sms) * 8; }
 
   template <typename T, bool GRAD>
   static void reduce(const BatchNormShape& s, const at::Tensor& xc, const T* x, const T* dy, const T* y,
@@ -181,38 +180,6 @@ struct BatchNormBackend {
     compose_bwd<BatchNormBackend, T, W>(s, xc, dy, x, y, mean, var, w, eps, act, training, sum_g, sum_gx, dx, dz);
   }
 
-  // Runs f(V, NSC, I) with the widest vector the layout and alignment allow and the narrowest
-  // index type; vecs = number of V-vectors.
-  template <typename T, typename F>
-  static void elementwise(const BatchNormShape& s, bool aligned, F&& f) {
-    constexpr int VW = vec_width<T>();
-    const bool vec = aligned && (s.channels_last ? s.C % VW == 0 : s.S % VW == 0);
-    const bool small = s.numel() < (int64_t(1) << 31);
-    auto go = [&](auto vw, auto nsc) {
-      if (small) {
-        f(vw, nsc, uint32_t(0));
-      } else {
-        f(vw, nsc, int64_t(0));
-      }
-    };
-    auto by_layout = [&](auto vw) {
-      if (s.channels_last) {
-        go(vw, std::true_type());
-      } else {
-        go(vw, std::false_type());
-      }
-    };
-    if (vec) {
-      by_layout(std::integral_constant<int, VW>());
-    } else {
-      by_layout(std::integral_constant<int, 1>());
-    }
-  }
-
-  static dim3 elementwise_grid(const at::Tensor& xc, int64_t vecs) {
-    return dim3(static_cast<unsigned>(std::clamp<int64_t>(ceil_div(vecs, kChannelThreads), 1, target_blocks(xc) * 4)));
-  }
-
   // The [K][C] coefficient workspace of the elementwise passes (see bn_coef_kernel).
   template <typename T, typename W>
   static at::Tensor coefs(const BatchNormShape& s, const at::Tensor& xc, const acc_t<T>* mean, const acc_t<T>* var,
@@ -231,7 +198,7 @@ struct BatchNormBackend {
     using A = acc_t<T>;
     const at::Tensor coef = coefs<T, W>(s, xc, mean, var, w, b, nullptr, nullptr, A(0), eps, false);
     const bool aligned = is_aligned(x, 16) && is_aligned(z, 16) && is_aligned(y, 16);
-    elementwise<T>(s, aligned, [&](auto vw, auto nsc, auto ix) {
+    channel_elementwise<T>(s.channels_last, s.C, s.S, s.numel(), aligned, [&](auto vw, auto nsc, auto ix) {
       constexpr int V = decltype(vw)::value;
       using I = decltype(ix);
       const int64_t vecs = s.numel() / V;
@@ -249,7 +216,7 @@ struct BatchNormBackend {
     const at::Tensor coef = coefs<T, W>(s, xc, mean, var, w, nullptr, k_g, k_gx, k, eps, true);
     const bool aligned = is_aligned(dy, 16) && is_aligned(x, 16) && is_aligned(y, 16) && is_aligned(dx, 16) &&
                          is_aligned(dz, 16);
-    elementwise<T>(s, aligned, [&](auto vw, auto nsc, auto ix) {
+    channel_elementwise<T>(s.channels_last, s.C, s.S, s.numel(), aligned, [&](auto vw, auto nsc, auto ix) {
       constexpr int V = decltype(vw)::value;
       using I = decltype(ix);
       const int64_t vecs = s.numel() / V;

@@ -22,7 +22,7 @@
 
 namespace fusenorm::cuda {
 
-constexpr int kGroupBlock = 256;
+constexpr int kGroupBlock = kChannelThreads;  // the elementwise passes use elementwise_grid
 
 // Forward statistics: one warp per (n, group) merges the per-(n, c) partials of
 // common/channel_reduce.cuh, part[n * stride_n + sp * stride_sp + c] over the slices and the group's
@@ -196,6 +196,32 @@ __global__ void __launch_bounds__(kGroupBlock)
 struct GroupNormBackend {
   using Guard = simt::DeviceGuard;
 
+  // Per-(n, c) partials of a GroupNorm input, NCS as N * C runs of S values, NSC as N batches of
+  // [S, C]; partial (n, slice sp, c) is at n * stride_n + sp * stride_sp + c.
+  struct Partials {
+    ChannelPartials p;
+    int64_t stride_n, stride_sp;
+  };
+  template <typename T, bool GRAD, typename Op>
+  static Partials partials(const GroupNormShape& s, const at::Tensor& x, const T* dy, Op op, int64_t pgrp,
+                           const at::TensorOptions& acc_options, cudaStream_t stream) {
+    const T* X = x.data_ptr<T>();
+    const int64_t target = target_blocks(x);
+    Partials out;
+    if (s.channels_last) {
+      out.p = channel_partials<T, GRAD>(true, X, dy, nullptr, op, 1, s.C, s.S, s.N, s.S, pgrp, target, acc_options,
+                                        stream);
+      out.stride_n = out.p.splits * s.C;
+      out.stride_sp = s.C;
+    } else {
+      out.p = channel_partials<T, GRAD>(false, X, dy, nullptr, op, 1, s.N * s.C, s.S, 1, 0, pgrp, target, acc_options,
+                                        stream);
+      out.stride_n = s.C;
+      out.stride_sp = s.N * s.C;
+    }
+    return out;
+  }
+
   template <typename T, typename W>
   static void fwd(const GroupNormShape& s, const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias,
                   double eps, Act act, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
@@ -204,36 +230,23 @@ struct GroupNormBackend {
     const cudaStream_t stream = simt::current_stream();
     const T* X = x.data_ptr<T>();
     T* Y = y.data_ptr<T>();
-    const int64_t target = int64_t(simt::device_limits(x.get_device()).sms) * 8;
-    // per-(n, c) partials: NCS as N * C runs of S values, NSC as N batches of [S, C]
     const bool nsc = s.channels_last;
-    const ChannelPartials p =
-        nsc ? channel_partials<T, false>(true, X, nullptr, nullptr, StatsOp{}, 1, s.C, s.S, s.N, s.S, s.cpg(), target,
-                                         mean.options(), stream)
-            : channel_partials<T, false>(false, X, nullptr, nullptr, StatsOp{}, 1, s.N * s.C, s.S, 1, 0, s.cpg(), target,
-                                         mean.options(), stream);
-    const int64_t stride_n = nsc ? p.splits * s.C : s.C, stride_sp = nsc ? s.C : s.N * s.C;
+    const Partials p = partials<T, false>(s, x, nullptr, StatsOp{}, s.cpg(), mean.options(), stream);
     const int64_t piv_n = s.C * s.S, piv_g = nsc ? s.cpg() : s.cpg() * s.S;
     constexpr int64_t per_block = kGroupBlock / 32;  // a warp per (n, group)
     simt::launch(group_norm_finalize_kernel<T>, dim3(ceil_div(s.N * s.G, per_block)), dim3(kGroupBlock), 0, stream,
-                 p.parts<A>(), X, s.N, s.G, s.cpg(), p.splits, stride_n, stride_sp, piv_n, piv_g,
+                 p.p.parts<A>(), X, s.N, s.G, s.cpg(), p.p.splits, p.stride_n, p.stride_sp, piv_n, piv_g,
                  static_cast<A>(eps), mean.data_ptr<A>(), rstd.data_ptr<A>());
     const W* w = param_ptr<W>(weight, wk);
     const W* b = param_ptr<W>(bias, bk);
-    elementwise<T>(s, is_aligned(X, 16) && is_aligned(Y, 16), [&](auto vw, auto ix) {
+    channel_elementwise<T>(nsc, s.C, s.S, s.N * s.C * s.S, is_aligned(X, 16) && is_aligned(Y, 16),
+                           [&](auto vw, auto layout, auto ix) {
       constexpr int V = decltype(vw)::value;
       using I = decltype(ix);
       const int64_t vecs = s.N * s.C * s.S / V;
-      const int64_t grid = std::clamp<int64_t>(ceil_div(vecs, kGroupBlock), 1, target * 4);
-      auto launch = [&](auto kernel) {
-        simt::launch(kernel, dim3(grid), dim3(kGroupBlock), 0, stream, X, Y, w, b, mean.data_ptr<A>(),
-                     rstd.data_ptr<A>(), I(vecs), I(s.C), I(s.S), I(s.cpg()), I(s.G), act);
-      };
-      if (nsc) {
-        launch(group_norm_apply_kernel<T, W, V, true, I>);
-      } else {
-        launch(group_norm_apply_kernel<T, W, V, false, I>);
-      }
+      simt::launch(group_norm_apply_kernel<T, W, V, decltype(layout)::value, I>, elementwise_grid(x, vecs),
+                   dim3(kGroupBlock), 0, stream, X, Y, w, b, mean.data_ptr<A>(), rstd.data_ptr<A>(), I(vecs), I(s.C),
+                   I(s.S), I(s.cpg()), I(s.G), act);
     });
   }
 
@@ -250,16 +263,12 @@ struct GroupNormBackend {
     const T* DY = dy.data_ptr<T>();
     const A* MEAN = mean.data_ptr<A>();
     const A* RSTD = rstd.data_ptr<A>();
-    const int64_t target = int64_t(simt::device_limits(x.get_device()).sms) * 8;
     const bool nsc = s.channels_last;
     const GroupNormGradOp<A, W> op{MEAN, RSTD, w, b, s.C, s.G, s.cpg(), nsc, act};
-    // per-(n, c) sums of dz and dz * xhat: NCS as N * C runs of S values, NSC as N batches of [S, C]
-    const ChannelPartials p =
-        nsc ? channel_partials<T, true>(true, X, DY, nullptr, op, 1, s.C, s.S, s.N, s.S, 1, target, mean.options(),
-                                        stream)
-            : channel_partials<T, true>(false, X, DY, nullptr, op, 1, s.N * s.C, s.S, 1, 0, 1, target,
-                                        mean.options(), stream);
-    const int64_t stride_n = nsc ? p.splits * s.C : s.C, stride_sp = nsc ? s.C : s.N * s.C;
+    // per-(n, c) sums of dz and dz * xhat
+    const Partials pp = partials<T, true>(s, x, DY, op, 1, mean.options(), stream);
+    const ChannelPartials& p = pp.p;
+    const int64_t stride_n = pp.stride_n, stride_sp = pp.stride_sp;
     constexpr int64_t per_block = kGroupBlock / 32;  // a warp per output
     if (want_dw || want_db)
       simt::launch(group_norm_bwd_channel_sums_kernel<A, W>, dim3(ceil_div(s.C, per_block)), dim3(kGroupBlock), 0,
@@ -273,41 +282,15 @@ struct GroupNormBackend {
                  stream, p.parts<A>(), w, s.N, s.G, s.cpg(), p.splits, stride_n, stride_sp, SG, SGX);
     T* DX = dx.data_ptr<T>();
     const A inv_L = A(1) / static_cast<A>(s.cpg() * s.S);
-    elementwise<T>(s, is_aligned(X, 16) && is_aligned(DY, 16) && is_aligned(DX, 16), [&](auto vw, auto ix) {
+    channel_elementwise<T>(nsc, s.C, s.S, s.N * s.C * s.S, is_aligned(X, 16) && is_aligned(DY, 16) && is_aligned(DX, 16),
+                           [&](auto vw, auto layout, auto ix) {
       constexpr int V = decltype(vw)::value;
       using I = decltype(ix);
       const int64_t vecs = s.N * s.C * s.S / V;
-      const int64_t grid = std::clamp<int64_t>(ceil_div(vecs, kGroupBlock), 1, target * 4);
-      auto launch = [&](auto kernel) {
-        simt::launch(kernel, dim3(grid), dim3(kGroupBlock), 0, stream, DY, X, DX, w, b, MEAN, RSTD, SG, SGX, inv_L,
-                     I(vecs), I(s.C), I(s.S), I(s.cpg()), I(s.G), act);
-      };
-      if (nsc) {
-        launch(group_norm_dx_kernel<T, W, V, true, I>);
-      } else {
-        launch(group_norm_dx_kernel<T, W, V, false, I>);
-      }
+      simt::launch(group_norm_dx_kernel<T, W, V, decltype(layout)::value, I>, elementwise_grid(x, vecs),
+                   dim3(kGroupBlock), 0, stream, DY, X, DX, w, b, MEAN, RSTD, SG, SGX, inv_L, I(vecs), I(s.C), I(s.S),
+                   I(s.cpg()), I(s.G), act);
     });
-  }
-
-  // Runs f(V, I) with the widest vector the layout and alignment allow and the narrowest index type.
-  template <typename T, typename F>
-  static void elementwise(const GroupNormShape& s, bool aligned, F&& f) {
-    constexpr int VW = vec_width<T>();
-    const bool vec = aligned && (s.channels_last ? s.C : s.S) % VW == 0;
-    const bool small = s.N * s.C * s.S < (int64_t(1) << 31);
-    auto by_index = [&](auto vw) {
-      if (small) {
-        f(vw, uint32_t(0));
-      } else {
-        f(vw, int64_t(0));
-      }
-    };
-    if (vec) {
-      by_index(std::integral_constant<int, VW>());
-    } else {
-      by_index(std::integral_constant<int, 1>());
-    }
   }
 };
 

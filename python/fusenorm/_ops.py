@@ -49,9 +49,9 @@ def _rms_norm_bwd_fake(dy, x, rstd, normalized_shape, weight, output_mask):
     return _masked(output_mask[0], x, x), _masked(output_mask[1], weight, x)
 
 
-def _group_layout_like(x: torch.Tensor) -> torch.Tensor:
-    """The layout the GroupNorm op computes in (and returns): x's own when it is contiguous or
-    channels-last-like ([N, C, *] stored as [N, *, C]), else contiguous."""
+def _channel_layout_like(x: torch.Tensor) -> torch.Tensor:
+    """The layout the GroupNorm and BatchNorm ops compute in (and return): x's own when it is
+    contiguous or channels-last-like ([N, C, *] stored as [N, *, C]), else contiguous."""
     if x.is_contiguous():
         return torch.empty_like(x)
     if x.dim() >= 3 and x.permute(0, *range(2, x.dim()), 1).is_contiguous():
@@ -62,25 +62,19 @@ def _group_layout_like(x: torch.Tensor) -> torch.Tensor:
 @torch.library.register_fake("fusenorm::group_norm_fwd")
 def _group_norm_fwd_fake(x, num_groups, weight, bias, eps, activation="none"):
     stat = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x))
-    return _group_layout_like(x), stat, stat.clone()
+    return _channel_layout_like(x), stat, stat.clone()
 
 
 @torch.library.register_fake("fusenorm::group_norm_bwd")
 def _group_norm_bwd_fake(dy, x, mean, rstd, num_groups, weight, bias, activation, output_mask):
-    dx = _group_layout_like(x) if output_mask[0] else x.new_empty((0,))
+    dx = _channel_layout_like(x) if output_mask[0] else x.new_empty((0,))
     return dx, _masked(output_mask[1], weight, x), _masked(output_mask[2], bias, x)
-
-
-def _bn_layout_like(x: torch.Tensor) -> torch.Tensor:
-    """The layout the BatchNorm ops compute in (and return): x's own when it is contiguous or
-    channels-last-like, else contiguous."""
-    return _group_layout_like(x)
 
 
 @torch.library.register_fake("fusenorm::batch_norm_fwd")
 def _batch_norm_fwd_fake(x, weight, bias, residual, eps, activation="none"):
     stat = x.new_empty((x.shape[1],), dtype=_stat_dtype(x))
-    return _bn_layout_like(x), stat, stat.clone()
+    return _channel_layout_like(x), stat, stat.clone()
 
 
 @torch.library.register_fake("fusenorm::batch_norm_stats")
@@ -91,16 +85,16 @@ def _batch_norm_stats_fake(x):
 
 @torch.library.register_fake("fusenorm::batch_norm_apply")
 def _batch_norm_apply_fake(x, mean, var, weight, bias, residual, eps, activation="none"):
-    return _bn_layout_like(x)
+    return _channel_layout_like(x)
 
 
 @torch.library.register_fake("fusenorm::batch_norm_bwd")
 def _batch_norm_bwd_fake(dy, x, mean, var, weight, y, eps, training, activation, output_mask):
-    dx = _bn_layout_like(x) if output_mask[0] else x.new_empty((0,))
+    dx = _channel_layout_like(x) if output_mask[0] else x.new_empty((0,))
     dw = weight.new_empty(weight.shape) if output_mask[1] and weight is not None else x.new_empty((0,))
     db_dtype = weight.dtype if weight is not None else x.dtype
     db = x.new_empty((x.shape[1],), dtype=db_dtype) if output_mask[2] else x.new_empty((0,))
-    dz = _bn_layout_like(x) if output_mask[3] and activation == "relu" else x.new_empty((0,))
+    dz = _channel_layout_like(x) if output_mask[3] and activation == "relu" else x.new_empty((0,))
     return dx, dw, db, dz
 
 
@@ -112,4 +106,4 @@ def _batch_norm_bwd_reduce_fake(dy, x, mean, var, eps):
 
 @torch.library.register_fake("fusenorm::batch_norm_bwd_elemt")
 def _batch_norm_bwd_elemt_fake(dy, x, mean, var, weight, mean_dy, mean_dy_xhat, eps):
-    return _bn_layout_like(x)
+    return _channel_layout_like(x)

@@ -199,8 +199,7 @@ def instance_norm(
         if act in ("none", "relu"):  # eval with running statistics: BatchNorm's one-pass apply
             x, weight, bias = _autocast_fp32(input, weight, bias)
             if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
-                return BatchNormFunction.apply(x, running_mean, running_var, weight, bias, None, float(eps), False,
-                                               act)
+                return BatchNormFunction.apply(x, running_mean, running_var, weight, bias, None, float(eps), act)
             return _BN_APPLY(x, running_mean, running_var, weight, bias, None, float(eps), act)
         # SiLU / GELU: one scale-and-shift per channel and the activation (torch elementwise ops)
         shape = [1, input.size(1)] + [1] * (input.dim() - 2)
@@ -265,17 +264,21 @@ def _bn_activation_name(activation: Optional[str]) -> str:
     return activation or "none"
 
 
+def _bn_save(ctx, x, mean, var, weight, bias, residual, y, eps, training, activation) -> None:
+    """What the BatchNorm backward needs (y only for the ReLU mask)."""
+    ctx.save_for_backward(x, mean, var, weight, y if activation == "relu" else None)
+    ctx.eps, ctx.training, ctx.activation = eps, training, activation
+    ctx.has_weight, ctx.bias_dtype = weight is not None, None if bias is None else bias.dtype
+    ctx.has_residual = residual is not None
+
+
 class BatchNormFunction(torch.autograd.Function):
-    """y = act(bn(x) + residual) with given statistics (eval: the running statistics, constants;
-    with training=True they would be x's own batch statistics and dx would go through them)."""
+    """Eval: y = act(bn(x) + residual) with the running statistics (constants for the backward)."""
 
     @staticmethod
-    def forward(ctx, x, mean, var, weight, bias, residual, eps, training, activation):
+    def forward(ctx, x, mean, var, weight, bias, residual, eps, activation):
         y = _BN_APPLY(x, mean, var, weight, bias, residual, eps, activation)
-        ctx.save_for_backward(x, mean, var, weight, y if activation == "relu" else None)
-        ctx.eps, ctx.training, ctx.activation = eps, training, activation
-        ctx.has_weight, ctx.bias_dtype = weight is not None, None if bias is None else bias.dtype
-        ctx.has_residual = residual is not None
+        _bn_save(ctx, x, mean, var, weight, bias, residual, y, eps, False, activation)
         return y
 
     @staticmethod
@@ -286,7 +289,7 @@ class BatchNormFunction(torch.autograd.Function):
         want = [need[0], ctx.has_weight and need[3], ctx.bias_dtype is not None and need[4],
                 ctx.has_residual and need[5]]
         dx, dw, db, dz = _bn_backward(ctx, dy, x, mean, var, weight, y, want)
-        return dx, None, None, dw, db, dz, None, None, None
+        return dx, None, None, dw, db, dz, None, None
 
 
 class BatchNormTrainFunction(torch.autograd.Function):
@@ -296,10 +299,7 @@ class BatchNormTrainFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, residual, eps, activation):
         y, mean, var = _BN_FWD(x, weight, bias, residual, eps, activation)
-        ctx.save_for_backward(x, mean, var, weight, y if activation == "relu" else None)
-        ctx.eps, ctx.training, ctx.activation = eps, True, activation
-        ctx.has_weight, ctx.bias_dtype = weight is not None, None if bias is None else bias.dtype
-        ctx.has_residual = residual is not None
+        _bn_save(ctx, x, mean, var, weight, bias, residual, y, eps, True, activation)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
@@ -386,7 +386,7 @@ def batch_norm(
     if running_var is None:
         raise RuntimeError("running_var must be defined in evaluation mode")
     if grad:
-        return BatchNormFunction.apply(x, running_mean, running_var, weight, bias, residual, eps, False, act)
+        return BatchNormFunction.apply(x, running_mean, running_var, weight, bias, residual, eps, act)
     return _BN_APPLY(x, running_mean, running_var, weight, bias, residual, eps, act)
 
 

@@ -92,23 +92,19 @@ class _BatchNormMixin:
         F._bn_activation_name(activation)
         self.activation = activation
 
-    def _factor(self):
+    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
                 momentum = 1.0 / self.num_batches_tracked
-        return momentum
-
-    def _buffers_for_call(self):
-        keep = not self.training or self.track_running_stats
-        return (self.running_mean if keep else None), (self.running_var if keep else None)
-
-    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._check_input_dim(input)
-        momentum = self._factor()
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        running_mean, running_var = self._buffers_for_call()
+        keep = not self.training or self.track_running_stats  # buffers passed only when used
+        return self._normalize(input, residual, self.running_mean if keep else None,
+                               self.running_var if keep else None, bn_training, momentum)
+
+    def _normalize(self, input, residual, running_mean, running_var, bn_training, momentum):
         return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
                             self.eps, activation=self.activation, residual=residual)
 
@@ -135,20 +131,18 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
     forward, and the two per-channel gradient sums with one all-reduce in the backward. Ranks may
     hold different batch sizes, an empty one included. Same state_dict as torch.nn.SyncBatchNorm."""
 
-    def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        self._check_input_dim(input)
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        super()._check_input_dim(input)
         self._check_non_zero_input_channels(input)
-        momentum = self._factor()
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
-        running_mean, running_var = self._buffers_for_call()
+
+    def _normalize(self, input, residual, running_mean, running_var, bn_training, momentum):
         group = self.process_group or (torch.distributed.group.WORLD if torch.distributed.is_available() else None)
         need_sync = (bn_training and self.training and torch.distributed.is_available()
                      and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1)
-        if not need_sync or residual is not None or self.activation is not None:
-            if need_sync:
-                raise ValueError("fusenorm.SyncBatchNorm: activation and residual are not supported while syncing")
-            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training, momentum,
-                                self.eps, activation=self.activation, residual=residual)
+        if not need_sync:
+            return super()._normalize(input, residual, running_mean, running_var, bn_training, momentum)
+        if residual is not None or self.activation is not None:
+            raise ValueError("fusenorm.SyncBatchNorm: activation and residual are not supported while syncing")
         return F.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
                                  group)
 
