@@ -3,9 +3,10 @@
 // Statistics, exact and independent of the thread count:
 //   NCS: each (n, c) run of S values gets exact two-pass moments from cache (chunks of <= 16K
 //        values), merged over n per channel with Chan's formula in order.
-//   NSC: the N * S rows are cut into chunks of ~16K values; each chunk gets per-channel moments
-//        in one pass, relative to a pivot (its first row); a fixed set of tasks merges its chunks
-//        in order (Chan), then the tasks are merged in order.
+//   NSC: the N * S rows are cut into chunks of ~16K values; each chunk gets exact two-pass
+//        per-channel moments relative to a pivot (the first row), a block of channels at a time
+//        from L1; a fixed set of tasks merges its chunks in order (Chan), then the tasks are
+//        merged in order, in parallel over channels.
 // Training forward and backward in NCS fuse both passes per channel when a channel fits in L2 (see
 // fuse_channels). Elementwise passes (apply, dx) run along the contiguous axis: per (n, c) run with scalar
 // coefficients (NCS), or per row with per-channel coefficient arrays (NSC), AVX2 for fp32
@@ -215,11 +216,20 @@ struct BatchNormBackend {
   };
 
   // NCS, training: when one channel's N runs stay in L2 between its passes and there are enough
-  // channels for every thread, one task per channel reduces and then normalizes (or sums, then
-  // writes dx) from cache: x (and dy) come from memory once. Same arithmetic and order as the
-  // two-step path, so the results are identical.
+  // channels for every thread, each thread takes its channels in blocks that fit in L2, reduces a
+  // block and then normalizes it (or sums, then writes dx) from cache: x (and dy) come from memory
+  // once. A block's runs in one sample are one contiguous span (short runs, 14x14 or 7x7, would
+  // otherwise be read a few hundred bytes at a time, C * S values apart). Each channel has the
+  // same arithmetic and order as in the two-step path, so the results are identical.
   static bool fuse_channels(const BatchNormShape& s, int64_t bytes_per_site) {
     return !s.channels_last && s.C >= at::get_num_threads() && s.count() * bytes_per_site <= kBnFuseBytes;
+  }
+
+  // Channels per block: as many as fit in kBnFuseBytes, at most a thread's share.
+  static int64_t channel_block(const BatchNormShape& s, int64_t bytes_per_site) {
+    const int64_t fit = std::max<int64_t>(1, kBnFuseBytes / (s.count() * bytes_per_site));
+    const int64_t share = (s.C + at::get_num_threads() - 1) / at::get_num_threads();
+    return std::max<int64_t>(1, std::min(fit, share));
   }
 
   template <typename T, typename W>
@@ -228,26 +238,33 @@ struct BatchNormBackend {
     using A = acc_t<T>;
     if (!fuse_channels(s, sizeof(T)))
       return compose_fwd_train<BatchNormBackend, T, W>(s, xc, x, w, b, z, eps, act, y, mean, var);
-    const int64_t C = s.C, S = s.S;
+    const int64_t C = s.C, S = s.S, cb_max = channel_block(s, sizeof(T));
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
       std::vector<A> buf(std::min(S, kBnChunk));
-      for (int64_t c = cb; c < ce; ++c) {
-        Welford<A> acc;
-        const A piv = static_cast<A>(x[c * S]);
+      std::vector<Welford<A>> acc(cb_max);
+      for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
+        const int64_t c1 = std::min(ce, c0 + cb_max);
+        std::fill(acc.begin(), acc.end(), Welford<A>());
         for (int64_t n = 0; n < s.N; ++n) {
-          const T* p = x + (n * C + c) * S;
-          if (n + 1 < s.N) prefetch_run(p + C * S, S);
-          for (int64_t i = 0; i < S; i += kBnChunk)
-            acc.merge(run_moments(p + i, std::min(kBnChunk, S - i), buf.data(), piv));
+          const T* p = x + (n * C + c0) * S;  // the block's runs: one contiguous span
+          if (n + 1 < s.N) prefetch_run(p + C * S, (c1 - c0) * S);
+          for (int64_t c = c0; c < c1; ++c, p += S) {
+            const A piv = static_cast<A>(x[c * S]);
+            for (int64_t i = 0; i < S; i += kBnChunk)
+              acc[c - c0].merge(run_moments(p + i, std::min(kBnChunk, S - i), buf.data(), piv));
+          }
         }
-        mean[c] = piv + acc.mean;
-        var[c] = acc.m2 / acc.count;
-        const A mu = mean[c], sc = fwd_scale(var, w, eps, c);
-        const A sh = b ? static_cast<A>(b[c]) : A(0);
-        for (int64_t n = 0; n < s.N; ++n) {
-          const int64_t o = (n * C + c) * S;
-          affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mu, &sc, &sh, act == Act::Relu);
+        for (int64_t c = c0; c < c1; ++c) {
+          mean[c] = static_cast<A>(x[c * S]) + acc[c - c0].mean;
+          var[c] = acc[c - c0].m2 / acc[c - c0].count;
         }
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = c0; c < c1; ++c) {
+            const A mu = mean[c], sc = fwd_scale(var, w, eps, c);
+            const A sh = b ? static_cast<A>(b[c]) : A(0);
+            const int64_t o = (n * C + c) * S;
+            affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mu, &sc, &sh, act == Act::Relu);
+          }
       }
     });
   }
@@ -260,31 +277,35 @@ struct BatchNormBackend {
     if (!sum_g || !fuse_channels(s, 2 * sizeof(T)))
       return compose_bwd<BatchNormBackend, T, W>(s, xc, dy, x, y, mean, var, w, eps, act, training, sum_g, sum_gx,
                                                  dx, dz);
-    const int64_t C = s.C, S = s.S;
+    const int64_t C = s.C, S = s.S, cb_max = channel_block(s, 2 * sizeof(T));
     const A k = A(1) / static_cast<A>(s.count());
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t c = cb; c < ce; ++c) {
-        A a_g = 0, a_gx = 0;
+      for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
+        const int64_t c1 = std::min(ce, c0 + cb_max);
+        for (int64_t c = c0; c < c1; ++c) sum_g[c] = sum_gx[c] = A(0);
         for (int64_t n = 0; n < s.N; ++n) {
-          const int64_t o = (n * C + c) * S;
+          const int64_t o0 = (n * C + c0) * S;
           if (n + 1 < s.N) {
-            prefetch_run(x + o + C * S, S);
-            prefetch_run(dy + o + C * S, S);
+            prefetch_run(x + o0 + C * S, (c1 - c0) * S);
+            prefetch_run(dy + o0 + C * S, (c1 - c0) * S);
           }
-          A pg = 0, pgx = 0;
-          grad_sums_run<false>(dy + o, x + o, y ? y + o : nullptr, S, &mean[c], &pg, &pgx);
-          a_g += pg;
-          a_gx += pgx;
+          for (int64_t c = c0; c < c1; ++c) {
+            const int64_t o = (n * C + c) * S;
+            A pg = 0, pgx = 0;
+            grad_sums_run<false>(dy + o, x + o, y ? y + o : nullptr, S, &mean[c], &pg, &pgx);
+            sum_g[c] += pg;
+            sum_gx[c] += pgx;
+          }
         }
-        sum_g[c] = a_g;
-        sum_gx[c] = a_gx / std::sqrt(var[c] + eps);
+        for (int64_t c = c0; c < c1; ++c) sum_gx[c] /= std::sqrt(var[c] + eps);
         if (!dx && !dz) continue;
-        const GradCoef<A> g = grad_coef(var, w, eps, c, training ? sum_g : nullptr, sum_gx, k);
-        for (int64_t n = 0; n < s.N; ++n) {
-          const int64_t o = (n * C + c) * S;
-          grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
-                          &mean[c], &g.a, &g.kg, &g.e);
-        }
+        for (int64_t n = 0; n < s.N; ++n)
+          for (int64_t c = c0; c < c1; ++c) {
+            const GradCoef<A> g = grad_coef(var, w, eps, c, training ? sum_g : nullptr, sum_gx, k);
+            const int64_t o = (n * C + c) * S;
+            grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
+                            &mean[c], &g.a, &g.kg, &g.e);
+          }
       }
     });
   }
@@ -322,39 +343,13 @@ struct BatchNormBackend {
     std::vector<A> piv(C);  // the first row: every chunk's moments are relative to it
     to_acc(x, piv.data(), C);
     at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-      std::vector<A> m(C), q(C), v(C);
+      std::vector<A> m(C), q(C);
       for (int64_t t = tb; t < te; ++t) {
         Welford<A>* acc = part.data() + t * C;
         for (int64_t k = task_first(t, chunks, tasks); k < task_first(t + 1, chunks, tasks); ++k) {
           const int64_t r0 = k * rpc, r1 = std::min(rows, r0 + rpc);
-          std::fill(m.begin(), m.end(), A(0));
-          std::fill(q.begin(), q.end(), A(0));
-          // one pass: sums of d and d^2, d = x - pivot (a value of the channel, so d is on the
-          // scale of the spread and M2 = sum d^2 - (sum d)^2 / len does not cancel)
-          for (int64_t r = r0; r < r1; ++r) {
-            const T* xr = x + r * C;
-            int64_t c0 = 0;
-#ifdef FUSENORM_CPU_AVX2
-            if constexpr (std::is_same_v<A, float>)
-              for (; c0 + 8 <= C; c0 += 8) {
-                const __m256 d = _mm256_sub_ps(load8(xr + c0), _mm256_loadu_ps(&piv[c0]));
-                _mm256_storeu_ps(&m[c0], _mm256_add_ps(_mm256_loadu_ps(&m[c0]), d));
-                _mm256_storeu_ps(&q[c0], _mm256_fmadd_ps(d, d, _mm256_loadu_ps(&q[c0])));
-              }
-#endif
-            to_acc(xr + c0, v.data(), C - c0);
-            for (int64_t c = c0; c < C; ++c) {
-              const A d = v[c - c0] - piv[c];
-              m[c] += d;
-              q[c] += d * d;
-            }
-          }
+          nsc_chunk_moments(x + r0 * C, C, r1 - r0, C, piv.data(), m.data(), q.data());
           const A len = A(r1 - r0);
-          for (int64_t c = 0; c < C; ++c) {
-            const A mc = m[c] / len;
-            m[c] = mc;
-            q[c] = std::max(q[c] - mc * mc * len, A(0));
-          }
           for (int64_t c = 0; c < C; ++c) {
             Welford<A> w;
             w.mean = m[c];
@@ -365,12 +360,14 @@ struct BatchNormBackend {
         }
       }
     });
-    for (int64_t c = 0; c < C; ++c) {
-      Welford<A> w;
-      for (int64_t t = 0; t < tasks; ++t) w.merge(part[t * C + c]);
-      mean[c] = piv[c] + w.mean;
-      var[c] = w.m2 / w.count;
-    }
+    at::parallel_for(0, C, 64, [&](int64_t cb, int64_t ce) {
+      for (int64_t c = cb; c < ce; ++c) {
+        Welford<A> w;
+        for (int64_t t = 0; t < tasks; ++t) w.merge(part[t * C + c]);
+        mean[c] = piv[c] + w.mean;
+        var[c] = w.m2 / w.count;
+      }
+    });
   }
 
   template <typename T, typename W>

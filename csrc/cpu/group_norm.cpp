@@ -5,8 +5,8 @@
 // is normalized, activated and stored.
 // NSC (channels last): per sample, parallel over chunks of sites; every pass runs along the
 // contiguous channel axis with per-channel arrays (pivot, mean, scale, bias). Statistics: each
-// chunk (~16K elements, cache-resident) gets exact two-pass per-channel moments, merged over chunks
-// and channels with Chan's formula in a fixed order, so x is read from memory once for them and
+// chunk (~16K elements, cache-resident) gets exact two-pass per-channel moments, merged per group
+// (two passes over its partials, which share the group's pivot) in a fixed order, so x is read from memory once for them and
 // results do not depend on the thread count; then y is written in a second pass.
 // Backward: dz = dy * act'(z) (z recomputed from x), per-channel sums of dz and dz * xhat give
 // dweight/dbias (per-sample partials summed over n in order) and the group sums for dx.
@@ -20,38 +20,38 @@
 namespace fusenorm::cpu {
 
 #ifdef FUSENORM_CPU_AVX2
-// 1 / d for 8 lanes: the 12-bit estimate and one Newton step (about 1 ulp; a division would
-// bound the SiLU passes by its latency).
-inline __m256 recip8(__m256 d) {
-  const __m256 r = _mm256_rcp_ps(d);
-  return _mm256_mul_ps(r, _mm256_fnmadd_ps(d, r, _mm256_set1_ps(2.f)));
-}
-
-// exp(x) for 8 lanes: Cody-Waite reduction by ln 2 and a degree-6 polynomial (about 1 ulp).
+// exp(x) for 8 lanes, about 1 ulp: Cody-Waite reduction by ln 2 and cephes' degree-6 polynomial.
+// The SiLU passes are bound by the latency of this chain (few loop iterations fit in the
+// scheduler), so it is kept short: k = round(x / ln 2) by the 1.5 * 2^23 shifter, whose low
+// mantissa bits are k; the polynomial in Estrin's form; 2^k added to the exponent bits. x is
+// clamped to [-86, 88.3], where k + the polynomial's exponent stays a normal exponent.
 inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
-  const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-86.f)), _mm256_set1_ps(88.3f));
+  const __m256 shifter = _mm256_set1_ps(12582912.f);
+  const __m256 kk = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
+  const __m256 k = _mm256_sub_ps(kk, shifter);
   __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
   r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+  const __m256 r2 = _mm256_mul_ps(r, r), r4 = _mm256_mul_ps(r2, r2);
+  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
+  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(8.3334519073e-3f), r, _mm256_set1_ps(4.1665795894e-2f));
+  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(1.6666665459e-1f), r, _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 p = _mm256_fmadd_ps(p45, r4, _mm256_fmadd_ps(p23, r2, p01));
+  const __m256 e = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), _mm256_slli_epi32(_mm256_castps_si256(kk), 23)));
 }
-#endif
 
-#ifdef FUSENORM_CPU_AVX2
+// sigmoid(z) = 1 / (1 + exp(-z)); a division: shorter than an estimate and a Newton step, exact.
+inline __m256 sigmoid8(__m256 z) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
+}
+
 inline __m256 activate8(Act act, __m256 z) {
-  const __m256 zero = _mm256_setzero_ps();
   switch (act) {
-    case Act::Relu: return _mm256_max_ps(z, zero);
-    case Act::Silu: return _mm256_mul_ps(z, recip8(_mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(zero, z)))));
+    case Act::Relu: return _mm256_max_ps(z, _mm256_setzero_ps());
+    case Act::Silu:
+      return _mm256_div_ps(z, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
     default: return z;
   }
 }
@@ -60,7 +60,7 @@ inline __m256 activate8(Act act, __m256 z) {
 inline __m256 activate_backward8(Act act, __m256 z, __m256 d) {
   const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
   if (act == Act::Relu) return _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_GT_OQ), d);
-  const __m256 sg = recip8(_mm256_add_ps(one, exp8(_mm256_sub_ps(zero, z))));
+  const __m256 sg = sigmoid8(z);
   return _mm256_mul_ps(d, _mm256_mul_ps(sg, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sg), one)));
 }
 
@@ -255,65 +255,42 @@ struct GroupNormBackend {
       // Per chunk and channel, the exact two-pass moments of x - pivot (the chunk is re-read from
       // cache, x from memory once): cnt[k], mean part[k][c], M2 part2[k][c].
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-        std::vector<A> v(C);
-        const A* pv = piv.data();  // in a local: the stores to m would make the compiler reload it
         for (int64_t k = cb; k < ce; ++k) {
           const int64_t s0 = k * chunk, s1 = std::min(S, (k + 1) * chunk);
-          A* m = part.data() + k * C;
-          A* q = part2.data() + k * C;
-          std::fill(m, m + C, A(0));
-          std::fill(q, q + C, A(0));
-          for (int64_t site = s0; site < s1; ++site) {
-            const T* xs = xn + site * C;
-            int64_t c0 = 0;
-#ifdef FUSENORM_CPU_AVX2
-            if constexpr (std::is_same_v<A, float>)
-              for (; c0 + 8 <= C; c0 += 8)
-                _mm256_storeu_ps(m + c0, _mm256_add_ps(_mm256_loadu_ps(m + c0),
-                                                       _mm256_sub_ps(load8(xs + c0), _mm256_loadu_ps(pv + c0))));
-#endif
-            to_acc(xs + c0, v.data(), C - c0);
-            for (int64_t c = c0; c < C; ++c) m[c] += v[c - c0] - piv[c];
-          }
-          for (int64_t c = 0; c < C; ++c) m[c] /= A(s1 - s0);
-          for (int64_t site = s0; site < s1; ++site) {
-            const T* xs = xn + site * C;
-            int64_t c0 = 0;
-#ifdef FUSENORM_CPU_AVX2
-            if constexpr (std::is_same_v<A, float>)
-              for (; c0 + 8 <= C; c0 += 8) {
-                const __m256 d = _mm256_sub_ps(_mm256_sub_ps(load8(xs + c0), _mm256_loadu_ps(pv + c0)),
-                                               _mm256_loadu_ps(m + c0));
-                _mm256_storeu_ps(q + c0, _mm256_fmadd_ps(d, d, _mm256_loadu_ps(q + c0)));
-              }
-#endif
-            to_acc(xs + c0, v.data(), C - c0);
-            for (int64_t c = c0; c < C; ++c) {
-              const A d = (v[c - c0] - piv[c]) - m[c];
-              q[c] += d * d;
-            }
-          }
+          nsc_chunk_moments(xn + s0 * C, C, s1 - s0, C, piv.data(), part.data() + k * C, part2.data() + k * C);
         }
       });
-      // merge chunks, then the channels of each group, in a fixed order (Chan et al.)
-      for (int64_t g = 0; g < G; ++g) {
-        Welford<A> acc;
-        for (int64_t j = 0; j < cpg; ++j)
+      // Merge each group's cpg * chunks partials, in parallel over groups and in a fixed order.
+      // They share the group's pivot, so two passes over them are exact as Chan's merge without
+      // its division per partial: mean = sum cnt_k m_k / total, M2 = sum M2_k + cnt_k (m_k - mean)^2.
+      at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
+        for (int64_t g = gb; g < ge; ++g) {
+          A sum = 0, m2 = 0;
           for (int64_t k = 0; k < chunks; ++k) {
-            Welford<A> part_k;
-            part_k.count = A(std::min(S, (k + 1) * chunk) - k * chunk);
-            part_k.mean = part[k * C + g * cpg + j];
-            part_k.m2 = part2[k * C + g * cpg + j];
-            acc.merge(part_k);
+            const A cnt = A(std::min(S, (k + 1) * chunk) - k * chunk);
+            const A* pk = part.data() + k * C + g * cpg;
+            A t = 0;
+            for (int64_t j = 0; j < cpg; ++j) t += pk[j];
+            sum += cnt * t;
           }
-        const A rs = A(1) / std::sqrt(acc.m2 / acc.count + eps);
-        for (int64_t j = 0; j < cpg; ++j) {
-          mu_c[g * cpg + j] = acc.mean;
-          scale[g * cpg + j] = rs * w[g * cpg + j];
+          const A mean = sum / A(cpg * S);
+          for (int64_t k = 0; k < chunks; ++k) {
+            const A cnt = A(std::min(S, (k + 1) * chunk) - k * chunk);
+            const A *pk = part.data() + k * C + g * cpg, *qk = part2.data() + k * C + g * cpg;
+            for (int64_t j = 0; j < cpg; ++j) {
+              const A d = pk[j] - mean;
+              m2 += qk[j] + cnt * d * d;
+            }
+          }
+          const A rs = A(1) / std::sqrt(m2 / A(cpg * S) + eps);
+          for (int64_t j = 0; j < cpg; ++j) {
+            mu_c[g * cpg + j] = mean;
+            scale[g * cpg + j] = rs * w[g * cpg + j];
+          }
+          MEAN[n * G + g] = piv[g * cpg] + mean;
+          RSTD[n * G + g] = rs;
         }
-        MEAN[n * G + g] = piv[g * cpg] + acc.mean;
-        RSTD[n * G + g] = rs;
-      }
+      });
       // pass 3: y along the channel axis, site by site
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
         std::vector<A> v(C);

@@ -308,6 +308,93 @@ std::vector<A> param_as_acc(const at::Tensor* p, int64_t n, A fill) {
   return out;
 }
 
+// Channels-last moments of a chunk of R rows of C contiguous channels (row stride ld): for every
+// channel c, the mean m[c] and M2 q[c] of x - piv[c] over the rows, exact two-pass. Each sum runs
+// over blocks of kNscRows rows, then over the blocks: a plain running sum of thousands of rows
+// (C = 4: 4096 per chunk) would lose 1e-5 of the variance. AVX2 fp32 works on blocks of 32
+// channels: the accumulators stay in registers (no load/store of m and q per row) and the block's
+// lines stay in L1 between its two passes, while the next block's lines are prefetched. The plain
+// loops below sum in the same order.
+constexpr int64_t kNscRows = 64;
+
+#ifdef FUSENORM_CPU_AVX2
+template <int V, typename T>
+inline void nsc_block_moments(const T* x, int64_t ld, int64_t R, const float* piv, float* m, float* q, int64_t ahead) {
+  __m256 p[V], s[V], t[V], mu[V];
+  for (int v = 0; v < V; ++v) {
+    p[v] = _mm256_loadu_ps(piv + 8 * v);
+    s[v] = _mm256_setzero_ps();
+  }
+  for (int64_t r0 = 0; r0 < R; r0 += kNscRows) {
+    for (int v = 0; v < V; ++v) t[v] = _mm256_setzero_ps();
+    for (int64_t r = r0; r < std::min(R, r0 + kNscRows); ++r) {
+      const T* xr = x + r * ld;
+      if (ahead) {  // the first and last element of the next block: its one or two lines
+        __builtin_prefetch(reinterpret_cast<const char*>(xr + ahead), 0, 3);
+        __builtin_prefetch(reinterpret_cast<const char*>(xr + ahead + 8 * V - 1), 0, 3);
+      }
+      for (int v = 0; v < V; ++v) t[v] = _mm256_add_ps(t[v], _mm256_sub_ps(load8(xr + 8 * v), p[v]));
+    }
+    for (int v = 0; v < V; ++v) s[v] = _mm256_add_ps(s[v], t[v]);
+  }
+  const __m256 len = _mm256_set1_ps(float(R));
+  for (int v = 0; v < V; ++v) {
+    mu[v] = _mm256_div_ps(s[v], len);
+    s[v] = _mm256_setzero_ps();
+  }
+  for (int64_t r0 = 0; r0 < R; r0 += kNscRows) {
+    for (int v = 0; v < V; ++v) t[v] = _mm256_setzero_ps();
+    for (int64_t r = r0; r < std::min(R, r0 + kNscRows); ++r) {
+      const T* xr = x + r * ld;
+      for (int v = 0; v < V; ++v) {
+        const __m256 d = _mm256_sub_ps(_mm256_sub_ps(load8(xr + 8 * v), p[v]), mu[v]);
+        t[v] = _mm256_fmadd_ps(d, d, t[v]);
+      }
+    }
+    for (int v = 0; v < V; ++v) s[v] = _mm256_add_ps(s[v], t[v]);
+  }
+  for (int v = 0; v < V; ++v) {
+    _mm256_storeu_ps(m + 8 * v, mu[v]);
+    _mm256_storeu_ps(q + 8 * v, s[v]);
+  }
+}
+#endif
+
+template <typename T, typename A>
+inline void nsc_chunk_moments(const T* x, int64_t ld, int64_t R, int64_t C, const A* piv, A* m, A* q) {
+  int64_t c0 = 0;
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    constexpr int64_t kBlock = 32;
+    for (; c0 + kBlock <= C; c0 += kBlock) {
+      const int64_t ahead = c0 + 2 * kBlock <= C ? kBlock : 0;
+      nsc_block_moments<4>(x + c0, ld, R, piv + c0, m + c0, q + c0, ahead);
+    }
+    for (; c0 + 8 <= C; c0 += 8) nsc_block_moments<1>(x + c0, ld, R, piv + c0, m + c0, q + c0, 0);
+  }
+#endif
+  for (int64_t c = c0; c < C; ++c) {
+    A sum = 0;
+    for (int64_t r0 = 0; r0 < R; r0 += kNscRows) {
+      A t = 0;
+      for (int64_t r = r0; r < std::min(R, r0 + kNscRows); ++r) t += static_cast<A>(x[r * ld + c]) - piv[c];
+      sum += t;
+    }
+    const A mu = sum / A(R);
+    A sq = 0;
+    for (int64_t r0 = 0; r0 < R; r0 += kNscRows) {
+      A t = 0;
+      for (int64_t r = r0; r < std::min(R, r0 + kNscRows); ++r) {
+        const A d = (static_cast<A>(x[r * ld + c]) - piv[c]) - mu;
+        t += d * d;
+      }
+      sq += t;
+    }
+    m[c] = mu;
+    q[c] = sq;
+  }
+}
+
 inline int64_t row_grain(int64_t N) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)); }
 
 template <typename T, typename W, bool RMS>
