@@ -96,8 +96,25 @@ def test_matches_torch(device, dtype, layout, shape, groups):
 @pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_fused_activation(device, act, layout, dtype):
-    _check(device, dtype, (2, 12, 6, 7), 4, layout, act)
+@pytest.mark.parametrize("channels", [12, 16])  # CPU: scalar channels, and the 8-channel vector path
+def test_fused_activation(device, act, layout, dtype, channels):
+    _check(device, dtype, (2, channels, 6, 7), 4, layout, act)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("act", [None, "silu"])
+def test_parameter_grads_only(device, layout, act):
+    """x without grad: no dx pass; dweight and dbias through the activation still match torch.nn."""
+    x = _layout(torch.randn(2, 16, 6, 7, device=device), layout)
+    w, b = torch.randn(16, device=device), torch.randn(16, device=device)
+    dy = torch.randn_like(x)
+    grads = []
+    for fn in (lambda *a: ACTS[act](F.group_norm(*a)), lambda *a: fusenorm.group_norm(*a, activation=act)):
+        leaves = [t.detach().requires_grad_() for t in (w, b)]
+        grads.append(torch.autograd.grad(fn(x, 4, leaves[0], leaves[1]), leaves, dy))
+    for theirs, ours in zip(*grads):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -13,6 +13,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <memory>
+
 #include "common/activation.h"
 #include "common/group_norm_ops.h"
 #include "cpu/row_norm.h"
@@ -62,17 +64,6 @@ inline __m256 activate_backward8(Act act, __m256 z, __m256 d) {
   if (act == Act::Relu) return _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_GT_OQ), d);
   const __m256 sg = sigmoid8(z);
   return _mm256_mul_ps(d, _mm256_mul_ps(sg, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sg), one)));
-}
-
-// Backward, channels last: xhat and dz for channels [c, c + 8) of one site, in registers.
-template <typename T>
-inline void grads8(Act act, const T* xs, const T* ds, int64_t c, const float* mu, const float* rs, const float* w,
-                   const float* b, __m256& xv, __m256& dv) {
-  xv = _mm256_mul_ps(_mm256_sub_ps(load8(xs + c), _mm256_loadu_ps(mu + c)), _mm256_loadu_ps(rs + c));
-  dv = load8(ds + c);
-  if (act == Act::None) return;
-  const __m256 z = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + c), _mm256_loadu_ps(b + c));
-  dv = activate_backward8(act, z, dv);
 }
 
 // Backward, contiguous layout, one channel's run of S sites (mean mu, rstd rs, weight w, bias b):
@@ -438,6 +429,11 @@ struct GroupNormBackend {
       }
     };
     const bool vec8 = C % 8 == 0 && act != Act::Gelu;  // AVX2 fp32: 8 channels at a time, GELU scalar
+    // With an activation, the AVX2 path keeps one sample's dz (fp32) from the sums pass for the dx
+    // pass: act' (an exp for SiLU) is computed once per element, not twice.
+    std::unique_ptr<float[]> dz_buf;
+    if (vec8 && act != Act::None && std::is_same_v<A, float> && DX) dz_buf.reset(new float[S * C]);
+    float* dz_keep = dz_buf.get();
     for (int64_t n = 0; n < s.N; ++n) {
       const T* xn = X + n * S * C;
       const T* dn = DY + n * S * C;
@@ -452,20 +448,32 @@ struct GroupNormBackend {
           A* qb = pb.data() + k * C;
           std::fill(qw, qw + C, A(0));
           std::fill(qb, qb + C, A(0));
-          for (int64_t site = k * chunk; site < std::min(S, (k + 1) * chunk); ++site) {
+          const int64_t s0 = k * chunk, s1 = std::min(S, (k + 1) * chunk);
 #ifdef FUSENORM_CPU_AVX2
-            if constexpr (std::is_same_v<A, float>) {
-              if (vec8) {
-                for (int64_t c = 0; c < C; c += 8) {
-                  __m256 xv, dv;
-                  grads8(act, xn + site * C, dn + site * C, c, mu_c.data(), rs_c.data(), w.data(), b.data(), xv, dv);
-                  _mm256_storeu_ps(qw + c, _mm256_fmadd_ps(dv, xv, _mm256_loadu_ps(qw + c)));
-                  _mm256_storeu_ps(qb + c, _mm256_add_ps(_mm256_loadu_ps(qb + c), dv));
+          if constexpr (std::is_same_v<A, float>) {
+            if (vec8) {  // 8 channels at a time over the chunk's sites, sums and coefficients in registers
+              for (int64_t c = 0; c < C; c += 8) {
+                const __m256 muv = _mm256_loadu_ps(&mu_c[c]), rsv = _mm256_loadu_ps(&rs_c[c]);
+                const __m256 wv = _mm256_loadu_ps(&w[c]), bv = _mm256_loadu_ps(&b[c]);
+                __m256 aw = _mm256_setzero_ps(), ab = _mm256_setzero_ps();
+                for (int64_t site = s0; site < s1; ++site) {
+                  const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(xn + site * C + c), muv), rsv);
+                  __m256 dv = load8(dn + site * C + c);
+                  if (act != Act::None) {
+                    dv = activate_backward8(act, _mm256_fmadd_ps(xv, wv, bv), dv);
+                    if (dz_keep) _mm256_storeu_ps(dz_keep + site * C + c, dv);
+                  }
+                  aw = _mm256_fmadd_ps(dv, xv, aw);
+                  ab = _mm256_add_ps(ab, dv);
                 }
-                continue;
+                _mm256_storeu_ps(qw + c, aw);
+                _mm256_storeu_ps(qb + c, ab);
               }
+              continue;
             }
+          }
 #endif
+          for (int64_t site = s0; site < s1; ++site) {
             site_grads(xn + site * C, dn + site * C, xh.data(), d.data(), z.data());
             for (int64_t c = 0; c < C; ++c) {
               qw[c] += d[c] * xh[c];
@@ -497,10 +505,11 @@ struct GroupNormBackend {
         for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
-            if (vec8) {
+            if (vec8) {  // dz from pass 1 (kept) or dy
               for (int64_t c = 0; c < C; c += 8) {
-                __m256 xv, dv;
-                grads8(act, xn + site * C, dn + site * C, c, mu_c.data(), rs_c.data(), w.data(), b.data(), xv, dv);
+                const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(xn + site * C + c), _mm256_loadu_ps(&mu_c[c])),
+                                                _mm256_loadu_ps(&rs_c[c]));
+                const __m256 dv = act != Act::None ? _mm256_loadu_ps(dz_keep + site * C + c) : load8(dn + site * C + c);
                 const __m256 t = _mm256_sub_ps(_mm256_fmsub_ps(dv, _mm256_loadu_ps(&w[c]), _mm256_loadu_ps(&a_c[c])),
                                                _mm256_mul_ps(xv, _mm256_loadu_ps(&cc_c[c])));
                 store8(dxn + site * C + c, _mm256_mul_ps(_mm256_loadu_ps(&rs_c[c]), t));
