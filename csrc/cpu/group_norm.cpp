@@ -451,24 +451,20 @@ struct GroupNormBackend {
           const int64_t s0 = k * chunk, s1 = std::min(S, (k + 1) * chunk);
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
-            if (vec8) {  // 8 channels at a time over the chunk's sites, sums and coefficients in registers
-              for (int64_t c = 0; c < C; c += 8) {
-                const __m256 muv = _mm256_loadu_ps(&mu_c[c]), rsv = _mm256_loadu_ps(&rs_c[c]);
-                const __m256 wv = _mm256_loadu_ps(&w[c]), bv = _mm256_loadu_ps(&b[c]);
-                __m256 aw = _mm256_setzero_ps(), ab = _mm256_setzero_ps();
-                for (int64_t site = s0; site < s1; ++site) {
-                  const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(xn + site * C + c), muv), rsv);
+            if (vec8) {  // site by site (dz is stored in order), 8 channels at a time
+              for (int64_t site = s0; site < s1; ++site)
+                for (int64_t c = 0; c < C; c += 8) {
+                  const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(xn + site * C + c), _mm256_loadu_ps(&mu_c[c])),
+                                                  _mm256_loadu_ps(&rs_c[c]));
                   __m256 dv = load8(dn + site * C + c);
                   if (act != Act::None) {
-                    dv = activate_backward8(act, _mm256_fmadd_ps(xv, wv, bv), dv);
+                    const __m256 z = _mm256_fmadd_ps(xv, _mm256_loadu_ps(&w[c]), _mm256_loadu_ps(&b[c]));
+                    dv = activate_backward8(act, z, dv);
                     if (dz_keep) _mm256_storeu_ps(dz_keep + site * C + c, dv);
                   }
-                  aw = _mm256_fmadd_ps(dv, xv, aw);
-                  ab = _mm256_add_ps(ab, dv);
+                  _mm256_storeu_ps(qw + c, _mm256_fmadd_ps(dv, xv, _mm256_loadu_ps(qw + c)));
+                  _mm256_storeu_ps(qb + c, _mm256_add_ps(_mm256_loadu_ps(qb + c), dv));
                 }
-                _mm256_storeu_ps(qw + c, aw);
-                _mm256_storeu_ps(qb + c, ab);
-              }
               continue;
             }
           }
