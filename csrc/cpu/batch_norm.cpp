@@ -2,7 +2,8 @@
 //
 // Statistics, exact and independent of the thread count:
 //   NCS: each (n, c) run of S values gets exact two-pass moments from cache (chunks of <= 16K
-//        values), merged over n per channel with Chan's formula in order.
+//        values), merged over n per channel with Chan's formula in order; the fused training
+//        forward (below) instead makes two passes over a channel held in L2.
 //   NSC: the N * S rows are cut into chunks of ~16K values; each chunk gets exact two-pass
 //        per-channel moments relative to a pivot (the first row), a block of channels at a time
 //        from L1; a fixed set of tasks merges its chunks in order (Chan), then the tasks are
@@ -48,6 +49,45 @@ Welford<A> run_moments(const T* p, int64_t n, A* buf, A c) {
   w.m2 = sq_dev_of(v, n, c, m);
   w.count = A(n);
   return w;
+}
+
+// acc[0, 32) += the 32-lane partial sums of one run of n values (lane j: values j mod 32) of
+// v - c, or with SQ of ((v - c) - m)^2; *tail += the last n mod 32. A run starts its lanes at
+// zero and adds them to acc, so the fused per-channel statistics carry lanes across a channel's
+// runs: no reduction or merge per run (a 7x7 run is 49 values).
+template <bool SQ, typename T, typename A>
+inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
+  int64_t i = 0;
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    const __m256 cv = _mm256_set1_ps(c), mv = _mm256_set1_ps(m);
+    __m256 t[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    for (; i + kLanes <= n; i += kLanes)
+      for (int k = 0; k < 4; ++k) {
+        const __m256 d = _mm256_sub_ps(load8(p + i + 8 * k), cv);
+        if constexpr (SQ) {
+          const __m256 e = _mm256_sub_ps(d, mv);
+          t[k] = _mm256_fmadd_ps(e, e, t[k]);
+        } else {
+          t[k] = _mm256_add_ps(t[k], d);
+        }
+      }
+    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(acc + 8 * k, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * k), t[k]));
+  } else
+#endif
+  {
+    A t[kLanes] = {};
+    for (; i + kLanes <= n; i += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const A d = static_cast<A>(p[i + j]) - c;
+        t[j] += SQ ? (d - m) * (d - m) : d;
+      }
+    for (int j = 0; j < kLanes; ++j) acc[j] += t[j];
+  }
+  for (; i < n; ++i) {
+    const A d = static_cast<A>(p[i]) - c;
+    *tail += SQ ? (d - m) * (d - m) : d;
+  }
 }
 
 // Prefetches the first 4 KiB of a run: in the per-channel (NCS) loops consecutive runs are C * S
@@ -216,11 +256,12 @@ struct BatchNormBackend {
   };
 
   // NCS, training: when one channel's N runs stay in L2 between its passes and there are enough
-  // channels for every thread, each thread takes its channels in blocks that fit in L2, reduces a
-  // block and then normalizes it (or sums, then writes dx) from cache: x (and dy) come from memory
-  // once. A block's runs in one sample are one contiguous span (short runs, 14x14 or 7x7, would
-  // otherwise be read a few hundred bytes at a time, C * S values apart). Each channel has the
-  // same arithmetic and order as in the two-step path, so the results are identical.
+  // channels for every thread, each thread takes its channels in blocks that fit in L2 and reads a
+  // block's runs sample by sample (one contiguous span each: short runs, 14x14 or 7x7, would
+  // otherwise be read a few hundred bytes at a time, C * S values apart). Forward: the sums of
+  // x - pivot, then of squared deviations (32 lanes per channel carried across its runs), then y,
+  // the last two passes from cache. Backward: the sums, then dx from cache. x (and dy) come from
+  // memory once.
   static bool fuse_channels(const BatchNormShape& s, int64_t bytes_per_site) {
     return !s.channels_last && s.C >= at::get_num_threads() && s.count() * bytes_per_site <= kBnFuseBytes;
   }
@@ -240,30 +281,46 @@ struct BatchNormBackend {
       return compose_fwd_train<BatchNormBackend, T, W>(s, xc, x, w, b, z, eps, act, y, mean, var);
     const int64_t C = s.C, S = s.S, cb_max = channel_block(s, sizeof(T));
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
-      std::vector<A> buf(std::min(S, kBnChunk));
-      std::vector<Welford<A>> acc(cb_max);
+      // per channel of the block: 32 lanes + a tail, for the sums of d = x - pivot, then of (d - mean)^2
+      std::vector<A> lanes(cb_max * kLanes), tails(cb_max), mrel(cb_max);
       for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
         const int64_t c1 = std::min(ce, c0 + cb_max);
-        std::fill(acc.begin(), acc.end(), Welford<A>());
-        for (int64_t n = 0; n < s.N; ++n) {
-          const T* p = x + (n * C + c0) * S;  // the block's runs: one contiguous span
-          if (n + 1 < s.N) prefetch_run(p + C * S, (c1 - c0) * S);
-          for (int64_t c = c0; c < c1; ++c, p += S) {
-            const A piv = static_cast<A>(x[c * S]);
-            for (int64_t i = 0; i < S; i += kBnChunk)
-              acc[c - c0].merge(run_moments(p + i, std::min(kBnChunk, S - i), buf.data(), piv));
+        for (int pass = 0; pass < 2; ++pass) {
+          std::fill(lanes.begin(), lanes.end(), A(0));
+          std::fill(tails.begin(), tails.end(), A(0));
+          for (int64_t n = 0; n < s.N; ++n) {
+            const T* p = x + (n * C + c0) * S;  // the block's runs: one contiguous span
+            if (pass == 0 && n + 1 < s.N) prefetch_run(p + C * S, (c1 - c0) * S);
+            for (int64_t c = c0; c < c1; ++c, p += S) {
+              const A piv = static_cast<A>(x[c * S]);
+              A* l = lanes.data() + (c - c0) * kLanes;
+              if (pass == 0) {
+                lanes_add_run<false>(p, S, piv, A(0), l, &tails[c - c0]);
+              } else {
+                lanes_add_run<true>(p, S, piv, mrel[c - c0], l, &tails[c - c0]);
+              }
+            }
+          }
+          const A count = static_cast<A>(s.count());
+          for (int64_t c = c0; c < c1; ++c) {
+            const A total = sum_lanes(lanes.data() + (c - c0) * kLanes) + tails[c - c0];
+            if (pass == 0) {
+              mrel[c - c0] = total / count;
+            } else {
+              mean[c] = static_cast<A>(x[c * S]) + mrel[c - c0];
+              var[c] = total / count;
+            }
           }
         }
-        for (int64_t c = c0; c < c1; ++c) {
-          mean[c] = static_cast<A>(x[c * S]) + acc[c - c0].mean;
-          var[c] = acc[c - c0].m2 / acc[c - c0].count;
+        for (int64_t c = c0; c < c1; ++c) {  // the lanes' storage is free again: scale and shift
+          lanes[c - c0] = fwd_scale(var, w, eps, c);
+          tails[c - c0] = b ? static_cast<A>(b[c]) : A(0);
         }
         for (int64_t n = 0; n < s.N; ++n)
           for (int64_t c = c0; c < c1; ++c) {
-            const A mu = mean[c], sc = fwd_scale(var, w, eps, c);
-            const A sh = b ? static_cast<A>(b[c]) : A(0);
             const int64_t o = (n * C + c) * S;
-            affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mu, &sc, &sh, act == Act::Relu);
+            affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mean[c], &lanes[c - c0], &tails[c - c0],
+                              act == Act::Relu);
           }
       }
     });
