@@ -15,7 +15,10 @@ MODS = {1: (torch.nn.BatchNorm1d, fusenorm.BatchNorm1d), 2: (torch.nn.BatchNorm2
 # input shapes by case: BatchNorm1d takes [N, C] and [N, C, L]
 SHAPES = {"1d-2D": (12, 9), "1d-3D": (4, 9, 13), "2d": (3, 9, 7, 6), "3d": (2, 9, 3, 5, 4),
           # a channel too large to stay in cache between passes (the CPU's two-step path), and one channel
-          "2d-large": (40, 2, 64, 64), "2d-one-channel": (5, 1, 6, 7)}
+          "2d-large": (40, 2, 64, 64), "2d-one-channel": (5, 1, 6, 7),
+          # CPU: several fused channel blocks per thread (contiguous); a 32- and an 8-channel block
+          # of the channels-last statistics
+          "2d-channel-blocks": (8, 16, 48, 48), "2d-40-channels": (4, 40, 9, 9)}
 
 
 def _channels_last(x: torch.Tensor) -> torch.Tensor:
