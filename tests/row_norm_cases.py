@@ -85,7 +85,7 @@ def _dx_cancellation(spec, x, w, dy, n):
     few ulps of |rstd * g|, not of dx. That magnitude, times 4 ulps of the accumulation type."""
     xd = x.detach().double().reshape(-1, n)
     ms = xd.var(1, unbiased=False) if spec.has_bias else xd.pow(2).mean(1)
-    g = dy.double().reshape(-1, n) * (1.0 if w is None else w.detach().double())
+    g = dy.double().reshape(-1, n) * (1.0 if w is None else w.detach().double().reshape(-1))
     ulp = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     return 4 * ulp * ((ms + 1e-5).rsqrt()[:, None] * g).abs().max().item()
 
