@@ -57,7 +57,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
 #endif
-#if defined(__AVX2__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX2__)
+  PyModule_AddStringConstant(m, "CPU_ISA", "avx2+avx512");  // 16-wide elementwise passes (cpu/row_norm.h)
+#elif defined(__AVX2__)
   PyModule_AddStringConstant(m, "CPU_ISA", "avx2");
 #else
   PyModule_AddStringConstant(m, "CPU_ISA", "baseline");

@@ -143,6 +143,12 @@ inline __m256 coef8(const float* p, int64_t k) {
   return Vec ? _mm256_loadu_ps(p + k) : _mm256_set1_ps(*p);
 }
 #endif
+#ifdef FUSENORM_CPU_AVX512
+template <bool Vec>
+inline __m512 coef16(const float* p, int64_t k) {
+  return Vec ? _mm512_loadu_ps(p + k) : _mm512_set1_ps(*p);
+}
+#endif
 
 // out[i] = act((x[i] - mu) * sc + sh + z[i]) over a run of n values; mu/sc/sh are scalars (Vec =
 // false) or arrays indexed like x (Vec = true, channels last).
@@ -151,6 +157,16 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
+#ifdef FUSENORM_CPU_AVX512
+    for (; i + 16 <= n; i += 16) {
+      const int64_t k = Vec ? i : 0;
+      const __m512 m = coef16<Vec>(mu, k), a = coef16<Vec>(sc, k), b = coef16<Vec>(sh, k);
+      __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(load16(x + i), m), a, b);
+      if (z) v = _mm512_add_ps(v, load16(z + i));
+      if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
+      store16(y + i, v);
+    }
+#endif
     const __m256 zero = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) {
       const int64_t k = Vec ? i : 0;
@@ -229,6 +245,18 @@ inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t 
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
+#ifdef FUSENORM_CPU_AVX512
+    for (; i + 16 <= n; i += 16) {
+      const int64_t k = Vec ? i : 0;
+      __m512 g = load16(dy + i);
+      if (y) g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load16(y + i), _mm512_setzero_ps(), _CMP_GT_OQ), g);
+      if (dz) store16(dz + i, g);
+      if (!dx) continue;
+      const __m512 m = coef16<Vec>(mu, k), av = coef16<Vec>(a, k), kv = coef16<Vec>(kg, k), ev = coef16<Vec>(e, k);
+      const __m512 d = _mm512_sub_ps(load16(x + i), m);
+      store16(dx + i, _mm512_fnmadd_ps(d, ev, _mm512_mul_ps(av, _mm512_sub_ps(g, kv))));
+    }
+#endif
     const __m256 zero = _mm256_setzero_ps();
     for (; i + 8 <= n; i += 8) {
       const int64_t k = Vec ? i : 0;

@@ -27,6 +27,12 @@
 #if defined(__AVX2__) && defined(__F16C__)
 #include <immintrin.h>
 #define FUSENORM_CPU_AVX2 1
+// Hosts with AVX-512 (F, BW, VL) also get 16-wide versions of the elementwise passes: the same
+// arithmetic per element, so their results are bitwise those of the 8-wide passes. Reductions keep
+// their 8-wide lanes (and summation order).
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FUSENORM_CPU_AVX512 1
+#endif
 #endif
 
 namespace fusenorm::cpu {
@@ -137,6 +143,29 @@ inline void store8(c10::BFloat16* p, __m256 v) {
   const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
 }
+
+#ifdef FUSENORM_CPU_AVX512
+// 16 elements <-> 16 fp32 lanes, bitwise as load8/store8.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+inline __m512 load16(const c10::BFloat16* p) {
+  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+}
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+inline void store16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+inline void store16(c10::BFloat16* p, __m512 v) {
+  const __m512i b = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+  __m512i t = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  t = _mm512_mask_mov_epi32(t, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(t));
+}
+#endif
 
 // Half/bfloat16 <-> fp32 arrays, 8 at a time (c10's scalar conversions do not vectorize): the
 // overloads of to_acc/from_acc that every CPU kernel after this point uses for half types.
