@@ -310,7 +310,7 @@ struct BatchNormBackend {
     const int64_t C = s.C, S = s.S, cb_max = channel_block(s, sizeof(T));
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
       // per channel of the block: 32 lanes + a tail, for the sums of d = x - pivot, then of (d - mean)^2
-      std::vector<A> lanes(cb_max * kLanes), tails(cb_max), mrel(cb_max);
+      std::vector<A> lanes(cb_max * kLanes), tails(cb_max), mrel(cb_max), scale(cb_max), shift(cb_max);
       for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
         const int64_t c1 = std::min(ce, c0 + cb_max);
         for (int pass = 0; pass < 2; ++pass) {
@@ -340,14 +340,14 @@ struct BatchNormBackend {
             }
           }
         }
-        for (int64_t c = c0; c < c1; ++c) {  // the lanes' storage is free again: scale and shift
-          lanes[c - c0] = fwd_scale(var, w, eps, c);
-          tails[c - c0] = b ? static_cast<A>(b[c]) : A(0);
+        for (int64_t c = c0; c < c1; ++c) {
+          scale[c - c0] = fwd_scale(var, w, eps, c);
+          shift[c - c0] = b ? static_cast<A>(b[c]) : A(0);
         }
         for (int64_t n = 0; n < s.N; ++n)
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t o = (n * C + c) * S;
-            affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mean[c], &lanes[c - c0], &tails[c - c0],
+            affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mean[c], &scale[c - c0], &shift[c - c0],
                               act == Act::Relu);
           }
       }
