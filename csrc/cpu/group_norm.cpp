@@ -6,8 +6,9 @@
 // NSC (channels last): per sample, parallel over chunks of sites; every pass runs along the
 // contiguous channel axis with per-channel arrays (pivot, mean, scale, bias). Statistics: each
 // chunk (~16K elements, cache-resident) gets exact two-pass per-channel moments, merged per group
-// (two passes over its partials, which share the group's pivot) in a fixed order, so x is read from memory once for them and
-// results do not depend on the thread count; then y is written in a second pass.
+// (two passes over its partials, which share the group's pivot) in a fixed order, so x is read
+// from memory once for them and results do not depend on the thread count; then y is written in a
+// second pass.
 // Backward: dz = dy * act'(z) (z recomputed from x), per-channel sums of dz and dz * xhat give
 // dweight/dbias (per-sample partials summed over n in order) and the group sums for dx.
 #include <ATen/Parallel.h>
