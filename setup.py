@@ -84,7 +84,7 @@ def _host_vector_flags():
     if not all(f" {x}" in flags for x in ("avx2", "fma", "f16c")):
         return []
     out = ["-mavx2", "-mfma", "-mf16c"]
-    # 16-wide elementwise passes (csrc/cpu/row_norm.h); FUSENORM_AVX512=0 keeps the 8-wide ones
+    # 16-wide SIMD passes (csrc/cpu/vec.h); FUSENORM_AVX512=0 keeps them 8 wide
     if os.environ.get("FUSENORM_AVX512", "1") != "0" and all(f" {x}" in flags for x in ("avx512f", "avx512bw", "avx512vl")):
         out += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=256"]
     return out

@@ -10,8 +10,8 @@
 //        merged in order, in parallel over channels.
 // Training forward and backward in NCS fuse both passes per channel when a channel fits in L2 (see
 // fuse_channels). Elementwise passes (apply, dx) run along the contiguous axis: per (n, c) run with scalar
-// coefficients (NCS), or per row with per-channel coefficient arrays (NSC), AVX2 for fp32
-// accumulation. y = act((x - mean) * (rstd * w) + b + z): subtracting the mean first keeps
+// coefficients (NCS), or per row with per-channel coefficient arrays (NSC), SIMD (cpu/vec.h) for
+// fp32 accumulation. y = act((x - mean) * (rstd * w) + b + z): subtracting the mean first keeps
 // large-mean inputs exact, where x * scale + (b - mean * scale) would cancel.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,22 +32,19 @@ constexpr int64_t kBnFuseBytes = int64_t(1) << 19;  // one channel's data kept i
 template <typename T, typename A>
 Welford<A> run_moments(const T* p, int64_t n, A* buf, A c) {
   constexpr bool same = std::is_same_v<T, A>;
-  A sum;
+  const A* v = same ? reinterpret_cast<const A*>(p) : buf;
+  Welford<A> w;
+  w.count = A(n);
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
-    sum = load_and_sum<false>(p, buf, n, c);
-  } else
-#endif
-  {
-    if constexpr (!same) to_acc(p, buf, n);
-    sum = sum_of(same ? reinterpret_cast<const A*>(p) : buf, n, c);
+    w.mean = load_and_sum<false>(p, buf, n, c) / A(n);
+    w.m2 = sq_dev_vec<T>(v, n, c, w.mean, nullptr);
+    return w;
   }
-  const A* v = same ? reinterpret_cast<const A*>(p) : buf;
-  const A m = sum / A(n);
-  Welford<A> w;
-  w.mean = m;
-  w.m2 = sq_dev_of(v, n, c, m);
-  w.count = A(n);
+#endif
+  if constexpr (!same) to_acc(p, buf, n);
+  w.mean = sum_of(v, n, c) / A(n);
+  w.m2 = sq_dev_of(v, n, c, w.mean);
   return w;
 }
 
@@ -60,19 +57,21 @@ inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
-    const __m256 cv = _mm256_set1_ps(c), mv = _mm256_set1_ps(m);
-    __m256 t[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    using V = VecWide;
+    constexpr int K = kLanes / V::kWidth;
+    const V cv = V::set1(c), mv = V::set1(m);
+    V t[K];
+    for (int k = 0; k < K; ++k) t[k] = V::zero();
     for (; i + kLanes <= n; i += kLanes)
-      for (int k = 0; k < 4; ++k) {
-        const __m256 d = _mm256_sub_ps(load8(p + i + 8 * k), cv);
+      for (int k = 0; k < K; ++k) {
+        const V d = V::load(p + i + V::kWidth * k) - cv;
         if constexpr (SQ) {
-          const __m256 e = _mm256_sub_ps(d, mv);
-          t[k] = _mm256_fmadd_ps(e, e, t[k]);
+          t[k] = fmadd(d - mv, d - mv, t[k]);
         } else {
-          t[k] = _mm256_add_ps(t[k], d);
+          t[k] = t[k] + d;
         }
       }
-    for (int k = 0; k < 4; ++k) _mm256_storeu_ps(acc + 8 * k, _mm256_add_ps(_mm256_loadu_ps(acc + 8 * k), t[k]));
+    for (int k = 0; k < K; ++k) (V::load(acc + V::kWidth * k) + t[k]).store(acc + V::kWidth * k);
   } else
 #endif
   {
@@ -126,7 +125,7 @@ inline GradCoef<A> grad_coef(const A* var, const W* w, A eps, int64_t c, const A
 // Per-channel coefficients of the forward's elementwise pass, in the accumulation type.
 template <typename A, typename W>
 struct Coefs {
-  std::vector<A> mu, scale, shift;  // y = (x - mu) * scale + shift
+  Buf<A> mu, scale, shift;  // y = (x - mu) * scale + shift
   Coefs(int64_t C, const A* mean, const A* var, const W* w, const W* b, A eps) : mu(C), scale(C), shift(C) {
     for (int64_t c = 0; c < C; ++c) {
       mu[c] = mean[c];
@@ -137,49 +136,31 @@ struct Coefs {
 };
 
 #ifdef FUSENORM_CPU_AVX2
-// 8 lanes of a coefficient: p[k, k + 8) (Vec, channels last) or *p broadcast.
-template <bool Vec>
-inline __m256 coef8(const float* p, int64_t k) {
-  return Vec ? _mm256_loadu_ps(p + k) : _mm256_set1_ps(*p);
-}
-#endif
-#ifdef FUSENORM_CPU_AVX512
-template <bool Vec>
-inline __m512 coef16(const float* p, int64_t k) {
-  return Vec ? _mm512_loadu_ps(p + k) : _mm512_set1_ps(*p);
+// A vector of a coefficient: p[k, k + width) (PerLane, channels last) or *p broadcast.
+template <bool PerLane, typename V>
+inline V coef(const float* p, int64_t k) {
+  return PerLane ? V::load(p + k) : V::set1(*p);
 }
 #endif
 
-// out[i] = act((x[i] - mu) * sc + sh + z[i]) over a run of n values; mu/sc/sh are scalars (Vec =
-// false) or arrays indexed like x (Vec = true, channels last).
-template <bool Vec, typename T, typename A>
+// out[i] = act((x[i] - mu) * sc + sh + z[i]) over a run of n values; mu/sc/sh are scalars (PerLane =
+// false) or arrays indexed like x (PerLane = true, channels last).
+template <bool PerLane, typename T, typename A>
 inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, const A* sc, const A* sh, bool relu) {
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
-  if constexpr (std::is_same_v<A, float>) {
-#ifdef FUSENORM_CPU_AVX512
-    for (; i + 16 <= n; i += 16) {
-      const int64_t k = Vec ? i : 0;
-      const __m512 m = coef16<Vec>(mu, k), a = coef16<Vec>(sc, k), b = coef16<Vec>(sh, k);
-      __m512 v = _mm512_fmadd_ps(_mm512_sub_ps(load16(x + i), m), a, b);
-      if (z) v = _mm512_add_ps(v, load16(z + i));
-      if (relu) v = _mm512_max_ps(v, _mm512_setzero_ps());
-      store16(y + i, v);
-    }
-#endif
-    const __m256 zero = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-      const int64_t k = Vec ? i : 0;
-      const __m256 m = coef8<Vec>(mu, k), a = coef8<Vec>(sc, k), b = coef8<Vec>(sh, k);
-      __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(load8(x + i), m), a, b);
-      if (z) v = _mm256_add_ps(v, load8(z + i));
-      if (relu) v = _mm256_max_ps(v, zero);
-      store8(y + i, v);
-    }
-  }
+  if constexpr (std::is_same_v<A, float>)
+    i = simd_for(n, [&](auto t, int64_t i) {
+      using V = decltype(t);
+      const int64_t k = PerLane ? i : 0;
+      V v = fmadd(V::load(x + i) - coef<PerLane, V>(mu, k), coef<PerLane, V>(sc, k), coef<PerLane, V>(sh, k));
+      if (z) v = v + V::load(z + i);
+      if (relu) v = vmax(v, V::zero());
+      v.store(y + i);
+    });
 #endif
   for (; i < n; ++i) {
-    const int64_t k = Vec ? i : 0;
+    const int64_t k = PerLane ? i : 0;
     A v = (static_cast<A>(x[i]) - mu[k]) * sc[k] + sh[k];
     if (z) v += static_cast<A>(z[i]);
     if (relu) v = v > A(0) ? v : A(0);
@@ -194,35 +175,35 @@ inline A grad_in(const T* dy, const T* y, int64_t i) {
   return static_cast<A>(dy[i]);
 }
 
-// sg += sum g, sgx += sum g * (x - mu) over a run; scalars or per-channel arrays as above.
-template <bool Vec, typename T, typename A>
+// sg += sum g, sgx += sum g * (x - mu) over a run; scalars or per-channel arrays as above. The
+// scalar sums alternate between two 8-wide accumulators, a summation order kept at every width.
+template <bool PerLane, typename T, typename A>
 inline void grad_sums_run(const T* dy, const T* x, const T* y, int64_t n, const A* mu, A* sg, A* sgx) {
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
-    const __m256 zero = _mm256_setzero_ps();
-    __m256 ag = zero, agx = zero, ag2 = zero, agx2 = zero;
+    using V = Vec<8>;
+    V ag = V::zero(), agx = V::zero(), ag2 = V::zero(), agx2 = V::zero();  // named: kept in registers
     for (; i + 8 <= n; i += 8) {
-      const int64_t k = Vec ? i : 0;
-      const __m256 m = coef8<Vec>(mu, k);
-      __m256 g = load8(dy + i);
-      if (y) g = _mm256_and_ps(_mm256_cmp_ps(load8(y + i), zero, _CMP_GT_OQ), g);
-      const __m256 d = _mm256_sub_ps(load8(x + i), m);
-      if constexpr (Vec) {
-        _mm256_storeu_ps(sg + k, _mm256_add_ps(_mm256_loadu_ps(sg + k), g));
-        _mm256_storeu_ps(sgx + k, _mm256_fmadd_ps(g, d, _mm256_loadu_ps(sgx + k)));
+      const int64_t k = PerLane ? i : 0;
+      V g = V::load(dy + i);
+      if (y) g = where_positive(V::load(y + i), g);
+      const V d = V::load(x + i) - coef<PerLane, V>(mu, k);
+      if constexpr (PerLane) {
+        (V::load(sg + k) + g).store(sg + k);
+        fmadd(g, d, V::load(sgx + k)).store(sgx + k);
       } else if ((i / 8) % 2 == 0) {
-        ag = _mm256_add_ps(ag, g);
-        agx = _mm256_fmadd_ps(g, d, agx);
+        ag = ag + g;
+        agx = fmadd(g, d, agx);
       } else {
-        ag2 = _mm256_add_ps(ag2, g);
-        agx2 = _mm256_fmadd_ps(g, d, agx2);
+        ag2 = ag2 + g;
+        agx2 = fmadd(g, d, agx2);
       }
     }
-    if constexpr (!Vec) {
+    if constexpr (!PerLane) {
       alignas(32) float l1[8], l2[8];
-      _mm256_store_ps(l1, _mm256_add_ps(ag, ag2));
-      _mm256_store_ps(l2, _mm256_add_ps(agx, agx2));
+      (ag + ag2).store(l1);
+      (agx + agx2).store(l2);
       for (int j = 0; j < 8; ++j) {
         *sg += l1[j];
         *sgx += l2[j];
@@ -231,7 +212,7 @@ inline void grad_sums_run(const T* dy, const T* x, const T* y, int64_t n, const 
   }
 #endif
   for (; i < n; ++i) {
-    const int64_t k = Vec ? i : 0;
+    const int64_t k = PerLane ? i : 0;
     const A g = grad_in<T, A>(dy, y, i);
     sg[k] += g;
     sgx[k] += g * (static_cast<A>(x[i]) - mu[k]);
@@ -239,39 +220,25 @@ inline void grad_sums_run(const T* dy, const T* x, const T* y, int64_t n, const 
 }
 
 // dx = a * (g - kg) - (x - mu) * e over a run (eval: kg = e = 0); dz = g.
-template <bool Vec, typename T, typename A>
+template <bool PerLane, typename T, typename A>
 inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t n, const A* mu, const A* a,
                      const A* kg, const A* e) {
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
-  if constexpr (std::is_same_v<A, float>) {
-#ifdef FUSENORM_CPU_AVX512
-    for (; i + 16 <= n; i += 16) {
-      const int64_t k = Vec ? i : 0;
-      __m512 g = load16(dy + i);
-      if (y) g = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(load16(y + i), _mm512_setzero_ps(), _CMP_GT_OQ), g);
-      if (dz) store16(dz + i, g);
-      if (!dx) continue;
-      const __m512 m = coef16<Vec>(mu, k), av = coef16<Vec>(a, k), kv = coef16<Vec>(kg, k), ev = coef16<Vec>(e, k);
-      const __m512 d = _mm512_sub_ps(load16(x + i), m);
-      store16(dx + i, _mm512_fnmadd_ps(d, ev, _mm512_mul_ps(av, _mm512_sub_ps(g, kv))));
-    }
-#endif
-    const __m256 zero = _mm256_setzero_ps();
-    for (; i + 8 <= n; i += 8) {
-      const int64_t k = Vec ? i : 0;
-      __m256 g = load8(dy + i);
-      if (y) g = _mm256_and_ps(_mm256_cmp_ps(load8(y + i), zero, _CMP_GT_OQ), g);
-      if (dz) store8(dz + i, g);
-      if (!dx) continue;
-      const __m256 m = coef8<Vec>(mu, k), av = coef8<Vec>(a, k), kv = coef8<Vec>(kg, k), ev = coef8<Vec>(e, k);
-      const __m256 d = _mm256_sub_ps(load8(x + i), m);
-      store8(dx + i, _mm256_fnmadd_ps(d, ev, _mm256_mul_ps(av, _mm256_sub_ps(g, kv))));
-    }
-  }
+  if constexpr (std::is_same_v<A, float>)
+    i = simd_for(n, [&](auto t, int64_t i) {
+      using V = decltype(t);
+      const int64_t k = PerLane ? i : 0;
+      V g = V::load(dy + i);
+      if (y) g = where_positive(V::load(y + i), g);
+      if (dz) g.store(dz + i);
+      if (!dx) return;
+      const V d = V::load(x + i) - coef<PerLane, V>(mu, k);
+      fnmadd(d, coef<PerLane, V>(e, k), coef<PerLane, V>(a, k) * (g - coef<PerLane, V>(kg, k))).store(dx + i);
+    });
 #endif
   for (; i < n; ++i) {
-    const int64_t k = Vec ? i : 0;
+    const int64_t k = PerLane ? i : 0;
     const A g = grad_in<T, A>(dy, y, i);
     if (dz) dz[i] = static_cast<T>(g);
     if (dx) dx[i] = static_cast<T>(a[k] * (g - kg[k]) - (static_cast<A>(x[i]) - mu[k]) * e[k]);
@@ -310,7 +277,7 @@ struct BatchNormBackend {
     const int64_t C = s.C, S = s.S, cb_max = channel_block(s, sizeof(T));
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
       // per channel of the block: 32 lanes + a tail, for the sums of d = x - pivot, then of (d - mean)^2
-      std::vector<A> lanes(cb_max * kLanes), tails(cb_max), mrel(cb_max), scale(cb_max), shift(cb_max);
+      Buf<A> lanes(cb_max * kLanes), tails(cb_max), mrel(cb_max), scale(cb_max), shift(cb_max);
       for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
         const int64_t c1 = std::min(ce, c0 + cb_max);
         for (int pass = 0; pass < 2; ++pass) {
@@ -403,7 +370,7 @@ struct BatchNormBackend {
       const int64_t S = s.S, planes = s.N * C;
       std::vector<Welford<A>> part(planes);
       at::parallel_for(0, planes, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
-        std::vector<A> buf(std::min(S, kBnChunk));
+        Buf<A> buf(std::min(S, kBnChunk));
         for (int64_t p = begin; p < end; ++p) {
           const A piv = static_cast<A>(x[(p % C) * S]);
           Welford<A> w;
@@ -425,10 +392,10 @@ struct BatchNormBackend {
     const int64_t rows = s.count(), rpc = std::max<int64_t>(1, kBnChunk / C);
     const int64_t chunks = (rows + rpc - 1) / rpc, tasks = std::min(chunks, kBnTasks);
     std::vector<Welford<A>> part(tasks * C);
-    std::vector<A> piv(C);  // the first row: every chunk's moments are relative to it
+    Buf<A> piv(C);  // the first row: every chunk's moments are relative to it
     to_acc(x, piv.data(), C);
     at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
-      std::vector<A> m(C), q(C);
+      Buf<A> m(C), q(C);
       for (int64_t t = tb; t < te; ++t) {
         Welford<A>* acc = part.data() + t * C;
         for (int64_t k = task_first(t, chunks, tasks); k < task_first(t + 1, chunks, tasks); ++k) {
@@ -487,7 +454,7 @@ struct BatchNormBackend {
     const int64_t C = s.C;
     if (!s.channels_last) {
       const int64_t S = s.S, planes = s.N * C;
-      std::vector<A> pg(planes, A(0)), pgx(planes, A(0));
+      Buf<A> pg(planes, A(0)), pgx(planes, A(0));
       at::parallel_for(0, planes, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const int64_t o = p * S;
@@ -507,7 +474,7 @@ struct BatchNormBackend {
     }
     const int64_t rows = s.count(), rpc = std::max<int64_t>(1, kBnChunk / C);
     const int64_t chunks = (rows + rpc - 1) / rpc, tasks = std::min(chunks, kBnTasks);
-    std::vector<A> pg(tasks * C, A(0)), pgx(tasks * C, A(0));
+    Buf<A> pg(tasks * C, A(0)), pgx(tasks * C, A(0));
     at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
       for (int64_t t = tb; t < te; ++t) {
         const int64_t r0 = task_first(t, chunks, tasks) * rpc, r1 = std::min(rows, task_first(t + 1, chunks, tasks) * rpc);
@@ -534,7 +501,7 @@ struct BatchNormBackend {
                         const acc_t<T>* k_gx, acc_t<T> k, T* dx, T* dz) {
     using A = acc_t<T>;
     const int64_t C = s.C;
-    std::vector<A> mu(mean, mean + C), a(C), kg(C), e(C);
+    Buf<A> mu(mean, mean + C), a(C), kg(C), e(C);
     for (int64_t c = 0; c < C; ++c) {
       const GradCoef<A> g = grad_coef(var, w, eps, c, k_g, k_gx, k);
       a[c] = g.a;

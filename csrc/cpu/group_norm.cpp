@@ -14,8 +14,6 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <memory>
-
 #include "common/activation.h"
 #include "common/group_norm_ops.h"
 #include "cpu/row_norm.h"
@@ -23,77 +21,47 @@
 namespace fusenorm::cpu {
 
 #ifdef FUSENORM_CPU_AVX2
-// exp(x) for 8 lanes, about 1 ulp: Cody-Waite reduction by ln 2 and cephes' degree-6 polynomial.
-// The SiLU passes are bound by the latency of this chain (few loop iterations fit in the
-// scheduler), so it is kept short: k = round(x / ln 2) by the 1.5 * 2^23 shifter, whose low
-// mantissa bits are k; the polynomial in Estrin's form; 2^k added to the exponent bits. x is
-// clamped to [-86, 88.3], where k + the polynomial's exponent stays a normal exponent.
-inline __m256 exp8(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-86.f)), _mm256_set1_ps(88.3f));
-  const __m256 shifter = _mm256_set1_ps(12582912.f);
-  const __m256 kk = _mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), shifter);
-  const __m256 k = _mm256_sub_ps(kk, shifter);
-  __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
-  const __m256 r2 = _mm256_mul_ps(r, r), r4 = _mm256_mul_ps(r2, r2);
-  const __m256 p45 = _mm256_fmadd_ps(_mm256_set1_ps(1.9875691500e-4f), r, _mm256_set1_ps(1.3981999507e-3f));
-  const __m256 p23 = _mm256_fmadd_ps(_mm256_set1_ps(8.3334519073e-3f), r, _mm256_set1_ps(4.1665795894e-2f));
-  const __m256 p01 = _mm256_fmadd_ps(_mm256_set1_ps(1.6666665459e-1f), r, _mm256_set1_ps(5.0000001201e-1f));
-  const __m256 p = _mm256_fmadd_ps(p45, r4, _mm256_fmadd_ps(p23, r2, p01));
-  const __m256 e = _mm256_fmadd_ps(p, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(e), _mm256_slli_epi32(_mm256_castps_si256(kk), 23)));
+// exp(x) on the lanes of a vector (cpu/vec.h), about 1 ulp: Cody-Waite reduction by ln 2 and
+// cephes' degree-6 polynomial. The SiLU passes are bound by the latency of this chain (few loop
+// iterations fit in the scheduler), so it is kept short: k = round(x / ln 2) by the 1.5 * 2^23
+// shifter, whose low mantissa bits are k; the polynomial in Estrin's form; 2^k added to the
+// exponent bits. x is clamped to [-86, 88.3], where k + the polynomial's exponent stays a normal
+// exponent.
+template <typename V>
+inline V exp_vec(V x) {
+  x = vmin(vmax(x, V::set1(-86.f)), V::set1(88.3f));
+  const V shifter = V::set1(12582912.f);
+  const V kk = fmadd(x, V::set1(1.44269504088896341f), shifter);
+  const V k = kk - shifter;
+  V r = fnmadd(k, V::set1(0.693359375f), x);
+  r = fnmadd(k, V::set1(-2.12194440e-4f), r);
+  const V r2 = r * r, r4 = r2 * r2;
+  const V p45 = fmadd(V::set1(1.9875691500e-4f), r, V::set1(1.3981999507e-3f));
+  const V p23 = fmadd(V::set1(8.3334519073e-3f), r, V::set1(4.1665795894e-2f));
+  const V p01 = fmadd(V::set1(1.6666665459e-1f), r, V::set1(5.0000001201e-1f));
+  const V p = fmadd(p45, r4, fmadd(p23, r2, p01));
+  return add_to_exponent(fmadd(p, r2, r + V::set1(1.0f)), kk);
 }
 
-// sigmoid(z) = 1 / (1 + exp(-z)); a division: shorter than an estimate and a Newton step, exact.
-inline __m256 sigmoid8(__m256 z) {
-  const __m256 one = _mm256_set1_ps(1.f);
-  return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
-}
-
-inline __m256 activate8(Act act, __m256 z) {
+// act(z) for ReLU and SiLU (z / (1 + exp(-z)): a division, shorter than an estimate and a Newton
+// step, and exact); GELU's erf stays scalar.
+template <typename V>
+inline V activate_vec(Act act, V z) {
   switch (act) {
-    case Act::Relu: return _mm256_max_ps(z, _mm256_setzero_ps());
-    case Act::Silu:
-      return _mm256_div_ps(z, _mm256_add_ps(_mm256_set1_ps(1.f), exp8(_mm256_sub_ps(_mm256_setzero_ps(), z))));
+    case Act::Relu: return vmax(z, V::zero());
+    case Act::Silu: return z / (V::set1(1.f) + exp_vec(V::zero() - z));
     default: return z;
   }
 }
 
-// activate_backward for 8 lanes (ReLU, SiLU): d * act'(z), ReLU as a mask on d.
-inline __m256 activate_backward8(Act act, __m256 z, __m256 d) {
-  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-  if (act == Act::Relu) return _mm256_and_ps(_mm256_cmp_ps(z, zero, _CMP_GT_OQ), d);
-  const __m256 sg = sigmoid8(z);
-  return _mm256_mul_ps(d, _mm256_mul_ps(sg, _mm256_fmadd_ps(z, _mm256_sub_ps(one, sg), one)));
+// d * act'(z) (ReLU, SiLU), ReLU as a mask on d.
+template <typename V>
+inline V activate_backward_vec(Act act, V z, V d) {
+  if (act == Act::Relu) return where_positive(z, d);
+  const V one = V::set1(1.f);
+  const V sg = one / (one + exp_vec(V::zero() - z));
+  return d * (sg * fmadd(z, one - sg, one));
 }
-
-#ifdef FUSENORM_CPU_AVX512
-// exp8, sigmoid8 and activate8 on 16 lanes: the same operations, so bitwise the same values.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-86.f)), _mm512_set1_ps(88.3f));
-  const __m512 shifter = _mm512_set1_ps(12582912.f);
-  const __m512 kk = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), shifter);
-  const __m512 k = _mm512_sub_ps(kk, shifter);
-  __m512 r = _mm512_fnmadd_ps(k, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(k, _mm512_set1_ps(-2.12194440e-4f), r);
-  const __m512 r2 = _mm512_mul_ps(r, r), r4 = _mm512_mul_ps(r2, r2);
-  const __m512 p45 = _mm512_fmadd_ps(_mm512_set1_ps(1.9875691500e-4f), r, _mm512_set1_ps(1.3981999507e-3f));
-  const __m512 p23 = _mm512_fmadd_ps(_mm512_set1_ps(8.3334519073e-3f), r, _mm512_set1_ps(4.1665795894e-2f));
-  const __m512 p01 = _mm512_fmadd_ps(_mm512_set1_ps(1.6666665459e-1f), r, _mm512_set1_ps(5.0000001201e-1f));
-  const __m512 p = _mm512_fmadd_ps(p45, r4, _mm512_fmadd_ps(p23, r2, p01));
-  const __m512 e = _mm512_fmadd_ps(p, r2, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(e), _mm512_slli_epi32(_mm512_castps_si512(kk), 23)));
-}
-
-inline __m512 activate16(Act act, __m512 z) {
-  switch (act) {
-    case Act::Relu: return _mm512_max_ps(z, _mm512_setzero_ps());
-    case Act::Silu:
-      return _mm512_div_ps(z, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), z))));
-    default: return z;
-  }
-}
-#endif
 
 // Backward, contiguous layout, one channel's run of S sites (mean mu, rstd rs, weight w, bias b):
 // sb = sum dz and sw = sum dz * xhat, in 32 lanes (the order of sum_of), straight from x and dy.
@@ -101,23 +69,26 @@ inline __m512 activate16(Act act, __m512 z) {
 template <typename T>
 inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, float rs, float w, float b, Act act,
                               float* dz_out, float& sb, float& sw) {
-  const __m256 muv = _mm256_set1_ps(mu), rsv = _mm256_set1_ps(rs), wv = _mm256_set1_ps(w), bv = _mm256_set1_ps(b);
-  __m256 ab[4], aw[4];
-  for (int k = 0; k < 4; ++k) ab[k] = aw[k] = _mm256_setzero_ps();
+  using V = VecWide;
+  constexpr int K = kLanes / V::kWidth;
+  const V muv = V::set1(mu), rsv = V::set1(rs), wv = V::set1(w), bv = V::set1(b);
+  V ab[K], aw[K];
+  for (int k = 0; k < K; ++k) ab[k] = aw[k] = V::zero();
   int64_t i = 0;
   for (; i + kLanes <= S; i += kLanes)
-    for (int k = 0; k < 4; ++k) {
-      const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(x + i + 8 * k), muv), rsv);
-      __m256 dv = load8(dy + i + 8 * k);
+    for (int k = 0; k < K; ++k) {
+      const int64_t o = i + V::kWidth * k;
+      const V xv = (V::load(x + o) - muv) * rsv;
+      V dv = V::load(dy + o);
       if (act != Act::None) {
-        dv = activate_backward8(act, _mm256_fmadd_ps(xv, wv, bv), dv);
-        _mm256_storeu_ps(dz_out + i + 8 * k, dv);
+        dv = activate_backward_vec(act, fmadd(xv, wv, bv), dv);
+        dv.store(dz_out + o);
       }
-      ab[k] = _mm256_add_ps(ab[k], dv);
-      aw[k] = _mm256_fmadd_ps(dv, xv, aw[k]);
+      ab[k] = ab[k] + dv;
+      aw[k] = fmadd(dv, xv, aw[k]);
     }
-  sb = sum_lanes(ab);
-  sw = sum_lanes(aw);
+  sb = sum_vec_lanes(ab);
+  sw = sum_vec_lanes(aw);
   for (; i < S; ++i) {
     const float xh = (static_cast<float>(x[i]) - mu) * rs;
     const float d = activate_backward(act, xh * w + b, static_cast<float>(dy[i]));
@@ -131,14 +102,13 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
 template <typename T>
 inline void channel_dx(const T* x, const T* dy, const float* dz, T* dx, int64_t S, float mu, float rs, float w,
                        float a, float cc) {
-  const __m256 muv = _mm256_set1_ps(mu), rsv = _mm256_set1_ps(rs), wv = _mm256_set1_ps(w), av = _mm256_set1_ps(a),
-               ccv = _mm256_set1_ps(cc);
-  int64_t i = 0;
-  for (; i + 8 <= S; i += 8) {
-    const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(x + i), muv), rsv);
-    const __m256 dv = dz ? _mm256_loadu_ps(dz + i) : load8(dy + i);
-    store8(dx + i, _mm256_mul_ps(rsv, _mm256_sub_ps(_mm256_fmsub_ps(dv, wv, av), _mm256_mul_ps(xv, ccv))));
-  }
+  int64_t i = simd_for(S, [&](auto z, int64_t i) {
+    using V = decltype(z);
+    const V rsv = V::set1(rs);
+    const V xv = (V::load(x + i) - V::set1(mu)) * rsv;
+    const V dv = dz ? V::load(dz + i) : V::load(dy + i);
+    (rsv * (fmsub(dv, V::set1(w), V::set1(a)) - xv * V::set1(cc))).store(dx + i);
+  });
   for (; i < S; ++i) {
     const float xh = (static_cast<float>(x[i]) - mu) * rs;
     const float d = dz ? dz[i] : static_cast<float>(dy[i]);
@@ -151,21 +121,11 @@ inline void channel_dx(const T* x, const T* dy, const float* dz, T* dx, int64_t 
 template <typename T>
 inline bool affine_act_store(const float* v, T* y, int64_t n, float c, float mu, float a, float sh, Act act) {
   if (act == Act::Gelu) return false;
-  int64_t i = 0;
-#ifdef FUSENORM_CPU_AVX512
-  {
-    const __m512 cv = _mm512_set1_ps(c), muv = _mm512_set1_ps(mu), av = _mm512_set1_ps(a), shv = _mm512_set1_ps(sh);
-    for (; i + 16 <= n; i += 16) {
-      const __m512 z = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_sub_ps(_mm512_loadu_ps(v + i), cv), muv), av, shv);
-      store16(y + i, activate16(act, z));
-    }
-  }
-#endif
-  const __m256 cv = _mm256_set1_ps(c), muv = _mm256_set1_ps(mu), av = _mm256_set1_ps(a), shv = _mm256_set1_ps(sh);
-  for (; i + 8 <= n; i += 8) {
-    const __m256 z = _mm256_fmadd_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(v + i), cv), muv), av, shv);
-    store8(y + i, activate8(act, z));
-  }
+  int64_t i = simd_for(n, [&](auto t, int64_t i) {
+    using V = decltype(t);
+    const V z = fmadd((V::load(v + i) - V::set1(c)) - V::set1(mu), V::set1(a), V::set1(sh));
+    activate_vec(act, z).store(y + i);
+  });
   for (; i < n; ++i) y[i] = static_cast<T>(activate(act, ((v[i] - c) - mu) * a + sh));
   return true;
 }
@@ -179,7 +139,7 @@ inline void activate_inplace(Act act, A* z, int64_t n) {
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
     if (act != Act::Gelu)  // GELU's erf is scalar
-      for (; i + 8 <= n; i += 8) _mm256_storeu_ps(z + i, activate8(act, _mm256_loadu_ps(z + i)));
+      i = simd_for(n, [&](auto t, int64_t i) { activate_vec(act, decltype(t)::load(z + i)).store(z + i); });
 #endif
   for (; i < n; ++i) z[i] = activate(act, z[i]);
 }
@@ -192,8 +152,10 @@ inline void activate_backward_inplace(Act act, const A* z, A* d, int64_t n) {
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
     if (act != Act::Gelu)
-      for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(d + i, activate_backward8(act, _mm256_loadu_ps(z + i), _mm256_loadu_ps(d + i)));
+      i = simd_for(n, [&](auto t, int64_t i) {
+        using V = decltype(t);
+        activate_backward_vec(act, V::load(z + i), V::load(d + i)).store(d + i);
+      });
 #endif
   for (; i < n; ++i) d[i] = activate_backward(act, z[i], d[i]);
 }
@@ -222,7 +184,7 @@ struct GroupNormBackend {
   static void fwd(const GroupNormShape& s, const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias,
                   double eps, Act act, at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
     using A = acc_t<T>;
-    const std::vector<A> w = param_as_acc<W, A>(weight, s.C, A(1)), b = param_as_acc<W, A>(bias, s.C, A(0));
+    const Buf<A> w = param_as_acc<W, A>(weight, s.C, A(1)), b = param_as_acc<W, A>(bias, s.C, A(0));
     if (s.channels_last) return fwd_nsc<T, A>(s, x.data_ptr<T>(), w, b, static_cast<A>(eps), act, y.data_ptr<T>(),
                                               mean.data_ptr<A>(), rstd.data_ptr<A>());
     const int64_t S = s.S, cpg = s.cpg(), L = cpg * S;
@@ -232,25 +194,26 @@ struct GroupNormBackend {
     A* RSTD = rstd.data_ptr<A>();
     constexpr bool same = std::is_same_v<T, A>;  // fp32/fp64: no conversion copies
     at::parallel_for(0, s.N * s.G, row_grain(L), [&](int64_t begin, int64_t end) {
-      std::vector<A> buf(same ? 0 : L), zbuf(same ? 0 : S);
+      Buf<A> buf(same ? 0 : L), zbuf(same ? 0 : S);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t g = ng % s.G;
         const T* xg = X + ng * L;
         T* yg = Y + ng * L;
         const A c = static_cast<A>(xg[0]);
-        A sum;
+        const A* v = same ? reinterpret_cast<const A*>(xg) : buf.data();
+        A mu, sq;
 #ifdef FUSENORM_CPU_AVX2
         if constexpr (std::is_same_v<A, float>) {
-          sum = load_and_sum<false>(xg, buf.data(), L, c);  // one read, converted into buf on the way
+          mu = load_and_sum<false>(xg, buf.data(), L, c) / A(L);  // one read, converted into buf on the way
+          sq = sq_dev_vec<T>(v, L, c, mu, nullptr);
         } else
 #endif
         {
           if constexpr (!same) to_acc(xg, buf.data(), L);
-          sum = sum_of(same ? reinterpret_cast<const A*>(xg) : buf.data(), L, c);
+          mu = sum_of(v, L, c) / A(L);
+          sq = sq_dev_of(v, L, c, mu);
         }
-        const A* v = same ? reinterpret_cast<const A*>(xg) : buf.data();
-        const A mu = sum / A(L);
-        const A rs = A(1) / std::sqrt(sq_dev_of(v, L, c, mu) / A(L) + static_cast<A>(eps));
+        const A rs = A(1) / std::sqrt(sq / A(L) + static_cast<A>(eps));
         for (int64_t j = 0; j < cpg; ++j) {
           const int64_t ch = g * cpg + j;
           const A a = rs * w[ch], sh = b[ch];
@@ -272,11 +235,11 @@ struct GroupNormBackend {
   }
 
   template <typename T, typename A>
-  static void fwd_nsc(const GroupNormShape& s, const T* X, const std::vector<A>& w, const std::vector<A>& b, A eps,
+  static void fwd_nsc(const GroupNormShape& s, const T* X, const Buf<A>& w, const Buf<A>& b, A eps,
                       Act act, T* Y, A* MEAN, A* RSTD) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
-    std::vector<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C);
+    Buf<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C);
     for (int64_t n = 0; n < s.N; ++n) {
       const T* xn = X + n * S * C;
       T* yn = Y + n * S * C;
@@ -322,7 +285,7 @@ struct GroupNormBackend {
       });
       // pass 3: y along the channel axis, site by site
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-        std::vector<A> v(C);
+        Buf<A> v(C);
         const A *pv = piv.data(), *mv = mu_c.data(), *sc = scale.data(), *sh = b.data();
         for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
           const T* xs = xn + site * C;
@@ -330,20 +293,12 @@ struct GroupNormBackend {
           int64_t c0 = 0;
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
-#ifdef FUSENORM_CPU_AVX512
-            if (act != Act::Gelu)  // 16 channels at a time, then 8
-              for (; c0 + 16 <= C; c0 += 16) {
-                const __m512 d = _mm512_sub_ps(_mm512_sub_ps(load16(xs + c0), _mm512_loadu_ps(pv + c0)),
-                                               _mm512_loadu_ps(mv + c0));
-                store16(ys + c0, activate16(act, _mm512_fmadd_ps(d, _mm512_loadu_ps(sc + c0), _mm512_loadu_ps(sh + c0))));
-              }
-#endif
-            if (act != Act::Gelu)  // 8 channels at a time, straight from x to y
-              for (; c0 + 8 <= C; c0 += 8) {
-                const __m256 d = _mm256_sub_ps(_mm256_sub_ps(load8(xs + c0), _mm256_loadu_ps(pv + c0)),
-                                               _mm256_loadu_ps(mv + c0));
-                store8(ys + c0, activate8(act, _mm256_fmadd_ps(d, _mm256_loadu_ps(sc + c0), _mm256_loadu_ps(sh + c0))));
-              }
+            if (act != Act::Gelu)  // straight from x to y, 16 then 8 channels at a time
+              c0 = simd_for(C, [&](auto t, int64_t c) {
+                using V = decltype(t);
+                const V d = (V::load(xs + c) - V::load(pv + c)) - V::load(mv + c);
+                activate_vec(act, fmadd(d, V::load(sc + c), V::load(sh + c))).store(ys + c);
+              });
           }
 #endif
           const int64_t rest = C - c0;
@@ -363,9 +318,9 @@ struct GroupNormBackend {
                   const at::Tensor& rstd, const at::Tensor* weight, const at::Tensor* bias, Act act, bool want_dx,
                   bool want_dw, bool want_db, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
     using A = acc_t<T>;
-    const std::vector<A> w = param_as_acc<W, A>(weight, s.C, A(1)), b = param_as_acc<W, A>(bias, s.C, A(0));
+    const Buf<A> w = param_as_acc<W, A>(weight, s.C, A(1)), b = param_as_acc<W, A>(bias, s.C, A(0));
     // per-(n, c) sums of dz * xhat and of dz
-    std::vector<A> part_w(s.N * s.C), part_b(s.N * s.C);
+    Buf<A> part_w(s.N * s.C), part_b(s.N * s.C);
     if (s.channels_last) {
       bwd_nsc<T, A>(s, dy.data_ptr<T>(), x.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), w, b, act,
                     want_dx ? dx.data_ptr<T>() : nullptr, part_w, part_b);
@@ -373,7 +328,7 @@ struct GroupNormBackend {
       bwd_ncs<T, A>(s, dy.data_ptr<T>(), x.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), w, b, act,
                     want_dx ? dx.data_ptr<T>() : nullptr, part_w, part_b);
     }
-    auto finish = [&](const std::vector<A>& part, at::Tensor& out) {
+    auto finish = [&](const Buf<A>& part, at::Tensor& out) {
       W* o = out.data_ptr<W>();
       for (int64_t c = 0; c < s.C; ++c) {
         A t = 0;
@@ -388,14 +343,14 @@ struct GroupNormBackend {
   // dx_i = rs (dz_i w_c - a - xhat_i cc), a = sum(dz w) / L, cc = sum(dz w xhat) / L over the group
   template <typename T, typename A>
   static void bwd_ncs(const GroupNormShape& s, const T* DY, const T* X, const A* MEAN, const A* RSTD,
-                      const std::vector<A>& w, const std::vector<A>& b, Act act, T* DX, std::vector<A>& part_w,
-                      std::vector<A>& part_b) {
+                      const Buf<A>& w, const Buf<A>& b, Act act, T* DX, Buf<A>& part_w,
+                      Buf<A>& part_b) {
     const int64_t S = s.S, cpg = s.cpg(), L = cpg * S;
 #ifdef FUSENORM_CPU_AVX2
     if constexpr (std::is_same_v<A, float>) {
       if (act != Act::Gelu) {  // each channel's run read twice (the second time from cache), no copies
         at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
-          std::vector<float> dz(act != Act::None ? L : 0);
+          Buf<float> dz(act != Act::None ? L : 0);
           for (int64_t ng = begin; ng < end; ++ng) {
             const int64_t n = ng / s.G, g = ng % s.G;
             const float mu = MEAN[ng], rs = RSTD[ng];
@@ -422,7 +377,7 @@ struct GroupNormBackend {
     }
 #endif
     at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
-      std::vector<A> xh(L), d(L), z(S);
+      Buf<A> xh(L), d(L), z(S);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / s.G, g = ng % s.G;
         const A mu = MEAN[ng], rs = RSTD[ng];
@@ -459,11 +414,11 @@ struct GroupNormBackend {
 
   template <typename T, typename A>
   static void bwd_nsc(const GroupNormShape& s, const T* DY, const T* X, const A* MEAN, const A* RSTD,
-                      const std::vector<A>& w, const std::vector<A>& b, Act act, T* DX, std::vector<A>& part_w,
-                      std::vector<A>& part_b) {
+                      const Buf<A>& w, const Buf<A>& b, Act act, T* DX, Buf<A>& part_w,
+                      Buf<A>& part_b) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
-    std::vector<A> pw(chunks * C), pb(chunks * C), mu_c(C), rs_c(C), a_c(C), cc_c(C);
+    Buf<A> pw(chunks * C), pb(chunks * C), mu_c(C), rs_c(C), a_c(C), cc_c(C);
     // dz and xhat for one site, along the channels
     auto site_grads = [&](const T* xs, const T* ds, A* xh, A* d, A* z) {
       to_acc(xs, xh, C);
@@ -474,12 +429,12 @@ struct GroupNormBackend {
         activate_backward_inplace(act, z, d, C);
       }
     };
-    const bool vec8 = C % 8 == 0 && act != Act::Gelu;  // AVX2 fp32: 8 channels at a time, GELU scalar
-    // With an activation, the AVX2 path keeps one sample's dz (fp32) from the sums pass for the dx
+    const bool vec8 = C % 8 == 0 && act != Act::Gelu;  // SIMD fp32: 16 or 8 channels at a time, GELU scalar
+    // With an activation, the SIMD path keeps one sample's dz (fp32) from the sums pass for the dx
     // pass: act' (an exp for SiLU) is computed once per element, not twice.
-    std::unique_ptr<float[]> dz_buf;
-    if (vec8 && act != Act::None && std::is_same_v<A, float> && DX) dz_buf.reset(new float[S * C]);
-    float* dz_keep = dz_buf.get();
+    Buf<float> dz_buf;
+    if (vec8 && act != Act::None && std::is_same_v<A, float> && DX) dz_buf.resize(S * C);
+    float* dz_keep = dz_buf.empty() ? nullptr : dz_buf.data();
     for (int64_t n = 0; n < s.N; ++n) {
       const T* xn = X + n * S * C;
       const T* dn = DY + n * S * C;
@@ -488,7 +443,7 @@ struct GroupNormBackend {
         rs_c[c] = RSTD[n * G + c / cpg];
       }
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-        std::vector<A> xh(C), d(C), z(C);
+        Buf<A> xh(C), d(C), z(C);
         for (int64_t k = cb; k < ce; ++k) {
           A* qw = pw.data() + k * C;
           A* qb = pb.data() + k * C;
@@ -497,20 +452,20 @@ struct GroupNormBackend {
           const int64_t s0 = k * chunk, s1 = std::min(S, (k + 1) * chunk);
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
-            if (vec8) {  // site by site (dz is stored in order), 8 channels at a time
+            if (vec8) {  // site by site (dz is stored in order), 16 then 8 channels at a time
               for (int64_t site = s0; site < s1; ++site)
-                for (int64_t c = 0; c < C; c += 8) {
-                  const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(xn + site * C + c), _mm256_loadu_ps(&mu_c[c])),
-                                                  _mm256_loadu_ps(&rs_c[c]));
-                  __m256 dv = load8(dn + site * C + c);
+                simd_for(C, [&](auto t, int64_t c) {
+                  using V = decltype(t);
+                  const int64_t o = site * C + c;
+                  const V xv = (V::load(xn + o) - V::load(&mu_c[c])) * V::load(&rs_c[c]);
+                  V dv = V::load(dn + o);
                   if (act != Act::None) {
-                    const __m256 z = _mm256_fmadd_ps(xv, _mm256_loadu_ps(&w[c]), _mm256_loadu_ps(&b[c]));
-                    dv = activate_backward8(act, z, dv);
-                    if (dz_keep) _mm256_storeu_ps(dz_keep + site * C + c, dv);
+                    dv = activate_backward_vec(act, fmadd(xv, V::load(&w[c]), V::load(&b[c])), dv);
+                    if (dz_keep) dv.store(dz_keep + o);
                   }
-                  _mm256_storeu_ps(qw + c, _mm256_fmadd_ps(dv, xv, _mm256_loadu_ps(qw + c)));
-                  _mm256_storeu_ps(qb + c, _mm256_add_ps(_mm256_loadu_ps(qb + c), dv));
-                }
+                  fmadd(dv, xv, V::load(qw + c)).store(qw + c);
+                  (V::load(qb + c) + dv).store(qb + c);
+                });
               continue;
             }
           }
@@ -524,7 +479,7 @@ struct GroupNormBackend {
           }
         }
       });
-      std::vector<A> s_g(G, A(0)), s_gx(G, A(0));
+      Buf<A> s_g(G, A(0)), s_gx(G, A(0));
       for (int64_t c = 0; c < C; ++c) {
         A tw = 0, tb = 0;
         for (int64_t k = 0; k < chunks; ++k) {
@@ -543,19 +498,19 @@ struct GroupNormBackend {
       }
       T* dxn = DX + n * S * C;
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-        std::vector<A> xh(C), d(C), z(C);
+        Buf<A> xh(C), d(C), z(C);
         for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
             if (vec8) {  // dz from pass 1 (kept) or dy
-              for (int64_t c = 0; c < C; c += 8) {
-                const __m256 xv = _mm256_mul_ps(_mm256_sub_ps(load8(xn + site * C + c), _mm256_loadu_ps(&mu_c[c])),
-                                                _mm256_loadu_ps(&rs_c[c]));
-                const __m256 dv = act != Act::None ? _mm256_loadu_ps(dz_keep + site * C + c) : load8(dn + site * C + c);
-                const __m256 t = _mm256_sub_ps(_mm256_fmsub_ps(dv, _mm256_loadu_ps(&w[c]), _mm256_loadu_ps(&a_c[c])),
-                                               _mm256_mul_ps(xv, _mm256_loadu_ps(&cc_c[c])));
-                store8(dxn + site * C + c, _mm256_mul_ps(_mm256_loadu_ps(&rs_c[c]), t));
-              }
+              simd_for(C, [&](auto t, int64_t c) {
+                using V = decltype(t);
+                const int64_t o = site * C + c;
+                const V rsv = V::load(&rs_c[c]);
+                const V xv = (V::load(xn + o) - V::load(&mu_c[c])) * rsv;
+                const V dv = act != Act::None ? V::load(dz_keep + o) : V::load(dn + o);
+                (rsv * (fmsub(dv, V::load(&w[c]), V::load(&a_c[c])) - xv * V::load(&cc_c[c]))).store(dxn + o);
+              });
               continue;
             }
           }

@@ -1,8 +1,9 @@
 // CPU LayerNorm / RMSNorm over rows of a [M, N] view. Parallel over rows (at::parallel_for);
 // each row is read from memory once, reduced from cache (exact two-pass) and written once.
 // Two paths with the same arithmetic and summation order:
-//  - AVX2 (fp32 accumulation, host has AVX2/FMA/F16C): intrinsics, conversions fused into the
-//    passes, the next row prefetched while the current one is reduced from cache.
+//  - SIMD (fp32 accumulation, host has AVX2/FMA/F16C): the vectors of cpu/vec.h, 16 wide on
+//    AVX-512 hosts, conversions fused into the passes, the next row prefetched while the current
+//    one is reduced from cache.
 //  - portable (fp64, or no AVX2): plain loops over arrays that the compiler vectorizes; half
 //    types go through a cache-resident fp32 copy of the row.
 // Fixed-width accumulator arrays keep the summation order fixed without -ffast-math, so results
@@ -15,6 +16,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
+#include <new>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -23,21 +26,30 @@
 #include "common/row_norm_args.h"
 #include "common/row_norm_ops.h"
 #include "common/welford.h"
-
-#if defined(__AVX2__) && defined(__F16C__)
-#include <immintrin.h>
-#define FUSENORM_CPU_AVX2 1
-// Hosts with AVX-512 (F, BW, VL) also get 16-wide versions of the elementwise passes: the same
-// arithmetic per element, so their results are bitwise those of the 8-wide passes. Reductions keep
-// their 8-wide lanes (and summation order).
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#define FUSENORM_CPU_AVX512 1
-#endif
-#endif
+#include "cpu/vec.h"
 
 namespace fusenorm::cpu {
 
-constexpr int kLanes = 32;  // independent partial sums: 4 AVX2 vectors of fp32
+constexpr int kLanes = 32;  // independent partial sums: four 8-wide or two 16-wide vectors of fp32
+
+// A std::vector on 64-byte boundaries, for every buffer the SIMD passes read or write: a 16-wide
+// access is a whole cache line, and in a buffer from malloc (16-byte aligned) each one would span
+// two lines.
+template <typename T>
+struct CacheAligned {
+  using value_type = T;
+  CacheAligned() = default;
+  template <typename U>
+  CacheAligned(const CacheAligned<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const CacheAligned<U>&) const {
+    return true;
+  }
+};
+template <typename T>
+using Buf = std::vector<T, CacheAligned<T>>;
 
 // Pairwise sum of the lanes: log-depth and vectorizable, where a running sum would cost a
 // dependent add per lane (a tenth of the time of a 1024-wide row).
@@ -117,68 +129,21 @@ inline void from_acc(const A* src, T* dst, int64_t n) {
 }
 
 #ifdef FUSENORM_CPU_AVX2
-// The AVX2 path for fp32 accumulation (fp32, half, bfloat16). c10's scalar half/bfloat16
-// conversions do not vectorize, so rows are converted 8 at a time with intrinsics, fused into the
-// passes over the row: the row is read once, reduced from cache, and the output is written once.
+// The SIMD path for fp32 accumulation (fp32, half, bfloat16), written once for both widths with
+// cpu/vec.h: conversions fused into the passes over the row, so the row is read once, reduced from
+// cache, and the output is written once. The reductions keep 32 lanes (lane j sums the elements
+// j mod 32: four 8-wide or two 16-wide accumulators), so their order is that of sum_of.
 
-// 8 elements <-> 8 fp32 lanes. bfloat16 rounds to nearest even with NaN to the canonical quiet
-// NaN: the same bits as c10::BFloat16(float).
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-inline __m256 load8(const c10::BFloat16* p) {
-  __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
-}
-inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-inline void store8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline void store8(c10::BFloat16* p, __m256 v) {
-  const __m256i b = _mm256_castps_si256(v);
-  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
-  __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
-  t = _mm256_blendv_epi8(t, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
-}
-
-#ifdef FUSENORM_CPU_AVX512
-// 16 elements <-> 16 fp32 lanes, bitwise as load8/store8.
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-inline __m512 load16(const c10::BFloat16* p) {
-  const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
-}
-inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-inline void store16(c10::Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-inline void store16(c10::BFloat16* p, __m512 v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i t = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
-  t = _mm512_mask_mov_epi32(t, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(t));
-}
-#endif
-
-// Half/bfloat16 <-> fp32 arrays, 8 at a time (c10's scalar conversions do not vectorize): the
-// overloads of to_acc/from_acc that every CPU kernel after this point uses for half types.
+// Half/bfloat16 <-> fp32 arrays: the overloads of to_acc/from_acc that every CPU kernel after this
+// point uses for half types.
 template <typename H>
 inline void cvt_in(const H* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(dst + i, load8(src + i));
+  int64_t i = simd_for(n, [&](auto v, int64_t i) { decltype(v)::load(src + i).store(dst + i); });
   for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 template <typename H>
 inline void cvt_out(const float* src, H* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) store8(dst + i, _mm256_loadu_ps(src + i));
+  int64_t i = simd_for(n, [&](auto v, int64_t i) { decltype(v)::load(src + i).store(dst + i); });
   for (; i < n; ++i) dst[i] = static_cast<H>(src[i]);
 }
 inline void to_acc(const c10::Half* s, float* d, int64_t n) { cvt_in(s, d, n); }
@@ -186,31 +151,33 @@ inline void to_acc(const c10::BFloat16* s, float* d, int64_t n) { cvt_in(s, d, n
 inline void from_acc(const float* s, c10::Half* d, int64_t n) { cvt_out(s, d, n); }
 inline void from_acc(const float* s, c10::BFloat16* d, int64_t n) { cvt_out(s, d, n); }
 
-// The 32 lanes of four 8-wide accumulators (lane 8k + j = acc[k][j]), summed as sum_lanes does.
-inline float sum_lanes(const __m256 (&acc)[4]) {
-  alignas(32) float lanes[kLanes];
-  for (int k = 0; k < 4; ++k) _mm256_store_ps(lanes + 8 * k, acc[k]);
+// The 32 lanes of K accumulators of width W (lane W k + j = acc[k][j]), summed as sum_lanes does.
+template <int W, int K>
+inline float sum_vec_lanes(const Vec<W> (&acc)[K]) {
+  static_assert(W * K == kLanes, "32 lanes");
+  alignas(64) float lanes[kLanes];
+  for (int k = 0; k < K; ++k) acc[k].store(lanes + W * k);
   return sum_lanes(lanes);
 }
 
 // Reads a row once: converts it into buf (half types) and returns sum_i (v_i - c), or with SQ
-// sum_i v_i^2 (RMSNorm). Lane j of the four accumulators sums elements j mod 32, as sum_of does.
+// sum_i v_i^2 (RMSNorm), in the lanes of sum_of.
 template <bool SQ, typename T>
 inline float load_and_sum(const T* x, float* buf, int64_t n, float c) {
-  const __m256 cv = _mm256_set1_ps(c);
-  __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  using V = VecWide;
+  constexpr int K = kLanes / V::kWidth;
+  const V cv = V::set1(c);
+  V acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = V::zero();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < 4; ++k) {
-      __m256 v = load8(x + i + 8 * k);
-      if constexpr (!std::is_same_v<T, float>) _mm256_storeu_ps(buf + i + 8 * k, v);
-      if constexpr (SQ) {
-        acc[k] = _mm256_fmadd_ps(v, v, acc[k]);
-      } else {
-        acc[k] = _mm256_add_ps(acc[k], _mm256_sub_ps(v, cv));
-      }
+    for (int k = 0; k < K; ++k) {
+      const int64_t o = i + V::kWidth * k;
+      const V v = V::load(x + o);
+      if constexpr (!std::is_same_v<T, float>) v.store(buf + o);
+      acc[k] = SQ ? fmadd(v, v, acc[k]) : acc[k] + (v - cv);
     }
-  float s = sum_lanes(acc);
+  float s = sum_vec_lanes(acc);
   for (; i < n; ++i) {
     float v = static_cast<float>(x[i]);
     if constexpr (!std::is_same_v<T, float>) buf[i] = v;
@@ -219,16 +186,37 @@ inline float load_and_sum(const T* x, float* buf, int64_t n, float c) {
   return s;
 }
 
+// sum_i ((v_i - c) - m)^2 in the lanes of sq_dev_of, prefetching the row `next` (of the same
+// length) when given.
+template <typename T>
+inline float sq_dev_vec(const float* v, int64_t n, float c, float m, const T* next) {
+  using V = VecWide;
+  constexpr int K = kLanes / V::kWidth;
+  const V cv = V::set1(c), mv = V::set1(m);
+  V acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = V::zero();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    prefetch_lanes(next, i);
+    for (int k = 0; k < K; ++k) {
+      const V d = (V::load(v + i + V::kWidth * k) - cv) - mv;
+      acc[k] = fmadd(d, d, acc[k]);
+    }
+  }
+  float s = sum_vec_lanes(acc);
+  for (; i < n; ++i) s += ((v[i] - c) - m) * ((v[i] - c) - m);
+  return s;
+}
+
 // y_i = ((v_i - c) - mu) * rs * w_i + b_i, converted and stored straight into the output row.
 template <typename T>
 inline void normalize_store(const float* v, const float* w, const float* b, T* y, int64_t n, float c, float mu,
                             float rs) {
-  const __m256 cv = _mm256_set1_ps(c), muv = _mm256_set1_ps(mu), rsv = _mm256_set1_ps(rs);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    __m256 h = _mm256_mul_ps(_mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(v + i), cv), muv), rsv);
-    store8(y + i, _mm256_fmadd_ps(h, _mm256_loadu_ps(w + i), _mm256_loadu_ps(b + i)));
-  }
+  int64_t i = simd_for(n, [&](auto z, int64_t i) {
+    using V = decltype(z);
+    const V h = ((V::load(v + i) - V::set1(c)) - V::set1(mu)) * V::set1(rs);
+    fmadd(h, V::load(w + i), V::load(b + i)).store(y + i);
+  });
   for (; i < n; ++i) y[i] = static_cast<T>(((v[i] - c) - mu) * rs * w[i] + b[i]);
 }
 
@@ -237,24 +225,26 @@ inline void normalize_store(const float* v, const float* w, const float* b, T* y
 template <typename T>
 inline void load_grad_sums(const T* x, const T* dy, const float* w, float* xb, float* gb, int64_t n, float mu,
                            float& s_g, float& s_gx) {
-  const __m256 muv = _mm256_set1_ps(mu);
-  __m256 a1[4], a2[4];
-  for (int k = 0; k < 4; ++k) a1[k] = a2[k] = _mm256_setzero_ps();
+  using V = VecWide;
+  constexpr int K = kLanes / V::kWidth;
+  const V muv = V::set1(mu);
+  V a1[K], a2[K];
+  for (int k = 0; k < K; ++k) a1[k] = a2[k] = V::zero();
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < 4; ++k) {
-      const int64_t o = i + 8 * k;
-      __m256 v = load8(x + o), d = load8(dy + o);
+    for (int k = 0; k < K; ++k) {
+      const int64_t o = i + V::kWidth * k;
+      const V v = V::load(x + o), d = V::load(dy + o);
       if constexpr (!std::is_same_v<T, float>) {
-        _mm256_storeu_ps(xb + o, v);
-        _mm256_storeu_ps(gb + o, d);
+        v.store(xb + o);
+        d.store(gb + o);
       }
-      __m256 g = _mm256_mul_ps(d, _mm256_loadu_ps(w + o));
-      a1[k] = _mm256_add_ps(a1[k], g);
-      a2[k] = _mm256_fmadd_ps(g, _mm256_sub_ps(v, muv), a2[k]);
+      const V g = d * V::load(w + o);
+      a1[k] = a1[k] + g;
+      a2[k] = fmadd(g, v - muv, a2[k]);
     }
-  s_g = sum_lanes(a1);
-  s_gx = sum_lanes(a2);
+  s_g = sum_vec_lanes(a1);
+  s_gx = sum_vec_lanes(a2);
   for (; i < n; ++i) {
     float v = static_cast<float>(x[i]), d = static_cast<float>(dy[i]);
     if constexpr (!std::is_same_v<T, float>) {
@@ -269,26 +259,24 @@ inline void load_grad_sums(const T* x, const T* dy, const float* w, float* xb, f
 
 // Backward, second pass from cache: dx_i = rs (dy_i w_i - a - xhat_i cc) stored into dx (if
 // given), and the dγ/dβ partials pw += dy xhat, pb += dy (if given). Prefetches the next row's
-// x and dy (when given) while it runs.
+// x and dy (when given) while it runs. 8 wide for fp32: with 16-wide vectors this pass took twice
+// as long on the AVX-512 VM (LayerNorm 4096x4096 backward, 15 -> 28-32 ms), while for half types,
+// whose dx vectors are half as wide, 16 lanes are faster (bf16 12 -> 9 ms).
 template <typename T>
 inline void grad_store(const float* v, const float* d, const float* w, T* dx, float* pw, float* pb, int64_t n,
                        float mu, float rs, float a, float cc, const T* next_x, const T* next_dy) {
-  const __m256 muv = _mm256_set1_ps(mu), rsv = _mm256_set1_ps(rs), av = _mm256_set1_ps(a),
-               ccv = _mm256_set1_ps(cc);
+  using V = std::conditional_t<std::is_same_v<T, float>, Vec<8>, VecWide>;
+  const V muv = V::set1(mu), rsv = V::set1(rs), av = V::set1(a), ccv = V::set1(cc);
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     prefetch_lanes(next_x, i);
     prefetch_lanes(next_dy, i);
-    for (int k = 0; k < 4; ++k) {
-      const int64_t o = i + 8 * k;
-      __m256 dv = _mm256_loadu_ps(d + o);
-      __m256 xhat = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(v + o), muv), rsv);
-      if (dx) {
-        __m256 t = _mm256_sub_ps(_mm256_sub_ps(_mm256_mul_ps(dv, _mm256_loadu_ps(w + o)), av), _mm256_mul_ps(xhat, ccv));
-        store8(dx + o, _mm256_mul_ps(rsv, t));
-      }
-      if (pw) _mm256_storeu_ps(pw + o, _mm256_fmadd_ps(dv, xhat, _mm256_loadu_ps(pw + o)));
-      if (pb) _mm256_storeu_ps(pb + o, _mm256_add_ps(_mm256_loadu_ps(pb + o), dv));
+    for (int64_t o = i; o < i + kLanes; o += V::kWidth) {
+      const V dv = V::load(d + o);
+      const V xhat = (V::load(v + o) - muv) * rsv;
+      if (dx) (rsv * ((dv * V::load(w + o) - av) - xhat * ccv)).store(dx + o);
+      if (pw) fmadd(dv, xhat, V::load(pw + o)).store(pw + o);
+      if (pb) (V::load(pb + o) + dv).store(pb + o);
     }
   }
   for (; i < n; ++i) {
@@ -328,8 +316,8 @@ inline const A* row_as_acc(const T* src, A* buf, int64_t n) {
 
 // Parameters as accumulation-type arrays; ones/zeros stand in for absent weight/bias.
 template <typename W, typename A>
-std::vector<A> param_as_acc(const at::Tensor* p, int64_t n, A fill) {
-  std::vector<A> out(n, fill);
+Buf<A> param_as_acc(const at::Tensor* p, int64_t n, A fill) {
+  Buf<A> out(n, fill);
   if (p) {
     at::Tensor c = p->contiguous();
     to_acc(c.data_ptr<W>(), out.data(), n);
@@ -340,51 +328,52 @@ std::vector<A> param_as_acc(const at::Tensor* p, int64_t n, A fill) {
 // Channels-last moments of a chunk of R rows of C contiguous channels (row stride ld): for every
 // channel c, the mean m[c] and M2 q[c] of x - piv[c] over the rows, exact two-pass. Each sum runs
 // over blocks of kNscRows rows, then over the blocks: a plain running sum of thousands of rows
-// (C = 4: 4096 per chunk) would lose 1e-5 of the variance. AVX2 fp32 works on blocks of 32
+// (C = 4: 4096 per chunk) would lose 1e-5 of the variance. SIMD fp32 works on blocks of 32
 // channels: the accumulators stay in registers (no load/store of m and q per row) and the block's
 // lines stay in L1 between its two passes, while the next block's lines are prefetched. The plain
 // loops below sum in the same order.
 constexpr int64_t kNscRows = 64;
 
 #ifdef FUSENORM_CPU_AVX2
-template <int V, typename T>
+template <typename V, int K, typename T>
 inline void nsc_block_moments(const T* x, int64_t ld, int64_t R, const float* piv, float* m, float* q, int64_t ahead) {
-  __m256 p[V], s[V], t[V], mu[V];
-  for (int v = 0; v < V; ++v) {
-    p[v] = _mm256_loadu_ps(piv + 8 * v);
-    s[v] = _mm256_setzero_ps();
+  constexpr int W = V::kWidth;
+  V p[K], s[K], t[K], mu[K];
+  for (int k = 0; k < K; ++k) {
+    p[k] = V::load(piv + W * k);
+    s[k] = V::zero();
   }
   for (int64_t r0 = 0; r0 < R; r0 += kNscRows) {
-    for (int v = 0; v < V; ++v) t[v] = _mm256_setzero_ps();
+    for (int k = 0; k < K; ++k) t[k] = V::zero();
     for (int64_t r = r0; r < std::min(R, r0 + kNscRows); ++r) {
       const T* xr = x + r * ld;
       if (ahead) {  // the first and last element of the next block: its one or two lines
         __builtin_prefetch(reinterpret_cast<const char*>(xr + ahead), 0, 3);
-        __builtin_prefetch(reinterpret_cast<const char*>(xr + ahead + 8 * V - 1), 0, 3);
+        __builtin_prefetch(reinterpret_cast<const char*>(xr + ahead + W * K - 1), 0, 3);
       }
-      for (int v = 0; v < V; ++v) t[v] = _mm256_add_ps(t[v], _mm256_sub_ps(load8(xr + 8 * v), p[v]));
+      for (int k = 0; k < K; ++k) t[k] = t[k] + (V::load(xr + W * k) - p[k]);
     }
-    for (int v = 0; v < V; ++v) s[v] = _mm256_add_ps(s[v], t[v]);
+    for (int k = 0; k < K; ++k) s[k] = s[k] + t[k];
   }
-  const __m256 len = _mm256_set1_ps(float(R));
-  for (int v = 0; v < V; ++v) {
-    mu[v] = _mm256_div_ps(s[v], len);
-    s[v] = _mm256_setzero_ps();
+  const V len = V::set1(float(R));
+  for (int k = 0; k < K; ++k) {
+    mu[k] = s[k] / len;
+    s[k] = V::zero();
   }
   for (int64_t r0 = 0; r0 < R; r0 += kNscRows) {
-    for (int v = 0; v < V; ++v) t[v] = _mm256_setzero_ps();
+    for (int k = 0; k < K; ++k) t[k] = V::zero();
     for (int64_t r = r0; r < std::min(R, r0 + kNscRows); ++r) {
       const T* xr = x + r * ld;
-      for (int v = 0; v < V; ++v) {
-        const __m256 d = _mm256_sub_ps(_mm256_sub_ps(load8(xr + 8 * v), p[v]), mu[v]);
-        t[v] = _mm256_fmadd_ps(d, d, t[v]);
+      for (int k = 0; k < K; ++k) {
+        const V d = (V::load(xr + W * k) - p[k]) - mu[k];
+        t[k] = fmadd(d, d, t[k]);
       }
     }
-    for (int v = 0; v < V; ++v) s[v] = _mm256_add_ps(s[v], t[v]);
+    for (int k = 0; k < K; ++k) s[k] = s[k] + t[k];
   }
-  for (int v = 0; v < V; ++v) {
-    _mm256_storeu_ps(m + 8 * v, mu[v]);
-    _mm256_storeu_ps(q + 8 * v, s[v]);
+  for (int k = 0; k < K; ++k) {
+    mu[k].store(m + W * k);
+    s[k].store(q + W * k);
   }
 }
 #endif
@@ -397,9 +386,9 @@ inline void nsc_chunk_moments(const T* x, int64_t ld, int64_t R, int64_t C, cons
     constexpr int64_t kBlock = 32;
     for (; c0 + kBlock <= C; c0 += kBlock) {
       const int64_t ahead = c0 + 2 * kBlock <= C ? kBlock : 0;
-      nsc_block_moments<4>(x + c0, ld, R, piv + c0, m + c0, q + c0, ahead);
+      nsc_block_moments<VecWide, kBlock / VecWide::kWidth>(x + c0, ld, R, piv + c0, m + c0, q + c0, ahead);
     }
-    for (; c0 + 8 <= C; c0 += 8) nsc_block_moments<1>(x + c0, ld, R, piv + c0, m + c0, q + c0, 0);
+    for (; c0 + 8 <= C; c0 += 8) nsc_block_moments<Vec<8>, 1>(x + c0, ld, R, piv + c0, m + c0, q + c0, 0);
   }
 #endif
   for (int64_t c = c0; c < C; ++c) {
@@ -430,8 +419,8 @@ template <typename T, typename W, bool RMS>
 void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias, int64_t M,
                          int64_t N, double eps, at::Tensor& y, at::Tensor* mean, at::Tensor& rstd) {
   using A = acc_t<T>;
-  const std::vector<A> w = param_as_acc<W, A>(weight, N, A(1));
-  const std::vector<A> b = param_as_acc<W, A>(bias, N, A(0));
+  const Buf<A> w = param_as_acc<W, A>(weight, N, A(1));
+  const Buf<A> b = param_as_acc<W, A>(bias, N, A(0));
   const T* X = x.data_ptr<T>();
   T* Y = y.data_ptr<T>();
   A* MEAN = mean ? mean->data_ptr<A>() : nullptr;
@@ -439,7 +428,7 @@ void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at
   const A* wp = w.data();
   const A* bp = b.data();
   at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
-    std::vector<A> buf(std::is_same_v<T, A> ? 0 : N), obuf(std::is_same_v<T, A> ? 0 : N);
+    Buf<A> buf(std::is_same_v<T, A> ? 0 : N), obuf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t r = begin; r < end; ++r) {
 #ifdef FUSENORM_CPU_AVX2
       if constexpr (std::is_same_v<A, float>) {
@@ -450,7 +439,7 @@ void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at
         const float* v = std::is_same_v<T, float> ? reinterpret_cast<const float*>(xr) : buf.data();
         const float mu = RMS ? 0.f : s / float(N);
         const T* next = r + 1 < end ? xr + N : nullptr;
-        const float var = (RMS ? s : sq_dev_of(v, N, c, mu, next)) / float(N);
+        const float var = (RMS ? s : sq_dev_vec(v, N, c, mu, next)) / float(N);
         const float rs = 1.f / std::sqrt(var + static_cast<float>(eps));
         normalize_store(v, wp, bp, Y + r * N, N, c, mu, rs);
         if (MEAN) MEAN[r] = c + mu;
@@ -481,7 +470,7 @@ void row_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Te
                          const at::Tensor* weight, int64_t M, int64_t N, bool want_dx, bool want_dw, bool want_db,
                          at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
   using A = acc_t<T>;
-  const std::vector<A> w = param_as_acc<W, A>(weight, N, A(1));
+  const Buf<A> w = param_as_acc<W, A>(weight, N, A(1));
   const T* X = x.data_ptr<T>();
   const T* DY = dy.data_ptr<T>();
   T* DX = want_dx ? dx.data_ptr<T>() : nullptr;
@@ -489,10 +478,10 @@ void row_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Te
   const A* RSTD = rstd.data_ptr<A>();
   const bool want_params = want_dw || want_db;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(M, at::get_num_threads()));
-  std::vector<A> part_w(want_dw ? chunks * N : 0, A(0)), part_b(want_db ? chunks * N : 0, A(0));
+  Buf<A> part_w(want_dw ? chunks * N : 0, A(0)), part_b(want_db ? chunks * N : 0, A(0));
   const A* wp = w.data();
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-    std::vector<A> xbuf(std::is_same_v<T, A> ? 0 : N), dybuf(std::is_same_v<T, A> ? 0 : N),
+    Buf<A> xbuf(std::is_same_v<T, A> ? 0 : N), dybuf(std::is_same_v<T, A> ? 0 : N),
         obuf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t c = cb; c < ce; ++c) {
       A* pw = want_dw ? part_w.data() + c * N : nullptr;
@@ -543,7 +532,7 @@ void row_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Te
       }
     }
   });
-  auto finish = [&](const std::vector<A>& part, at::Tensor& out) {
+  auto finish = [&](const Buf<A>& part, at::Tensor& out) {
     W* o = out.data_ptr<W>();
     at::parallel_for(0, N, 4096, [&](int64_t b, int64_t e) {
       for (int64_t i = b; i < e; ++i) {

@@ -1,0 +1,142 @@
+// fp32 SIMD vectors for the CPU kernels: Vec<8> (AVX2 + FMA + F16C) and, on hosts with AVX-512
+// F/BW/VL, Vec<16>, behind one interface. An elementwise pass is written once, as a generic lambda
+// over the vector type, and simd_for runs it 16 wide, then 8 wide, then leaves the tail to scalar
+// code. Both widths do the same operations per lane, so a pass gives bitwise the same values at
+// either width (and on hosts with or without AVX-512).
+//
+// Half and bfloat16 load into fp32 lanes and store back from them: bfloat16 rounds to nearest even
+// with NaN to the canonical quiet NaN, the same bits as c10::BFloat16(float); c10's scalar
+// conversions do not vectorize.
+#pragma once
+
+#if defined(__AVX2__) && defined(__F16C__) && defined(__FMA__)
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <immintrin.h>
+
+#include <cstdint>
+
+#define FUSENORM_CPU_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define FUSENORM_CPU_AVX512 1
+#endif
+
+namespace fusenorm::cpu {
+
+template <int W>
+struct Vec;
+
+template <>
+struct Vec<8> {
+  static constexpr int kWidth = 8;
+  __m256 r;
+
+  static Vec set1(float a) { return {_mm256_set1_ps(a)}; }
+  static Vec zero() { return {_mm256_setzero_ps()}; }
+  static Vec load(const float* p) { return {_mm256_loadu_ps(p)}; }
+  static Vec load(const c10::Half* p) { return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)))}; }
+  static Vec load(const c10::BFloat16* p) {
+    const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return {_mm256_castsi256_ps(_mm256_slli_epi32(h, 16))};
+  }
+  void store(float* p) const { _mm256_storeu_ps(p, r); }
+  void store(c10::Half* p) const {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store(c10::BFloat16* p) const {
+    const __m256i b = _mm256_castps_si256(r);
+    const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+    __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
+    t = _mm256_blendv_epi8(t, _mm256_set1_epi32(0x7fc0), _mm256_castps_si256(_mm256_cmp_ps(r, r, _CMP_UNORD_Q)));
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), packed);
+  }
+
+  friend Vec operator+(Vec a, Vec b) { return {_mm256_add_ps(a.r, b.r)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm256_sub_ps(a.r, b.r)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm256_mul_ps(a.r, b.r)}; }
+  friend Vec operator/(Vec a, Vec b) { return {_mm256_div_ps(a.r, b.r)}; }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm256_fmadd_ps(a.r, b.r, c.r)}; }    // a * b + c
+  friend Vec fmsub(Vec a, Vec b, Vec c) { return {_mm256_fmsub_ps(a.r, b.r, c.r)}; }    // a * b - c
+  friend Vec fnmadd(Vec a, Vec b, Vec c) { return {_mm256_fnmadd_ps(a.r, b.r, c.r)}; }  // c - a * b
+  friend Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.r, b.r)}; }
+  friend Vec vmin(Vec a, Vec b) { return {_mm256_min_ps(a.r, b.r)}; }
+  // g where y > 0, else +0 (also where y is NaN)
+  friend Vec where_positive(Vec y, Vec g) {
+    return {_mm256_and_ps(_mm256_cmp_ps(y.r, _mm256_setzero_ps(), _CMP_GT_OQ), g.r)};
+  }
+  // the bits of e plus the bits of k shifted into the exponent field (exp's 2^k)
+  friend Vec add_to_exponent(Vec e, Vec k) {
+    return {_mm256_castsi256_ps(
+        _mm256_add_epi32(_mm256_castps_si256(e.r), _mm256_slli_epi32(_mm256_castps_si256(k.r), 23)))};
+  }
+};
+
+#ifdef FUSENORM_CPU_AVX512
+template <>
+struct Vec<16> {
+  static constexpr int kWidth = 16;
+  __m512 r;
+
+  static Vec set1(float a) { return {_mm512_set1_ps(a)}; }
+  static Vec zero() { return {_mm512_setzero_ps()}; }
+  static Vec load(const float* p) { return {_mm512_loadu_ps(p)}; }
+  static Vec load(const c10::Half* p) {
+    return {_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)))};
+  }
+  static Vec load(const c10::BFloat16* p) {
+    const __m512i h = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return {_mm512_castsi512_ps(_mm512_slli_epi32(h, 16))};
+  }
+  void store(float* p) const { _mm512_storeu_ps(p, r); }
+  void store(c10::Half* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  void store(c10::BFloat16* p) const {
+    const __m512i b = _mm512_castps_si512(r);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
+    __m512i t = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    t = _mm512_mask_mov_epi32(t, _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(t));
+  }
+
+  friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.r, b.r)}; }
+  friend Vec operator-(Vec a, Vec b) { return {_mm512_sub_ps(a.r, b.r)}; }
+  friend Vec operator*(Vec a, Vec b) { return {_mm512_mul_ps(a.r, b.r)}; }
+  friend Vec operator/(Vec a, Vec b) { return {_mm512_div_ps(a.r, b.r)}; }
+  friend Vec fmadd(Vec a, Vec b, Vec c) { return {_mm512_fmadd_ps(a.r, b.r, c.r)}; }
+  friend Vec fmsub(Vec a, Vec b, Vec c) { return {_mm512_fmsub_ps(a.r, b.r, c.r)}; }
+  friend Vec fnmadd(Vec a, Vec b, Vec c) { return {_mm512_fnmadd_ps(a.r, b.r, c.r)}; }
+  friend Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.r, b.r)}; }
+  friend Vec vmin(Vec a, Vec b) { return {_mm512_min_ps(a.r, b.r)}; }
+  friend Vec where_positive(Vec y, Vec g) {
+    return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.r, _mm512_setzero_ps(), _CMP_GT_OQ), g.r)};
+  }
+  friend Vec add_to_exponent(Vec e, Vec k) {
+    return {_mm512_castsi512_ps(
+        _mm512_add_epi32(_mm512_castps_si512(e.r), _mm512_slli_epi32(_mm512_castps_si512(k.r), 23)))};
+  }
+};
+#endif
+
+// The widest vector of this build, for passes that have one loop (the reductions that keep 32 lanes).
+#ifdef FUSENORM_CPU_AVX512
+using VecWide = Vec<16>;
+#else
+using VecWide = Vec<8>;
+#endif
+
+// Runs step(Vec<W>{}, i) for i = 0, W, 2W, ... while i + W <= n: 16 wide, then 8 wide; returns the
+// first index left to the scalar tail. step reads its vector type as decltype of its first argument.
+template <typename Step>
+inline int64_t simd_for(int64_t n, Step&& step) {
+  int64_t i = 0;
+#ifdef FUSENORM_CPU_AVX512
+  for (; i + 16 <= n; i += 16) step(Vec<16>{}, i);
+#endif
+  for (; i + 8 <= n; i += 8) step(Vec<8>{}, i);
+  return i;
+}
+
+}  // namespace fusenorm::cpu
+#endif
