@@ -122,6 +122,22 @@ inline GradCoef<A> grad_coef(const A* var, const W* w, A eps, int64_t c, const A
   return {a, k_g[c] * k, a * rs * k_gx[c] * k};
 }
 
+// Per-channel coefficients of grad_run for every channel (channels last).
+template <typename A>
+struct GradCoefs {
+  Buf<A> mu, a, kg, e;
+  template <typename W>
+  GradCoefs(int64_t C, const A* mean, const A* var, const W* w, A eps, const A* k_g, const A* k_gx, A k)
+      : mu(mean, mean + C), a(C), kg(C), e(C) {
+    for (int64_t c = 0; c < C; ++c) {
+      const GradCoef<A> g = grad_coef(var, w, eps, c, k_g, k_gx, k);
+      a[c] = g.a;
+      kg[c] = g.kg;
+      e[c] = g.e;
+    }
+  }
+};
+
 // Per-channel coefficients of the forward's elementwise pass, in the accumulation type.
 template <typename A, typename W>
 struct Coefs {
@@ -326,11 +342,27 @@ struct BatchNormBackend {
                   const acc_t<T>* mean, const acc_t<T>* var, const W* w, acc_t<T> eps, Act act, bool training,
                   acc_t<T>* sum_g, acc_t<T>* sum_gx, T* dx, T* dz) {
     using A = acc_t<T>;
-    if (!sum_g || !fuse_channels(s, 2 * sizeof(T)))
+    const A k = A(1) / static_cast<A>(s.count());
+    const bool fused = fuse_channels(s, 2 * sizeof(T));
+    if (!training && sum_g && (dx || dz) && !fused) {
+      // Eval: dx = rstd * w * g does not wait for the sums, so each row's (NSC) or run's (NCS) dx
+      // is written right after its sums, from cache: x and dy are read from memory once.
+      const GradCoefs<A> gc(s.C, mean, var, w, eps, nullptr, nullptr, k);
+      const int64_t len = s.channels_last ? s.C : s.S;
+      return bwd_reduce<T>(s, xc, dy, x, y, mean, var, eps, act, sum_g, sum_gx, [&](int64_t r) {
+        const int64_t o = r * len, c = s.channels_last ? 0 : r % s.C;
+        T *dxr = dx ? dx + o : nullptr, *dzr = dz ? dz + o : nullptr;
+        if (s.channels_last)
+          grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c]);
+        else
+          grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c]);
+      });
+    }
+    if (!sum_g || !fused)
       return compose_bwd<BatchNormBackend, T, W>(s, xc, dy, x, y, mean, var, w, eps, act, training, sum_g, sum_gx,
                                                  dx, dz);
     const int64_t C = s.C, S = s.S, cb_max = channel_block(s, 2 * sizeof(T));
-    const A k = A(1) / static_cast<A>(s.count());
+    const bool eval_dx = !training && (dx || dz);  // eval: each run's dx right after its sums, from cache
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
         const int64_t c1 = std::min(ce, c0 + cb_max);
@@ -347,10 +379,15 @@ struct BatchNormBackend {
             grad_sums_run<false>(dy + o, x + o, y ? y + o : nullptr, S, &mean[c], &pg, &pgx);
             sum_g[c] += pg;
             sum_gx[c] += pgx;
+            if (eval_dx) {
+              const GradCoef<A> g = grad_coef<A>(var, w, eps, c, nullptr, nullptr, k);
+              grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
+                              &mean[c], &g.a, &g.kg, &g.e);
+            }
           }
         }
         for (int64_t c = c0; c < c1; ++c) sum_gx[c] /= std::sqrt(var[c] + eps);
-        if (!dx && !dz) continue;
+        if (eval_dx || (!dx && !dz)) continue;
         for (int64_t n = 0; n < s.N; ++n)
           for (int64_t c = c0; c < c1; ++c) {
             const GradCoef<A> g = grad_coef(var, w, eps, c, training ? sum_g : nullptr, sum_gx, k);
@@ -447,9 +484,12 @@ struct BatchNormBackend {
     });
   }
 
-  template <typename T>
+  // row_done(r) (when given) runs right after the sums of row r (channels last: the r-th row of C
+  // values; contiguous: the r-th (n, c) run of S values), while the row is still in cache.
+  template <typename T, typename RowDone = std::nullptr_t>
   static void bwd_reduce(const BatchNormShape& s, const at::Tensor&, const T* dy, const T* x, const T* y, const acc_t<T>* mean,
-                         const acc_t<T>* var, acc_t<T> eps, Act, acc_t<T>* sum_g, acc_t<T>* sum_gx) {
+                         const acc_t<T>* var, acc_t<T> eps, Act, acc_t<T>* sum_g, acc_t<T>* sum_gx,
+                         RowDone row_done = nullptr) {
     using A = acc_t<T>;
     const int64_t C = s.C;
     if (!s.channels_last) {
@@ -459,6 +499,7 @@ struct BatchNormBackend {
         for (int64_t p = begin; p < end; ++p) {
           const int64_t o = p * S;
           grad_sums_run<false>(dy + o, x + o, y ? y + o : nullptr, S, &mean[p % C], &pg[p], &pgx[p]);
+          if constexpr (!std::is_same_v<RowDone, std::nullptr_t>) row_done(p);
         }
       });
       for (int64_t c = 0; c < C; ++c) {
@@ -481,6 +522,7 @@ struct BatchNormBackend {
         for (int64_t r = r0; r < r1; ++r) {
           const int64_t o = r * C;
           grad_sums_run<true>(dy + o, x + o, y ? y + o : nullptr, C, mean, &pg[t * C], &pgx[t * C]);
+          if constexpr (!std::is_same_v<RowDone, std::nullptr_t>) row_done(r);
         }
       }
     });
@@ -501,13 +543,8 @@ struct BatchNormBackend {
                         const acc_t<T>* k_gx, acc_t<T> k, T* dx, T* dz) {
     using A = acc_t<T>;
     const int64_t C = s.C;
-    Buf<A> mu(mean, mean + C), a(C), kg(C), e(C);
-    for (int64_t c = 0; c < C; ++c) {
-      const GradCoef<A> g = grad_coef(var, w, eps, c, k_g, k_gx, k);
-      a[c] = g.a;
-      kg[c] = g.kg;
-      e[c] = g.e;
-    }
+    const GradCoefs<A> gc(C, mean, var, w, eps, k_g, k_gx, k);
+    const Buf<A> &mu = gc.mu, &a = gc.a, &kg = gc.kg, &e = gc.e;
     if (!s.channels_last) {
       const int64_t S = s.S;
       at::parallel_for(0, s.N * C, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
