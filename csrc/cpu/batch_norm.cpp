@@ -122,7 +122,7 @@ inline GradCoef<A> grad_coef(const A* var, const W* w, A eps, int64_t c, const A
   return {a, k_g[c] * k, a * rs * k_gx[c] * k};
 }
 
-// Per-channel coefficients of grad_run for every channel (channels last).
+// grad_run's coefficients for all C channels, as arrays (the NSC rows index them by channel).
 template <typename A>
 struct GradCoefs {
   Buf<A> mu, a, kg, e;
