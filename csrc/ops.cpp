@@ -9,6 +9,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/vec.h"  // FUSENORM_CPU_AVX2 / FUSENORM_CPU_AVX512: the widths the CPU kernels were built with
+
 TORCH_LIBRARY(fusenorm, m) {
   // LayerNorm over the trailing dims given by normalized_shape.
   m.def("layer_norm_fwd(Tensor x, int[] normalized_shape, Tensor? weight, Tensor? bias, float eps)"
@@ -57,9 +59,9 @@ PyMODINIT_FUNC PyInit__C(void) {
 #else
   PyModule_AddIntConstant(m, "WITH_CUDA", 0);
 #endif
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX2__)
-  PyModule_AddStringConstant(m, "CPU_ISA", "avx2+avx512");  // 16-wide elementwise passes (cpu/row_norm.h)
-#elif defined(__AVX2__)
+#if defined(FUSENORM_CPU_AVX512)
+  PyModule_AddStringConstant(m, "CPU_ISA", "avx2+avx512");  // 16-wide SIMD passes
+#elif defined(FUSENORM_CPU_AVX2)
   PyModule_AddStringConstant(m, "CPU_ISA", "avx2");
 #else
   PyModule_AddStringConstant(m, "CPU_ISA", "baseline");

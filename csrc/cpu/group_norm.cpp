@@ -429,11 +429,11 @@ struct GroupNormBackend {
         activate_backward_inplace(act, z, d, C);
       }
     };
-    const bool vec8 = C % 8 == 0 && act != Act::Gelu;  // SIMD fp32: 16 or 8 channels at a time, GELU scalar
+    const bool simd_channels = C % 8 == 0 && act != Act::Gelu;  // SIMD fp32: 16 or 8 channels at a time, GELU scalar
     // With an activation, the SIMD path keeps one sample's dz (fp32) from the sums pass for the dx
     // pass: act' (an exp for SiLU) is computed once per element, not twice.
     Buf<float> dz_buf;
-    if (vec8 && act != Act::None && std::is_same_v<A, float> && DX) dz_buf.resize(S * C);
+    if (simd_channels && act != Act::None && std::is_same_v<A, float> && DX) dz_buf.resize(S * C);
     float* dz_keep = dz_buf.empty() ? nullptr : dz_buf.data();
     for (int64_t n = 0; n < s.N; ++n) {
       const T* xn = X + n * S * C;
@@ -452,7 +452,7 @@ struct GroupNormBackend {
           const int64_t s0 = k * chunk, s1 = std::min(S, (k + 1) * chunk);
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
-            if (vec8) {  // site by site (dz is stored in order), 16 then 8 channels at a time
+            if (simd_channels) {  // site by site (dz is stored in order), 16 then 8 channels at a time
               for (int64_t site = s0; site < s1; ++site)
                 simd_for(C, [&](auto t, int64_t c) {
                   using V = decltype(t);
@@ -502,7 +502,7 @@ struct GroupNormBackend {
         for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
-            if (vec8) {  // dz from pass 1 (kept) or dy
+            if (simd_channels) {  // dz from pass 1 (kept) or dy
               simd_for(C, [&](auto t, int64_t c) {
                 using V = decltype(t);
                 const int64_t o = site * C + c;

@@ -28,7 +28,7 @@ def cuda_kernels_compiled() -> bool:
 
 
 def cpu_isa() -> str:
-    """The vector ISA the CPU kernels were compiled for: 'avx2+avx512' (16-wide elementwise passes),
+    """The vector ISA the CPU kernels were compiled for: 'avx2+avx512' (16-wide SIMD passes),
     'avx2' or 'baseline'."""
     return _C.CPU_ISA
 
