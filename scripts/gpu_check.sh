@@ -3,8 +3,8 @@
 # a compute-sanitizer sweep (memcheck + racecheck) and the GPU benchmark; write logs and JSON
 # into the folder given as $1. Budget: under 8 minutes on an H100 machine.
 #   usage: scripts/gpu_check.sh OUTDIR
-#   env: PYTEST_K=expr (e.g. cuda: only the CUDA-device tests), SKIP_SANITIZER=1, SKIP_BENCH=1, BENCH_NORMS=a,b (suites; default all), BENCH_FULL=1,
-#        TEST_TIMEOUT / BENCH_TIMEOUT / BENCH_FULL_TIMEOUT (seconds)
+#   env: PYTEST_K=expr (e.g. cuda: only the CUDA-device tests), SKIP_SWEEP=1 (scripts/onchip_sweep.py), SKIP_SANITIZER=1, SKIP_BENCH=1, BENCH_NORMS=a,b (suites; default all), BENCH_FULL=1,
+#        TEST_TIMEOUT / SWEEP_TIMEOUT / SAN_TIMEOUT / BENCH_TIMEOUT / BENCH_FULL_TIMEOUT (seconds)
 set -u
 OUTDIR=${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
 mkdir -p "$OUTDIR"
@@ -37,12 +37,18 @@ timeout ${TEST_TIMEOUT:-240} $PY -m pytest -q -p no:cacheprovider $XDIST --timeo
 TEST_RC=$?
 grep -E "^(FAILED|ERROR)|crashed|passed|failed" "$OUTDIR/pytest.log" | tail -30
 
+if [ "${SKIP_SWEEP:-0}" != 1 ]; then
+step "on-chip forward: budget sweep"
+timeout ${SWEEP_TIMEOUT:-150} $PY scripts/onchip_sweep.py "$OUTDIR/onchip_sweep.json" >"$OUTDIR/onchip_sweep.log" 2>&1
+tail -20 "$OUTDIR/onchip_sweep.log"
+fi
+
 if [ "${SKIP_SANITIZER:-0}" != 1 ]; then
 step "compute-sanitizer"
 SAN_RC=0
 {
-  timeout 80 compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
-  timeout 80 compute-sanitizer --tool racecheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
+  timeout ${SAN_TIMEOUT:-80} compute-sanitizer --tool memcheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
+  timeout ${SAN_TIMEOUT:-80} compute-sanitizer --tool racecheck --error-exitcode 3 $PY scripts/sanitize_sweep.py || SAN_RC=$?
 } >"$OUTDIR/sanitizer.log" 2>&1
 grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize sweep|MISMATCH" "$OUTDIR/sanitizer.log" | head -20
 else SAN_RC=-1; fi

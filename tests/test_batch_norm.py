@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, DTYPES, assert_close_as_torch
+from conftest import CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch
 
 import fusenorm
 
@@ -109,9 +109,12 @@ def test_module_train_eval_sequence(device, momentum, affine, track, layout):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_large_mean_tiny_variance(device, layout):
+@pytest.mark.parametrize("budget", ["default", "1024"])  # CUDA: the on-chip path in one block, in clusters
+def test_large_mean_tiny_variance(device, layout, budget, monkeypatch):
     """x = 1e4 + 1e-2 * noise in fp32: statistics and output stay close to fp64 (exact moments,
     and the mean is subtracted before scaling, so nothing cancels)."""
+    if budget != "default":
+        monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
     x = 1e4 + 1e-2 * torch.randn(8, 4, 16, 16, device=device)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
@@ -133,6 +136,32 @@ def test_large_mean_tiny_variance(device, layout):
     assert (mean.double() - xd.mean(1)).abs().max() <= 1e-3  # one ulp of 1e4
     torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), rtol=1e-5, atol=0)
     torch.testing.assert_close(our_run[1].double(), ref_run[1], rtol=1e-3, atol=1e-9)
+
+
+# The CUDA single-pass training forward (cuda/onchip_norm.cuh): FUSENORM_ONCHIP_BYTES sets the
+# shared memory per block, so these small channels are split across clusters of 1 to 16 blocks
+# (a 4 KiB channel: 1 block at the default budget, 4 at 1024, 16 at 256) or refused (0, and
+# channels beyond 16 blocks: the two-pass kernels). Vector widths: 16 bytes, 8 (bf16 at 14x14), one value.
+@pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=CUDA_SKIP)])
+@pytest.mark.parametrize("budget", ["default", "0", "1024", "256"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(4, 3, 16, 16), (16, 3, 5, 7), (5, 4, 14, 14), (3, 2, 40, 40)], ids=str)
+def test_onchip_clusters(device, budget, dtype, shape, monkeypatch):
+    if budget != "default":
+        monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
+    x = (torch.randn(shape, device=device) * 2 + 1).to(dtype)
+    c = shape[1]
+    w, b = torch.randn(c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
+    z = torch.randn_like(x)
+    y, mean, var = torch.ops.fusenorm.batch_norm_fwd(x, w, b, z, 1e-5, "relu")
+    outs = [F.relu(F.batch_norm(t(x), None, None, t(w), t(b), True, 0.1, 1e-5) + t(z))
+            for t in (lambda v: v, lambda v: v.double())]
+    assert_close_as_torch(y, outs[0], outs[1], dtype, "batch_norm y")
+    xd = x.double().transpose(0, 1).reshape(c, -1)
+    torch.testing.assert_close(mean.double(), xd.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), atol=1e-5, rtol=1e-4)
+    again = torch.ops.fusenorm.batch_norm_fwd(x, w, b, z, 1e-5, "relu")
+    assert all(torch.equal(a, o) for a, o in zip(again, (y, mean, var)))  # a fixed merge order
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, DTYPES, HAS_CUDA, assert_close_as_torch
+from conftest import CUDA_SKIP, DEVICES, DTYPES, HAS_CUDA, assert_close_as_torch
 
 import fusenorm
 
@@ -90,6 +90,31 @@ def _check(device, dtype, shape, groups, layout, act, affine=(True, True), pdtyp
 @pytest.mark.parametrize("shape,groups", SHAPES, ids=str)
 def test_matches_torch(device, dtype, layout, shape, groups):
     _check(device, dtype, shape, groups, layout, None)
+
+
+# The CUDA single-pass forward (cuda/onchip_norm.cuh): FUSENORM_ONCHIP_BYTES sets the shared
+# memory per block, so these (n, group) units are split across clusters of 1 to 16 blocks or refused
+# (0, and units beyond 16 blocks: the two-pass kernels). groups = C is InstanceNorm.
+@pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=CUDA_SKIP)])
+@pytest.mark.parametrize("budget", ["default", "0", "1024", "256"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups,act", [((2, 6, 16, 16), 3, "silu"), ((3, 9, 5, 7), 3, "gelu"),
+                                              ((2, 4, 14, 14), 4, "relu"), ((1, 8, 32, 32), 2, None)], ids=str)
+def test_onchip_clusters(device, budget, dtype, shape, groups, act, monkeypatch):
+    if budget != "default":
+        monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
+    x = (torch.randn(shape, device=device) * 2 + 1).to(dtype)
+    c = shape[1]
+    w, b = torch.randn(c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
+    y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, groups, w, b, 1e-5, act or "none")
+    outs = [ACTS[act](F.group_norm(t(x), groups, t(w), t(b), 1e-5)) for t in (lambda v: v, lambda v: v.double())]
+    assert_close_as_torch(y, outs[0], outs[1], dtype, "group_norm y")
+    xd = x.double().reshape(shape[0] * groups, -1)
+    torch.testing.assert_close(mean.double().reshape(-1), xd.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rstd.double().reshape(-1), (xd.var(1, unbiased=False) + 1e-5).rsqrt(), atol=1e-5,
+                               rtol=1e-4)
+    again = torch.ops.fusenorm.group_norm_fwd(x, groups, w, b, 1e-5, act or "none")
+    assert all(torch.equal(a, o) for a, o in zip(again, (y, mean, rstd)))  # a fixed merge order
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -64,6 +64,13 @@ def simt():
     lib.configure(SMS, SMEM_OPTIN, BLOCKS_PER_SM, 1234)
 
 
+@pytest.fixture(autouse=True)
+def _two_pass_by_default(monkeypatch):
+    """The tests below check the two-pass BatchNorm/GroupNorm kernels unless they set a shared
+    memory budget for the single-pass one themselves (cuda/onchip_norm.cuh)."""
+    monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", "0")
+
+
 def _launched(lib) -> list:
     return [line for line in lib.take_launch_log().splitlines() if line]
 
@@ -380,6 +387,83 @@ def test_channel_statistics_large_mean(simt, layout):
     assert (gmean.double() - xg.mean(2)).abs().max() < 1e-3
     kind = "nsc" if layout == "channels_last" else "ncs"
     assert any(f"channel_reduce_{kind}_kernel" in k for k in log)
+
+
+# ---------------------------------------------------------------------------------------------
+# The single-pass forward (cuda/onchip_norm.cuh) with clusters of one block, as every device
+# before sm_90 runs it (the emulator has no clusters; tests/test_batch_norm.py and
+# test_group_norm.py run clusters of 2 to 16 blocks on a GPU).
+ONCHIP_CASES = [  # (norm, shape, groups, act); vector widths: 16 bytes, 8 bytes (bf16, S % 8 == 4), one value
+    ("batch_norm", (4, 3, 8, 8), None, "none"), ("batch_norm", (3, 5, 2, 6), None, "relu"),
+    ("batch_norm", (2, 4, 5, 7), None, "relu"), ("batch_norm", (6, 2, 9), None, "none"),
+    ("group_norm", (2, 6, 8, 8), 3, "silu"), ("group_norm", (3, 9, 2, 6), 3, "gelu"),
+    ("group_norm", (2, 4, 5, 7), 4, "relu"), ("group_norm", (1, 8, 3, 2, 2), 2, "none"),
+]
+
+
+@pytest.mark.parametrize("dtype,pdtype", DTYPE_CASES)
+@pytest.mark.parametrize("norm,shape,groups,act", ONCHIP_CASES, ids=str)
+def test_onchip_forward_matches_torch(simt, monkeypatch, dtype, pdtype, norm, shape, groups, act):
+    monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", str(100 * 1024))
+    x = torch.randn(shape, dtype=dtype) * 2 + 1
+    c = shape[1]
+    w, b = torch.randn(c, dtype=pdtype), torch.randn(c, dtype=pdtype)
+    z = torch.randn_like(x) if norm == "batch_norm" else None
+    outs = []
+    for cast in (lambda t: t, lambda t: t.double()):
+        if norm == "batch_norm":
+            r = F.batch_norm(cast(x), None, None, cast(w), cast(b), True, 0.1, 1e-5) + cast(z)
+        else:
+            r = F.group_norm(cast(x), groups, cast(w), cast(b), 1e-5)
+        outs.append(GN_ACTS[act](r))
+    if norm == "batch_norm":
+        y, mean, var = simt.batch_norm_fwd(x, w, b, z, 1e-5, act)
+        xd, n = x.double().transpose(0, 1).reshape(c, -1), 1
+        ref_var = xd.var(1, unbiased=False)
+    else:
+        y, mean, rstd = simt.group_norm_fwd(x, groups, w, b, 1e-5, act)
+        xd = x.double().reshape(shape[0] * groups, -1)
+        var, ref_var = rstd.double().reshape(-1) ** -2 - 1e-5, xd.var(1, unbiased=False)
+    log = _launched(simt)
+    assert any("onchip_norm_fwd_kernel" in k for k in log), log
+    assert not any("channel_reduce" in k for k in log), log
+    assert y.stride() == x.stride()
+    assert_close_as_torch(y, outs[0], outs[1], dtype, f"{norm} y")
+    torch.testing.assert_close(mean.double().reshape(-1), xd.mean(1), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(var.double().reshape(-1), ref_var, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("norm", ["batch_norm", "group_norm"])
+def test_onchip_budget_picks_the_path(simt, monkeypatch, norm):
+    """A unit larger than the budget (with no clusters to split it) takes the two-pass kernels; the
+    two paths agree; channels-last always takes the two-pass kernels."""
+    x = torch.randn(4, 6, 12, 12)  # BatchNorm channel: 2.3 KiB; GroupNorm (n, group) of 2 channels: 1.2 KiB
+    run = {"batch_norm": lambda t: simt.batch_norm_fwd(t, None, None, None, 1e-5, "none"),
+           "group_norm": lambda t: simt.group_norm_fwd(t, 3, None, None, 1e-5, "none")}[norm]
+    results = {}
+    for budget, kernel in (("1024", "channel_reduce_ncs_kernel"), ("4096", "onchip_norm_fwd_kernel")):
+        monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
+        results[budget] = run(x)
+        assert any(kernel in k for k in _launched(simt)), budget
+    for a, b in zip(results["1024"], results["4096"]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    run(x.to(memory_format=torch.channels_last))
+    assert not any("onchip" in k for k in _launched(simt))
+
+
+def test_onchip_large_mean(simt, monkeypatch):
+    """x = 1e4 + 1e-2 * noise: the share's sums are relative to the unit's first value and the
+    variance is the exact two-pass one, so the fp32 statistics keep the spread."""
+    monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", str(100 * 1024))
+    x = 1e4 + 1e-2 * torch.randn(8, 4, 24, 24)
+    mean, var = simt.batch_norm_fwd(x, None, None, None, 1e-5, "none")[1:]
+    xd = x.double().transpose(0, 1).reshape(4, -1)
+    assert (mean.double() - xd.mean(1)).abs().max() < 1e-3  # an ulp of 1e4 is 1e-3
+    torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), rtol=1e-4, atol=0)
+    _, gmean, grstd = simt.group_norm_fwd(x, 2, None, None, 1e-12, "none")
+    xg = x.double().reshape(8, 2, -1)
+    torch.testing.assert_close(grstd.double(), xg.var(2, unbiased=False).rsqrt(), rtol=1e-4, atol=0)
+    assert any("onchip_norm_fwd_kernel" in k for k in _launched(simt))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

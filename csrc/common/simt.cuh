@@ -9,7 +9,10 @@
 //   FUSENORM_DYNAMIC_SMEM(T, name)        extern __shared__ T name[]
 //   load_vec / store_vec (common/vec.cuh) 16-byte accesses, alignment checked by the emulator
 //   simt::rsqrt, simt::mul_rn             intrinsics with a host equivalent
-// and host code launches with simt::launch(kernel, grid, block, smem, stream, args...).
+//   simt::cluster_*                       thread block clusters (sm_90+; elsewhere, and in the
+//                                         emulator, every block is a cluster of one)
+// and host code launches with simt::launch(kernel, grid, block, smem, stream, args...), or
+// simt::launch_cluster(kernel, grid, block, smem, stream, cluster_blocks, args...).
 //
 // FUSENORM_PLANT_BUG = n compiles in a known bug (tests/test_simt.py shows the emulator catches
 // each); FUSENORM_PLANTED(n) is false in every real build.
@@ -30,6 +33,7 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #define FUSENORM_DYNAMIC_SMEM(T, name) extern __shared__ T name[]
@@ -43,16 +47,41 @@ __device__ __forceinline__ double rsqrt(double v) { return ::rsqrt(v); }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
+// Thread block clusters: the blocks of one cluster run at the same time and can read each other's
+// shared memory (cluster_map). Compiled for an architecture without them, a block is its own
+// cluster and cluster_sync is __syncthreads.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+__device__ __forceinline__ int cluster_blocks() { return static_cast<int>(cooperative_groups::this_cluster().num_blocks()); }
+__device__ __forceinline__ int cluster_rank() { return static_cast<int>(cooperative_groups::this_cluster().block_rank()); }
+__device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+template <typename T>
+__device__ __forceinline__ T* cluster_map(T* p, int rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(p, static_cast<unsigned>(rank));
+}
+#else
+__device__ __forceinline__ int cluster_blocks() { return 1; }
+__device__ __forceinline__ int cluster_rank() { return 0; }
+__device__ __forceinline__ void cluster_sync() { __syncthreads(); }
+template <typename T>
+__device__ __forceinline__ T* cluster_map(T* p, int) {
+  return p;
+}
+#endif
+
 struct DeviceLimits {
-  int sms = 0;         // multiprocessors
-  int smem_optin = 0;  // dynamic shared memory a block may opt in to, in bytes
+  int sms = 0;          // multiprocessors
+  int smem_optin = 0;   // dynamic shared memory a block may opt in to, in bytes
+  int max_cluster = 1;  // blocks per cluster: 16 (8 portable, 16 opted in) from sm_90, else 1
 };
 
 inline DeviceLimits device_limits(int dev) {
   static DeviceLimits cache[64];
   DeviceLimits& d = cache[dev & 63];
   if (d.sms == 0) {
+    int cluster = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&cluster, cudaDevAttrClusterLaunch, dev));
+    d.max_cluster = cluster ? 16 : 1;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&d.sms, cudaDevAttrMultiProcessorCount, dev));
   }
   return d;
@@ -76,6 +105,54 @@ template <typename... P, typename... Args>
 void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
   kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// A launch in clusters of `cluster` consecutive blocks along x (grid.x a multiple of it); a
+// cluster above 8 blocks is opted in first. cluster == 1 is a plain launch.
+template <typename... P, typename... Args>
+void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int cluster,
+                    Args&&... args) {
+  if (cluster == 1) return launch(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+  if (cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid;
+  cfg.blockDim = block;
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Clusters of `cluster` blocks (each `block` threads, `smem` bytes) the device can hold at once;
+// 0: such a cluster cannot be launched. cluster == 1: whether one block fits.
+template <typename... P>
+int max_active_clusters(void (*kernel)(P...), int cluster, int threads, size_t smem) {
+  if (cluster == 1) return max_active_blocks(kernel, threads, smem) > 0 ? 1 : 0;
+  if (cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(cluster));
+  cfg.blockDim = dim3(static_cast<unsigned>(threads));
+  cfg.dynamicSmemBytes = smem;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  int n = 0;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+    (void)cudaGetLastError();  // a configuration the device refuses: report none
+    return 0;
+  }
+  return n;
 }
 
 struct DeviceGuard {

@@ -395,9 +395,10 @@ inline std::map<const void*, size_t>& smem_allowance() {
 struct DeviceLimits {
   int sms = 0;
   int smem_optin = 0;
+  int max_cluster = 1;  // the emulator runs one block at a time: clusters of one block only
 };
 
-inline DeviceLimits device_limits(int) { return {host::options().sms, host::options().smem_optin}; }
+inline DeviceLimits device_limits(int) { return {host::options().sms, host::options().smem_optin, 1}; }
 
 template <typename... P>
 int max_active_blocks(void (*)(P...), int, size_t) {
@@ -448,6 +449,26 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   options().seed = seed;
 }
 
+template <typename... P, typename... Args>
+void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int cluster,
+                    Args&&... args) {
+  if (cluster != 1) host::fail(host::kernel_name(reinterpret_cast<const void*>(kernel)) + ": clusters of " + std::to_string(cluster) + " blocks: the emulator runs clusters of one");
+  launch(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+}
+
+template <typename... P>
+int max_active_clusters(void (*kernel)(P...), int cluster, int threads, size_t smem) {
+  return cluster == 1 && max_active_blocks(kernel, threads, smem) > 0 ? 1 : 0;
+}
+
+// A block is its own cluster.
+inline int cluster_blocks() { return 1; }
+inline int cluster_rank() { return 0; }
+template <typename T>
+T* cluster_map(T* p, int) {
+  return p;
+}
+
 struct DeviceGuard {
   explicit DeviceGuard(const at::Tensor&) {}
 };
@@ -468,6 +489,10 @@ inline double mul_rn(double a, double b) { return a * b; }
 #define warpSize 32
 #define __syncthreads() ::fusenorm::simt::host::syncthreads(__FILE__, __LINE__)
 #define __syncwarp(...) ::fusenorm::simt::host::syncwarp(__FILE__, __LINE__ __VA_OPT__(, ) __VA_ARGS__)
+
+namespace fusenorm::simt {
+inline void cluster_sync() { __syncthreads(); }
+}  // namespace fusenorm::simt
 
 namespace fusenorm::simt::host {
 inline void syncwarp(const char* file, int line, unsigned mask = 0xffffffffu) {

@@ -19,6 +19,7 @@
 #include "common/simt.cuh"
 #include "common/vec.cuh"
 #include "common/welford.h"
+#include "cuda/onchip_norm.cuh"
 
 namespace fusenorm::cuda {
 
@@ -231,14 +232,22 @@ struct GroupNormBackend {
     const T* X = x.data_ptr<T>();
     T* Y = y.data_ptr<T>();
     const bool nsc = s.channels_last;
+    const W* w = param_ptr<W>(weight, wk);
+    const W* b = param_ptr<W>(bias, bk);
+    // contiguous, each (n, group) on chip (cuda/onchip_norm.cuh): one pass
+    const int64_t L = s.cpg() * s.S;
+    if (!nsc && L > 0 &&
+        onchip_norm_fwd<T, W>(
+            [&](int64_t V) { return OnchipUnits{s.N * s.G, 1, L / V, L / V, s.G, s.cpg(), s.S / V, 0}; }, s.S,
+            x.get_device(), X, static_cast<const T*>(nullptr), Y, w, b, static_cast<A>(eps), act, true,
+            mean.data_ptr<A>(), rstd.data_ptr<A>()))
+      return;
     const Partials p = partials<T, false>(s, x, nullptr, StatsOp{}, s.cpg(), mean.options(), stream);
     const int64_t piv_n = s.C * s.S, piv_g = nsc ? s.cpg() : s.cpg() * s.S;
     constexpr int64_t per_block = kGroupBlock / 32;  // a warp per (n, group)
     simt::launch(group_norm_finalize_kernel<T>, dim3(ceil_div(s.N * s.G, per_block)), dim3(kGroupBlock), 0, stream,
                  p.p.parts<A>(), X, s.N, s.G, s.cpg(), p.p.splits, p.stride_n, p.stride_sp, piv_n, piv_g,
                  static_cast<A>(eps), mean.data_ptr<A>(), rstd.data_ptr<A>());
-    const W* w = param_ptr<W>(weight, wk);
-    const W* b = param_ptr<W>(bias, bk);
     channel_elementwise<T>(nsc, s.C, s.S, s.N * s.C * s.S, is_aligned(X, 16) && is_aligned(Y, 16),
                            [&](auto vw, auto layout, auto ix) {
       constexpr int V = decltype(vw)::value;

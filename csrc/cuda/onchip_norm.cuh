@@ -1,0 +1,235 @@
+// The single-pass training forward of BatchNorm and GroupNorm/InstanceNorm in the contiguous
+// layout, for tensors whose every normalization unit fits in the shared memory of a few blocks.
+//
+// A unit (a BatchNorm channel, a GroupNorm (n, group)) is R runs of L contiguous values, run r
+// starting at unit * L + r * run_stride: BatchNorm, N runs of S values at stride C * S; GroupNorm,
+// one run of cpg * S values. One cluster of K blocks (sm_90 thread block clusters; K = 1 on older
+// devices) holds one unit in shared memory, each block a contiguous share of its vectors:
+//   1. each block loads its share once and sums x - pivot (the unit's first value, so that a large
+//      mean costs no precision); the cluster adds the K block sums in rank order through
+//      distributed shared memory: the mean;
+//   2. from shared memory, the sum of squared deviations from that mean, merged the same way (the
+//      exact two-pass variance, no E[x^2] - E[x]^2);
+//   3. each block normalizes its share from shared memory and writes y.
+// x is read from memory once and y written once, a copy's traffic, where the two-pass kernels
+// (batch_norm.cuh, group_norm.cuh) read x twice. Deterministic: fixed summation orders, no atomics.
+// onchip_plan says whether a tensor fits (FUSENORM_ONCHIP_BYTES sets the shared memory a block
+// may use; 0 turns the path off); otherwise the two-pass kernels run.
+#pragma once
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <tuple>
+
+#include "common/activation.h"
+#include "common/channel_reduce.cuh"
+#include "common/reduce.cuh"
+#include "common/simt.cuh"
+#include "common/vec.cuh"
+
+namespace fusenorm::cuda {
+
+constexpr int kOnchipMaxThreads = 512;
+
+// Where the units are, in vectors of V values (V divides L and run_stride).
+struct OnchipUnits {
+  int64_t units;       // units in the tensor
+  int64_t runs;        // R
+  int64_t run_vecs;    // L / V
+  int64_t run_stride;  // between runs of a unit, in vectors
+  int64_t groups;      // the unit's channels: (unit % groups) * cpg + (offset in run) / chan_vecs
+  int64_t cpg;
+  int64_t chan_vecs;   // S / V
+  int64_t per_block;   // capacity of a block's share, in vectors
+};
+
+// The dynamic shared memory of the kernel, one type for every instantiation, 16-byte aligned.
+struct alignas(16) OnchipSmem {
+  uint32_t w[4];
+};
+
+// The unit's sum of v over the cluster, in every thread of it: the block sums (block_allsum), each
+// block's in its `slot`, then the K slots in rank order (the same order in every block).
+template <typename A>
+__device__ __forceinline__ A cluster_allsum(A v, A* red, A* slot) {
+  v = block_allsum(v, red);
+  if (threadIdx.x == 0) *slot = v;
+  simt::cluster_sync();
+  A s = A(0);
+  const int K = simt::cluster_blocks();
+  for (int k = 0; k < K; ++k) s += *simt::cluster_map(slot, k);
+  return s;
+}
+
+// y = act((x - mean) * rstd * w[c] + b[c] (+ z)); mean_out / var_out per unit (var_out: the
+// biased variance, or rstd with rstd_out). Grid: units * K blocks in clusters of K.
+template <typename T, typename W, int V>
+__global__ void __launch_bounds__(kOnchipMaxThreads)
+    onchip_norm_fwd_kernel(const T* __restrict__ x, const T* __restrict__ z, T* __restrict__ y,
+                           const W* __restrict__ w, const W* __restrict__ b, OnchipUnits u, acc_t<T> eps, Act act,
+                           bool rstd_out, acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ var_out) {
+  using A = acc_t<T>;
+  using VT = Vec<T, V>;
+  FUSENORM_DYNAMIC_SMEM(OnchipSmem, onchip_smem);
+  VT* buf = reinterpret_cast<VT*>(onchip_smem);         // [per_block] vectors of the share
+  A* coef = reinterpret_cast<A*>(buf + u.per_block);   // [2][cpg]: scale, shift of the unit's channels
+  __shared__ A red[32];
+  __shared__ A slot[2];  // this block's sums, read by the whole cluster
+  const int K = simt::cluster_blocks(), k = simt::cluster_rank();
+  const int64_t unit = blockIdx.x / K;
+  const int total = static_cast<int>(u.runs * u.run_vecs);  // fits on chip, so in an int
+  const int j0 = static_cast<int>(int64_t(total) * k / K), n = static_cast<int>(int64_t(total) * (k + 1) / K) - j0;
+  const int run_vecs = static_cast<int>(u.run_vecs);
+  const int64_t base = unit * u.run_vecs;  // the unit's first vector
+  auto at = [&](int j) {                   // vector j of the unit, as an index into x
+    const int r = j / run_vecs;
+    return base + int64_t(r) * u.run_stride + (j - r * run_vecs);
+  };
+  const A pivot = static_cast<A>(x[base * V]);
+
+  // 1. load the share (four vectors in flight per thread), sum x - pivot
+  A s = A(0);
+  for (int j = threadIdx.x; j < n; j += 4 * blockDim.x) {
+    VT v[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+      if (j + t * int(blockDim.x) < n) v[t] = load_vec<V>(x, at(j0 + j + t * blockDim.x));
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      if (j + t * int(blockDim.x) >= n) continue;
+      buf[j + t * blockDim.x] = v[t];
+#pragma unroll
+      for (int e = 0; e < V; ++e) s += static_cast<A>(v[t].v[e]) - pivot;
+    }
+  }
+  const A count = static_cast<A>(int64_t(total) * V);
+  const A shift = cluster_allsum(s, red, &slot[0]) / count;  // mean - pivot
+
+  // 2. squared deviations, from the share this thread wrote
+  A q = A(0);
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const VT v = buf[j];
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const A d = (static_cast<A>(v.v[e]) - pivot) - shift;
+      q += d * d;
+    }
+  }
+  const A var = cluster_allsum(q, red, &slot[1]) / count;
+  const A rstd = simt::rsqrt(var + eps);
+  if (k == 0 && threadIdx.x == 0) {
+    mean_out[unit] = pivot + shift;
+    var_out[unit] = rstd_out ? rstd : var;
+  }
+  const int cpg = static_cast<int>(u.cpg);
+  const int64_t c0 = (unit % u.groups) * u.cpg;
+  for (int c = threadIdx.x; c < cpg; c += blockDim.x) {
+    coef[c] = w ? rstd * static_cast<A>(w[c0 + c]) : rstd;
+    coef[cpg + c] = b ? static_cast<A>(b[c0 + c]) : A(0);
+  }
+  __syncthreads();
+
+  // 3. normalize the share, write y
+  const int chan_vecs = static_cast<int>(u.chan_vecs);
+  for (int j = threadIdx.x; j < n; j += blockDim.x) {
+    const int r = (j0 + j) / run_vecs, l = (j0 + j) - r * run_vecs, ch = l / chan_vecs;
+    const int64_t i = base + int64_t(r) * u.run_stride + l;
+    const VT v = buf[j];
+    VT zv{}, out;
+    if (z) zv = load_vec<V>(z, i);
+    const A sc = coef[ch], sh = coef[cpg + ch];
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      A t = ((static_cast<A>(v.v[e]) - pivot) - shift) * sc + sh;
+      if (z) t += static_cast<A>(zv.v[e]);
+      out.v[e] = static_cast<T>(activate(act, t));
+    }
+    store_vec<V>(y, i, out);
+  }
+  simt::cluster_sync();  // no block leaves while another may still read its slots
+}
+
+// The shared memory a block may use for its share: FUSENORM_ONCHIP_BYTES, else 100 KiB (two blocks
+// per multiprocessor on an H100, so that one loads while the other stores). 0: the path is off.
+inline int64_t onchip_budget() {
+  const char* e = std::getenv("FUSENORM_ONCHIP_BYTES");
+  return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(100) * 1024;
+}
+
+struct OnchipPlan {
+  int cluster = 0;  // 0: the tensor does not fit, run the two-pass kernels
+  int threads = 0;
+  size_t smem = 0;
+};
+
+// Clusters as small as the budget allows (at most the device's largest), doubled while the grid
+// has fewer than two blocks per multiprocessor; a launch the device cannot hold is refused.
+template <typename T, typename W, int V>
+OnchipPlan onchip_plan(OnchipUnits& u, int dev) {
+  using A = acc_t<T>;
+  OnchipPlan p;
+  const int64_t budget = onchip_budget(), vb = int64_t(sizeof(Vec<T, V>));
+  const simt::DeviceLimits lim = simt::device_limits(dev);
+  const int64_t total = u.runs * u.run_vecs;
+  if (budget == 0 || total == 0 || u.units == 0 || u.cpg > 4096) return p;
+  int K = 1;
+  while (ceil_div(total, K) * vb > budget && K < lim.max_cluster) K *= 2;
+  if (ceil_div(total, K) * vb > budget) return p;
+  while (u.units * K < 2 * int64_t(lim.sms) && K < std::min(8, lim.max_cluster) && ceil_div(total, 2 * K) >= 2048) K *= 2;
+  if (u.units * K > int64_t(0x7fffffff)) return p;
+  u.per_block = ceil_div(ceil_div(total, K), 8) * 8;  // keeps coef aligned
+  int threads = 128;
+  while (threads < kOnchipMaxThreads && threads * 8 < u.per_block) threads *= 2;
+  const size_t smem = size_t(u.per_block * vb) + size_t(2 * u.cpg) * sizeof(A);
+  if (smem > size_t(lim.smem_optin)) return p;
+  auto kernel = onchip_norm_fwd_kernel<T, W, V>;
+  // Whether the device can hold one such cluster, asked once per configuration.
+  static std::mutex mu;
+  static std::map<std::tuple<int, int, int, size_t>, bool> fits;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    const auto key = std::make_tuple(dev, K, threads, smem);
+    auto it = fits.find(key);
+    if (it == fits.end()) {
+      simt::allow_dynamic_smem(kernel, smem);
+      it = fits.emplace(key, simt::max_active_clusters(kernel, K, threads, smem) > 0).first;
+    }
+    if (!it->second) return p;
+  }
+  p.cluster = K;
+  p.threads = threads;
+  p.smem = smem;
+  return p;
+}
+
+// Runs the single-pass forward when the tensor fits (returns true), else leaves it to the caller.
+// make_units(V) describes the units in vectors of V values: V is the widest of 16 bytes, 8 bytes
+// (2-byte types) and one value that divides S (every run starts at a multiple of S) and that the
+// pointers' alignment allows.
+template <typename T, typename W, typename MakeUnits>
+bool onchip_norm_fwd(MakeUnits&& make_units, int64_t S, int dev, const T* x, const T* z, T* y, const W* w,
+                     const W* b, acc_t<T> eps, Act act, bool rstd_out, acc_t<T>* mean_out, acc_t<T>* var_out) {
+  auto run = [&](auto vw) {
+    constexpr int V = decltype(vw)::value;
+    OnchipUnits u = make_units(int64_t(V));
+    const OnchipPlan p = onchip_plan<T, W, V>(u, dev);
+    if (p.cluster == 0) return false;
+    auto kernel = onchip_norm_fwd_kernel<T, W, V>;
+    simt::allow_dynamic_smem(kernel, p.smem);
+    simt::launch_cluster(kernel, dim3(static_cast<unsigned>(u.units * p.cluster)), dim3(p.threads), p.smem,
+                         simt::current_stream(), p.cluster, x, z, y, w, b, u, eps, act, rstd_out, mean_out, var_out);
+    return true;
+  };
+  constexpr int VW = vec_width<T>();
+  if (S % VW == 0 && is_aligned(x, 16) && is_aligned(z, 16) && is_aligned(y, 16))
+    return run(std::integral_constant<int, VW>());
+  if constexpr (VW == 8) {
+    if (S % 4 == 0 && is_aligned(x, 8) && is_aligned(z, 8) && is_aligned(y, 8)) return run(std::integral_constant<int, 4>());
+  }
+  return run(std::integral_constant<int, 1>());
+}
+
+}  // namespace fusenorm::cuda
