@@ -3,7 +3,7 @@
 # a compute-sanitizer sweep (memcheck + racecheck) and the GPU benchmark; write logs and JSON
 # into the folder given as $1. Budget: under 8 minutes on an H100 machine.
 #   usage: scripts/gpu_check.sh OUTDIR
-#   env: PYTEST_K=expr (e.g. cuda: only the CUDA-device tests), SKIP_SWEEP=1 (scripts/onchip_sweep.py), SKIP_SANITIZER=1, SKIP_BENCH=1, BENCH_NORMS=a,b (suites; default all), BENCH_FULL=1,
+#   env: PYTEST_K=expr (e.g. cuda: only the CUDA-device tests), SKIP_SWEEP=1 (scripts/onchip_sweep.py), SKIP_SANITIZER=1, SKIP_BENCH=1, BENCH_NORMS=a,b (suites; default all), BENCH_ARGS (more flags, e.g. --modes fwd --no-compile), BENCH_FULL=1,
 #        TEST_TIMEOUT / SWEEP_TIMEOUT / SAN_TIMEOUT / BENCH_TIMEOUT / BENCH_FULL_TIMEOUT (seconds)
 set -u
 OUTDIR=${1:-benchmarks/results/gpu-$(date -u +%Y%m%d-%H%M%S)}
@@ -60,7 +60,7 @@ if [ "${SKIP_BENCH:-0}" != 1 ]; then
 # have not yet been timed on a GPU: on an earlier H100 run --full did not fit 170 s).
 step "benchmark (--quick)"
 timeout ${BENCH_TIMEOUT:-170} $PY -m benchmarks --quick --device cuda --out "$OUTDIR" --quiet \
-  ${BENCH_NORMS:+--norms $BENCH_NORMS} >"$OUTDIR/bench.log" 2>&1
+  ${BENCH_NORMS:+--norms $BENCH_NORMS} ${BENCH_ARGS:-} >"$OUTDIR/bench.log" 2>&1
 BENCH_RC=$?
 tail -60 "$OUTDIR/bench.log"
 if [ "${BENCH_FULL:-0}" = 1 ]; then

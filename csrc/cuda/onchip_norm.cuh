@@ -34,6 +34,22 @@ namespace fusenorm::cuda {
 
 constexpr int kOnchipMaxThreads = 512;
 
+// n / d for 0 <= n < 2^31 as a multiply and a shift (Granlund-Montgomery, exact in that range):
+// the kernel divides every vector's index by the run and channel lengths.
+struct FastDiv {
+  uint32_t m = 1u << 31, s = 31;
+  FastDiv() = default;
+  explicit FastDiv(int64_t d) {
+    uint32_t l = 0;
+    while ((int64_t(1) << l) < d) ++l;
+    s = 31 + l;
+    m = static_cast<uint32_t>(((uint64_t(1) << s) + uint64_t(d) - 1) / uint64_t(d));
+  }
+  __device__ __forceinline__ int operator()(int n) const {
+    return static_cast<int>((uint64_t(static_cast<uint32_t>(n)) * m) >> s);
+  }
+};
+
 // Where the units are, in vectors of V values (V divides L and run_stride).
 struct OnchipUnits {
   int64_t units;       // units in the tensor
@@ -44,6 +60,7 @@ struct OnchipUnits {
   int64_t cpg;
   int64_t chan_vecs;   // S / V
   int64_t per_block;   // capacity of a block's share, in vectors
+  FastDiv by_run, by_chan;  // / run_vecs, / chan_vecs (set by onchip_plan)
 };
 
 // The dynamic shared memory of the kernel, one type for every instantiation, 16-byte aligned.
@@ -83,9 +100,10 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
   const int total = static_cast<int>(u.runs * u.run_vecs);  // fits on chip, so in an int
   const int j0 = static_cast<int>(int64_t(total) * k / K), n = static_cast<int>(int64_t(total) * (k + 1) / K) - j0;
   const int run_vecs = static_cast<int>(u.run_vecs);
+  const bool one_run = u.runs == 1;
   const int64_t base = unit * u.run_vecs;  // the unit's first vector
   auto at = [&](int j) {                   // vector j of the unit, as an index into x
-    const int r = j / run_vecs;
+    const int r = one_run ? 0 : u.by_run(j);
     return base + int64_t(r) * u.run_stride + (j - r * run_vecs);
   };
   const A pivot = static_cast<A>(x[base * V]);
@@ -132,31 +150,54 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
   }
   __syncthreads();
 
-  // 3. normalize the share, write y
-  const int chan_vecs = static_cast<int>(u.chan_vecs);
-  for (int j = threadIdx.x; j < n; j += blockDim.x) {
-    const int r = (j0 + j) / run_vecs, l = (j0 + j) - r * run_vecs, ch = l / chan_vecs;
-    const int64_t i = base + int64_t(r) * u.run_stride + l;
-    const VT v = buf[j];
-    VT zv{}, out;
-    if (z) zv = load_vec<V>(z, i);
-    const A sc = coef[ch], sh = coef[cpg + ch];
+  // 3. normalize the share, write y; the activation and the residual are compile-time in the loop
+  const bool one_chan = cpg == 1;
+  auto normalize = [&](auto act_c, auto has_z) {
+    constexpr Act ACT = decltype(act_c)::value;
+    constexpr bool Z = decltype(has_z)::value;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+      const int r = one_run ? 0 : u.by_run(j0 + j), l = (j0 + j) - r * run_vecs, ch = one_chan ? 0 : u.by_chan(l);
+      const int64_t i = base + int64_t(r) * u.run_stride + l;
+      const VT v = buf[j];
+      VT zv{}, out;
+      if constexpr (Z) zv = load_vec<V>(z, i);
+      const A sc = coef[ch], sh = coef[cpg + ch];
 #pragma unroll
-    for (int e = 0; e < V; ++e) {
-      A t = ((static_cast<A>(v.v[e]) - pivot) - shift) * sc + sh;
-      if (z) t += static_cast<A>(zv.v[e]);
-      out.v[e] = static_cast<T>(activate(act, t));
+      for (int e = 0; e < V; ++e) {
+        A t = ((static_cast<A>(v.v[e]) - pivot) - shift) * sc + sh;
+        if constexpr (Z) t += static_cast<A>(zv.v[e]);
+        out.v[e] = static_cast<T>(activate(ACT, t));
+      }
+      store_vec<V>(y, i, out);
     }
-    store_vec<V>(y, i, out);
+  };
+  using no_z = std::false_type;
+  switch (act) {
+    case Act::Relu:
+      if (z) {
+        normalize(std::integral_constant<Act, Act::Relu>(), std::true_type());
+      } else {
+        normalize(std::integral_constant<Act, Act::Relu>(), no_z());
+      }
+      break;
+    case Act::Silu: normalize(std::integral_constant<Act, Act::Silu>(), no_z()); break;  // GroupNorm: no residual
+    case Act::Gelu: normalize(std::integral_constant<Act, Act::Gelu>(), no_z()); break;
+    default:
+      if (z) {
+        normalize(std::integral_constant<Act, Act::None>(), std::true_type());
+      } else {
+        normalize(std::integral_constant<Act, Act::None>(), no_z());
+      }
   }
   simt::cluster_sync();  // no block leaves while another may still read its slots
 }
 
-// The shared memory a block may use for its share: FUSENORM_ONCHIP_BYTES, else 100 KiB (two blocks
-// per multiprocessor on an H100, so that one loads while the other stores). 0: the path is off.
+// The shared memory a block may use for its share: FUSENORM_ONCHIP_BYTES, else 72 KiB (three blocks
+// per H100 multiprocessor, so that some load while others reduce or store; within 2 points of copy
+// speed of the best budget in every fp32 case of scripts/onchip_sweep.py on an H100). 0: off.
 inline int64_t onchip_budget() {
   const char* e = std::getenv("FUSENORM_ONCHIP_BYTES");
-  return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(100) * 1024;
+  return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(72) * 1024;
 }
 
 struct OnchipPlan {
@@ -175,6 +216,8 @@ OnchipPlan onchip_plan(OnchipUnits& u, int dev) {
   const simt::DeviceLimits lim = simt::device_limits(dev);
   const int64_t total = u.runs * u.run_vecs;
   if (budget == 0 || total == 0 || u.units == 0 || u.cpg > 4096) return p;
+  u.by_run = FastDiv(u.run_vecs);
+  u.by_chan = FastDiv(u.chan_vecs);
   int K = 1;
   while (ceil_div(total, K) * vb > budget && K < lim.max_cluster) K *= 2;
   if (ceil_div(total, K) * vb > budget) return p;
@@ -212,6 +255,7 @@ OnchipPlan onchip_plan(OnchipUnits& u, int dev) {
 template <typename T, typename W, typename MakeUnits>
 bool onchip_norm_fwd(MakeUnits&& make_units, int64_t S, int dev, const T* x, const T* z, T* y, const W* w,
                      const W* b, acc_t<T> eps, Act act, bool rstd_out, acc_t<T>* mean_out, acc_t<T>* var_out) {
+  if (z && act != Act::None && act != Act::Relu) return false;  // not one of the kernel's loop variants
   auto run = [&](auto vw) {
     constexpr int V = decltype(vw)::value;
     OnchipUnits u = make_units(int64_t(V));
