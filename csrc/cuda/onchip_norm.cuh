@@ -192,12 +192,13 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
   simt::cluster_sync();  // no block leaves while another may still read its slots
 }
 
-// The shared memory a block may use for its share: FUSENORM_ONCHIP_BYTES, else 72 KiB (three blocks
-// per H100 multiprocessor, so that some load while others reduce or store; within 2 points of copy
-// speed of the best budget in every fp32 case of scripts/onchip_sweep.py on an H100). 0: off.
+// The shared memory a block may use for its share: FUSENORM_ONCHIP_BYTES, else 100 KiB (two blocks
+// per H100 multiprocessor). In scripts/onchip_sweep.py on an H100 (benchmarks/results/) it was the
+// best budget or within 3 points of copy speed of it for every fp32 case, and 9-12 points ahead of
+// 72 KiB for the large bf16 BatchNorm/GroupNorm units (fewer blocks per unit). 0: the path is off.
 inline int64_t onchip_budget() {
   const char* e = std::getenv("FUSENORM_ONCHIP_BYTES");
-  return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(72) * 1024;
+  return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(100) * 1024;
 }
 
 struct OnchipPlan {
