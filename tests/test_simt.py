@@ -368,16 +368,18 @@ def test_batch_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, trai
         assert_close_as_torch(o.to(t.dtype), t, r, dtype, f"batch_norm {name}", scale=scale)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_channel_statistics_large_mean(simt, layout):
-    """x = 1e4 + 1e-2 * noise in fp32, several slices per channel: the partials are relative to a
-    pivot, so BatchNorm's and GroupNorm's statistics keep the variance (E[x^2] - E[x]^2 or
-    unshifted fp32 Welford would lose it)."""
+@pytest.mark.parametrize("layout,budget", [("contiguous", "0"), ("channels_last", "0"), ("contiguous", "102400")],
+                         ids=["contiguous", "channels_last", "contiguous-onchip"])
+def test_channel_statistics_large_mean(simt, monkeypatch, layout, budget):
+    """x = 1e4 + 1e-2 * noise in fp32: BatchNorm's and GroupNorm's statistics keep the variance
+    (E[x^2] - E[x]^2 or unshifted fp32 Welford would lose it). Two-pass kernels: several slices per
+    channel, each relative to a pivot; single-pass (budget > 0): the share's sums are relative to the
+    unit's first value and the variance is the exact two-pass one from shared memory."""
+    monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
     x = 1e4 + 1e-2 * torch.randn(8, 4, 48, 48)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
-    mean, var = simt.batch_norm_stats(x)
-    log = _launched(simt)
+    mean, var = simt.batch_norm_fwd(x, None, None, None, 1e-5, "none")[1:]
     xd = x.double().transpose(0, 1).reshape(4, -1)
     assert (mean.double() - xd.mean(1)).abs().max() < 1e-3  # an ulp of 1e4 is 1e-3
     torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), rtol=1e-3, atol=0)
@@ -385,8 +387,10 @@ def test_channel_statistics_large_mean(simt, layout):
     xg = x.double().reshape(8, 2, -1)
     torch.testing.assert_close(grstd.double(), xg.var(2, unbiased=False).rsqrt(), rtol=1e-3, atol=0)
     assert (gmean.double() - xg.mean(2)).abs().max() < 1e-3
-    kind = "nsc" if layout == "channels_last" else "ncs"
-    assert any(f"channel_reduce_{kind}_kernel" in k for k in log)
+    log = _launched(simt)
+    kernel = "onchip_norm_fwd_kernel" if budget != "0" else \
+        f"channel_reduce_{'nsc' if layout == 'channels_last' else 'ncs'}_kernel"
+    assert sum(kernel in k for k in log) == 2, log  # BatchNorm's and GroupNorm's
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,21 +453,6 @@ def test_onchip_budget_picks_the_path(simt, monkeypatch, norm):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     run(x.to(memory_format=torch.channels_last))
     assert not any("onchip" in k for k in _launched(simt))
-
-
-def test_onchip_large_mean(simt, monkeypatch):
-    """x = 1e4 + 1e-2 * noise: the share's sums are relative to the unit's first value and the
-    variance is the exact two-pass one, so the fp32 statistics keep the spread."""
-    monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", str(100 * 1024))
-    x = 1e4 + 1e-2 * torch.randn(8, 4, 24, 24)
-    mean, var = simt.batch_norm_fwd(x, None, None, None, 1e-5, "none")[1:]
-    xd = x.double().transpose(0, 1).reshape(4, -1)
-    assert (mean.double() - xd.mean(1)).abs().max() < 1e-3  # an ulp of 1e4 is 1e-3
-    torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), rtol=1e-4, atol=0)
-    _, gmean, grstd = simt.group_norm_fwd(x, 2, None, None, 1e-12, "none")
-    xg = x.double().reshape(8, 2, -1)
-    torch.testing.assert_close(grstd.double(), xg.var(2, unbiased=False).rsqrt(), rtol=1e-4, atol=0)
-    assert any("onchip_norm_fwd_kernel" in k for k in _launched(simt))
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

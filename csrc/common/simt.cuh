@@ -107,25 +107,34 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// A launch in clusters of `cluster` consecutive blocks along x (grid.x a multiple of it); a
-// cluster above 8 blocks is opted in first. cluster == 1 is a plain launch.
-template <typename... P, typename... Args>
-void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int cluster,
-                    Args&&... args) {
-  if (cluster == 1) return launch(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+// A launch configuration in clusters of `cluster` blocks along x, its attribute held in `attr`; a
+// cluster above 8 blocks is opted in first.
+template <typename... P>
+cudaLaunchConfig_t cluster_config(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                                  int cluster, cudaLaunchAttribute& attr) {
   if (cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  attr.id = cudaLaunchAttributeClusterDimension;
+  attr.val.clusterDim.x = static_cast<unsigned>(cluster);
+  attr.val.clusterDim.y = 1;
+  attr.val.clusterDim.z = 1;
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = grid;
   cfg.blockDim = block;
   cfg.dynamicSmemBytes = smem;
   cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
+  cfg.attrs = &attr;
   cfg.numAttrs = 1;
+  return cfg;
+}
+
+// A launch in clusters of `cluster` consecutive blocks along x (grid.x a multiple of it).
+// cluster == 1 is a plain launch.
+template <typename... P, typename... Args>
+void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int cluster,
+                    Args&&... args) {
+  if (cluster == 1) return launch(kernel, grid, block, smem, stream, std::forward<Args>(args)...);
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(kernel, grid, block, smem, stream, cluster, attr);
   C10_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -135,18 +144,9 @@ void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cu
 template <typename... P>
 int max_active_clusters(void (*kernel)(P...), int cluster, int threads, size_t smem) {
   if (cluster == 1) return max_active_blocks(kernel, threads, smem) > 0 ? 1 : 0;
-  if (cluster > 8) C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned>(cluster));
-  cfg.blockDim = dim3(static_cast<unsigned>(threads));
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned>(cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = cluster_config(kernel, dim3(static_cast<unsigned>(cluster)),
+                                                dim3(static_cast<unsigned>(threads)), smem, nullptr, cluster, attr);
   int n = 0;
   if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // a configuration the device refuses: report none
