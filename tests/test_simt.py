@@ -375,6 +375,7 @@ def test_channel_statistics_large_mean(simt, monkeypatch, layout, budget):
     (E[x^2] - E[x]^2 or unshifted fp32 Welford would lose it). Two-pass kernels: several slices per
     channel, each relative to a pivot; single-pass (budget > 0): the share's sums are relative to the
     unit's first value and the variance is the exact two-pass one from shared memory."""
+    _launched(simt)  # drop what earlier tests launched
     monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
     x = 1e4 + 1e-2 * torch.randn(8, 4, 48, 48)
     if layout == "channels_last":
@@ -408,6 +409,7 @@ ONCHIP_CASES = [  # (norm, shape, groups, act); vector widths: 16 bytes, 8 bytes
 @pytest.mark.parametrize("dtype,pdtype", DTYPE_CASES)
 @pytest.mark.parametrize("norm,shape,groups,act", ONCHIP_CASES, ids=str)
 def test_onchip_forward_matches_torch(simt, monkeypatch, dtype, pdtype, norm, shape, groups, act):
+    _launched(simt)  # drop what earlier tests launched
     monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", str(100 * 1024))
     x = torch.randn(shape, dtype=dtype) * 2 + 1
     c = shape[1]
@@ -441,6 +443,7 @@ def test_onchip_forward_matches_torch(simt, monkeypatch, dtype, pdtype, norm, sh
 def test_onchip_budget_picks_the_path(simt, monkeypatch, norm):
     """A unit larger than the budget (with no clusters to split it) takes the two-pass kernels; the
     two paths agree; channels-last always takes the two-pass kernels."""
+    _launched(simt)  # drop what earlier tests launched
     x = torch.randn(4, 6, 12, 12)  # BatchNorm channel: 2.3 KiB; GroupNorm (n, group) of 2 channels: 1.2 KiB
     run = {"batch_norm": lambda t: simt.batch_norm_fwd(t, None, None, None, 1e-5, "none"),
            "group_norm": lambda t: simt.group_norm_fwd(t, 3, None, None, 1e-5, "none")}[norm]
