@@ -94,6 +94,19 @@ int max_active_blocks(void (*kernel)(P...), int threads, size_t smem) {
   return n;
 }
 
+// The PTX (virtual architecture) version `kernel` was compiled for on the current device, e.g. 90
+// (what __CUDA_ARCH__ was in the code that runs), and its static shared memory in bytes.
+struct KernelInfo {
+  int ptx_version = 0;
+  size_t static_smem = 0;
+};
+template <typename... P>
+KernelInfo kernel_info(void (*kernel)(P...)) {
+  cudaFuncAttributes a;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&a, kernel));
+  return {a.ptxVersion, a.sharedSizeBytes};
+}
+
 // Lets `kernel` take more than the default 48 KiB of dynamic shared memory.
 template <typename... P>
 void allow_dynamic_smem(void (*kernel)(P...), size_t bytes) {

@@ -449,6 +449,17 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream
   options().seed = seed;
 }
 
+// The emulator has no clusters (as code compiled before sm_90) and its static shared memory is
+// outside the dynamic limit.
+struct KernelInfo {
+  int ptx_version = 0;
+  size_t static_smem = 0;
+};
+template <typename... P>
+KernelInfo kernel_info(void (*)(P...)) {
+  return {};
+}
+
 template <typename... P, typename... Args>
 void launch_cluster(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, int cluster,
                     Args&&... args) {

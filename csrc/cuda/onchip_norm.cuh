@@ -207,6 +207,16 @@ struct OnchipPlan {
   size_t smem = 0;
 };
 
+// What a device allows this kernel, found once per device: clusters above one block only where the
+// kernel runs code compiled for sm_90 (its PTX version: a build whose newest target is older runs
+// that code through the driver's JIT, where cluster_blocks() is 1); the dynamic shared memory
+// beside its static arrays, opted in once to the maximum (a per-launch setting could be lowered by
+// another thread between its set and its launch).
+struct OnchipDevice {
+  int max_cluster = 1;
+  size_t max_smem = 0;
+};
+
 // Clusters as small as the budget allows (at most the device's largest), doubled while the grid
 // has fewer than two blocks per multiprocessor; a launch the device cannot hold is refused.
 template <typename T, typename W, int V>
@@ -214,35 +224,42 @@ OnchipPlan onchip_plan(OnchipUnits& u, int dev) {
   using A = acc_t<T>;
   OnchipPlan p;
   const int64_t budget = onchip_budget(), vb = int64_t(sizeof(Vec<T, V>));
-  const simt::DeviceLimits lim = simt::device_limits(dev);
   const int64_t total = u.runs * u.run_vecs;
   if (budget == 0 || total == 0 || u.units == 0 || u.cpg > 4096) return p;
+  auto kernel = onchip_norm_fwd_kernel<T, W, V>;
+  const simt::DeviceLimits lim = simt::device_limits(dev);
+  static std::mutex mu;
+  static std::map<int, OnchipDevice> devices;
+  // whether the device can hold one cluster of (K, threads, smem rounded up to 8 KiB)
+  static std::map<std::tuple<int, int, int, size_t>, bool> fits;
+  std::lock_guard<std::mutex> lock(mu);
+  auto d = devices.find(dev);
+  if (d == devices.end()) {
+    const simt::KernelInfo info = simt::kernel_info(kernel);
+    OnchipDevice od;
+    od.max_cluster = info.ptx_version >= 90 ? lim.max_cluster : 1;
+    od.max_smem = size_t(lim.smem_optin) > info.static_smem ? size_t(lim.smem_optin) - info.static_smem : 0;
+    simt::allow_dynamic_smem(kernel, od.max_smem);
+    d = devices.emplace(dev, od).first;
+  }
+  const OnchipDevice od = d->second;
   u.by_run = FastDiv(u.run_vecs);
   u.by_chan = FastDiv(u.chan_vecs);
   int K = 1;
-  while (ceil_div(total, K) * vb > budget && K < lim.max_cluster) K *= 2;
+  while (ceil_div(total, K) * vb > budget && K < od.max_cluster) K *= 2;
   if (ceil_div(total, K) * vb > budget) return p;
-  while (u.units * K < 2 * int64_t(lim.sms) && K < std::min(8, lim.max_cluster) && ceil_div(total, 2 * K) >= 2048) K *= 2;
+  while (u.units * K < 2 * int64_t(lim.sms) && K < std::min(8, od.max_cluster) && ceil_div(total, 2 * K) >= 2048) K *= 2;
   if (u.units * K > int64_t(0x7fffffff)) return p;
   u.per_block = ceil_div(ceil_div(total, K), 8) * 8;  // keeps coef aligned
   int threads = 128;
   while (threads < kOnchipMaxThreads && threads * 8 < u.per_block) threads *= 2;
   const size_t smem = size_t(u.per_block * vb) + size_t(2 * u.cpg) * sizeof(A);
-  if (smem > size_t(lim.smem_optin)) return p;
-  auto kernel = onchip_norm_fwd_kernel<T, W, V>;
-  // Whether the device can hold one such cluster, asked once per configuration.
-  static std::mutex mu;
-  static std::map<std::tuple<int, int, int, size_t>, bool> fits;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    const auto key = std::make_tuple(dev, K, threads, smem);
-    auto it = fits.find(key);
-    if (it == fits.end()) {
-      simt::allow_dynamic_smem(kernel, smem);
-      it = fits.emplace(key, simt::max_active_clusters(kernel, K, threads, smem) > 0).first;
-    }
-    if (!it->second) return p;
-  }
+  if (smem > od.max_smem) return p;
+  const size_t smem_class = std::min(od.max_smem, (smem + 8191) / 8192 * 8192);  // >= smem: a safe answer
+  const auto key = std::make_tuple(dev, K, threads, smem_class);
+  auto it = fits.find(key);
+  if (it == fits.end()) it = fits.emplace(key, simt::max_active_clusters(kernel, K, threads, smem_class) > 0).first;
+  if (!it->second) return p;
   p.cluster = K;
   p.threads = threads;
   p.smem = smem;
@@ -262,8 +279,7 @@ bool onchip_norm_fwd(MakeUnits&& make_units, int64_t S, int dev, const T* x, con
     OnchipUnits u = make_units(int64_t(V));
     const OnchipPlan p = onchip_plan<T, W, V>(u, dev);
     if (p.cluster == 0) return false;
-    auto kernel = onchip_norm_fwd_kernel<T, W, V>;
-    simt::allow_dynamic_smem(kernel, p.smem);
+    auto kernel = onchip_norm_fwd_kernel<T, W, V>;  // its shared memory limit was raised by onchip_plan
     simt::launch_cluster(kernel, dim3(static_cast<unsigned>(u.units * p.cluster)), dim3(p.threads), p.smem,
                          simt::current_stream(), p.cluster, x, z, y, w, b, u, eps, act, rstd_out, mean_out, var_out);
     return true;
