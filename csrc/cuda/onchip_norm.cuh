@@ -102,9 +102,13 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
   const int run_vecs = static_cast<int>(u.run_vecs);
   const bool one_run = u.runs == 1;
   const int64_t base = unit * u.run_vecs;  // the unit's first vector
-  auto at = [&](int j) {                   // vector j of the unit, as an index into x
-    const int r = one_run ? 0 : u.by_run(j);
-    return base + int64_t(r) * u.run_stride + (j - r * run_vecs);
+  struct Pos {
+    int64_t i;  // index into x (and z, y), in vectors
+    int l;      // offset in its run, in vectors
+  };
+  auto locate = [&](int j) {  // vector j of the unit
+    const int r = one_run ? 0 : u.by_run(j), l = j - r * run_vecs;
+    return Pos{base + int64_t(r) * u.run_stride + l, l};
   };
   const A pivot = static_cast<A>(x[base * V]);
 
@@ -114,7 +118,7 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
     VT v[4];
 #pragma unroll
     for (int t = 0; t < 4; ++t)
-      if (j + t * int(blockDim.x) < n) v[t] = load_vec<V>(x, at(j0 + j + t * blockDim.x));
+      if (j + t * int(blockDim.x) < n) v[t] = load_vec<V>(x, locate(j0 + j + t * blockDim.x).i);
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
       if (j + t * int(blockDim.x) >= n) continue;
@@ -156,8 +160,9 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
     constexpr Act ACT = decltype(act_c)::value;
     constexpr bool Z = decltype(has_z)::value;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-      const int r = one_run ? 0 : u.by_run(j0 + j), l = (j0 + j) - r * run_vecs, ch = one_chan ? 0 : u.by_chan(l);
-      const int64_t i = base + int64_t(r) * u.run_stride + l;
+      const Pos p = locate(j0 + j);
+      const int64_t i = p.i;
+      const int ch = one_chan ? 0 : u.by_chan(p.l);
       const VT v = buf[j];
       VT zv{}, out;
       if constexpr (Z) zv = load_vec<V>(z, i);
