@@ -26,7 +26,8 @@ constexpr int64_t kBnTasks = 64;     // NSC: chunk ranges merged independently (
 constexpr int64_t kBnFuseBytes = int64_t(1) << 19;  // one channel's data kept in L2 between passes
 
 // Exact moments of n <= kBnChunk contiguous values relative to the channel's pivot c (its first
-// value): one read into cache (converted into buf for half types), two passes from there. The
+// value): one read into cache, two passes from there (straight from p with SIMD; otherwise half
+// types through a converted copy in buf). The
 // mean stays relative to c until every run is merged: absolute means near a large offset would
 // be rounded to its ulp at every merge.
 template <typename T, typename A>
@@ -37,8 +38,8 @@ Welford<A> run_moments(const T* p, int64_t n, A* buf, A c) {
   w.count = A(n);
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
-    w.mean = load_and_sum<false>(p, buf, n, c) / A(n);
-    w.m2 = sq_dev_vec<T>(v, n, c, w.mean, nullptr);
+    w.mean = sum_dev_vec(p, n, c) / A(n);
+    w.m2 = sq_dev_vec(p, n, c, w.mean, static_cast<const T*>(nullptr));
     return w;
   }
 #endif
@@ -57,7 +58,7 @@ inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
-    using V = VecWide;
+    using V = LaneVec<T>;
     constexpr int K = kLanes / V::kWidth;
     const V cv = V::set1(c), mv = V::set1(m);
     V t[K];
@@ -166,7 +167,7 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
-    i = simd_for(n, [&](auto t, int64_t i) {
+    i = simd_for<std::conditional_t<PerLane, float, T>>(n, [&](auto t, int64_t i) {
       using V = decltype(t);
       const int64_t k = PerLane ? i : 0;
       V v = fmadd(V::load(x + i) - coef<PerLane, V>(mu, k), coef<PerLane, V>(sc, k), coef<PerLane, V>(sh, k));
@@ -242,7 +243,7 @@ inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t 
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
-    i = simd_for(n, [&](auto t, int64_t i) {
+    i = simd_for<std::conditional_t<PerLane, float, T>>(n, [&](auto t, int64_t i) {
       using V = decltype(t);
       const int64_t k = PerLane ? i : 0;
       V g = V::load(dy + i);

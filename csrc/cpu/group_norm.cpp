@@ -69,7 +69,7 @@ inline V activate_backward_vec(Act act, V z, V d) {
 template <typename T>
 inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, float rs, float w, float b, Act act,
                               float* dz_out, float& sb, float& sw) {
-  using V = VecWide;
+  using V = LaneVec<T>;
   constexpr int K = kLanes / V::kWidth;
   const V muv = V::set1(mu), rsv = V::set1(rs), wv = V::set1(w), bv = V::set1(b);
   V ab[K], aw[K];
@@ -102,13 +102,14 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
 template <typename T>
 inline void channel_dx(const T* x, const T* dy, const float* dz, T* dx, int64_t S, float mu, float rs, float w,
                        float a, float cc) {
-  int64_t i = simd_for(S, [&](auto z, int64_t i) {
+  auto step = [&](auto z, int64_t i) {
     using V = decltype(z);
     const V rsv = V::set1(rs);
     const V xv = (V::load(x + i) - V::set1(mu)) * rsv;
     const V dv = dz ? V::load(dz + i) : V::load(dy + i);
     (rsv * (fmsub(dv, V::set1(w), V::set1(a)) - xv * V::set1(cc))).store(dx + i);
-  });
+  };
+  int64_t i = dz ? simd_for(S, step) : simd_for<T>(S, step);  // the kept dz is fp32, in order
   for (; i < S; ++i) {
     const float xh = (static_cast<float>(x[i]) - mu) * rs;
     const float d = dz ? dz[i] : static_cast<float>(dy[i]);
@@ -118,15 +119,15 @@ inline void channel_dx(const T* x, const T* dy, const float* dz, T* dx, int64_t 
 
 // y_i = act(((v_i - c) - mu) * a + sh) for a run with one scale a and shift sh, converted and
 // stored straight into y (GELU: through the scalar path).
-template <typename T>
-inline bool affine_act_store(const float* v, T* y, int64_t n, float c, float mu, float a, float sh, Act act) {
+template <typename S, typename T>
+inline bool affine_act_store(const S* v, T* y, int64_t n, float c, float mu, float a, float sh, Act act) {
   if (act == Act::Gelu) return false;
-  int64_t i = simd_for(n, [&](auto t, int64_t i) {
+  int64_t i = simd_for<T>(n, [&](auto t, int64_t i) {
     using V = decltype(t);
     const V z = fmadd((V::load(v + i) - V::set1(c)) - V::set1(mu), V::set1(a), V::set1(sh));
     activate_vec(act, z).store(y + i);
   });
-  for (; i < n; ++i) y[i] = static_cast<T>(activate(act, ((v[i] - c) - mu) * a + sh));
+  for (; i < n; ++i) y[i] = static_cast<T>(activate(act, ((static_cast<float>(v[i]) - c) - mu) * a + sh));
   return true;
 }
 #endif
@@ -192,24 +193,29 @@ struct GroupNormBackend {
     T* Y = y.data_ptr<T>();
     A* MEAN = mean.data_ptr<A>();
     A* RSTD = rstd.data_ptr<A>();
-    constexpr bool same = std::is_same_v<T, A>;  // fp32/fp64: no conversion copies
+    // fp32/fp64, and half types with SIMD: every pass reads x itself, without a conversion copy
+    constexpr bool direct = std::is_same_v<T, A>
+#ifdef FUSENORM_CPU_AVX2
+                            || std::is_same_v<A, float>
+#endif
+        ;
     at::parallel_for(0, s.N * s.G, row_grain(L), [&](int64_t begin, int64_t end) {
-      Buf<A> buf(same ? 0 : L), zbuf(same ? 0 : S);
+      Buf<A> buf(direct ? 0 : L), zbuf(std::is_same_v<T, A> ? 0 : S);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t g = ng % s.G;
         const T* xg = X + ng * L;
         T* yg = Y + ng * L;
         const A c = static_cast<A>(xg[0]);
-        const A* v = same ? reinterpret_cast<const A*>(xg) : buf.data();
         A mu, sq;
 #ifdef FUSENORM_CPU_AVX2
-        if constexpr (std::is_same_v<A, float>) {
-          mu = load_and_sum<false>(xg, buf.data(), L, c) / A(L);  // one read, converted into buf on the way
-          sq = sq_dev_vec<T>(v, L, c, mu, nullptr);
+        if constexpr (std::is_same_v<A, float>) {  // x from memory once, then from cache; the next group prefetched
+          mu = sum_dev_vec(xg, L, c) / A(L);
+          sq = sq_dev_vec(xg, L, c, mu, ng + 1 < end ? xg + L : nullptr);
         } else
 #endif
         {
-          if constexpr (!same) to_acc(xg, buf.data(), L);
+          if constexpr (!direct) to_acc(xg, buf.data(), L);
+          const A* v = direct ? reinterpret_cast<const A*>(xg) : buf.data();
           mu = sum_of(v, L, c) / A(L);
           sq = sq_dev_of(v, L, c, mu);
         }
@@ -217,14 +223,20 @@ struct GroupNormBackend {
         for (int64_t j = 0; j < cpg; ++j) {
           const int64_t ch = g * cpg + j;
           const A a = rs * w[ch], sh = b[ch];
-          const A* vj = v + j * S;
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
-            if (affine_act_store(vj, yg + j * S, S, c, mu, a, sh, act)) continue;
+            if (affine_act_store(xg + j * S, yg + j * S, S, c, mu, a, sh, act)) continue;
           }
 #endif
+          constexpr bool same = std::is_same_v<T, A>;
           A* z = same ? reinterpret_cast<A*>(yg + j * S) : zbuf.data();
-          for (int64_t i = 0; i < S; ++i) z[i] = ((vj[i] - c) - mu) * a + sh;
+          if constexpr (direct) {
+            const T* xj = xg + j * S;
+            for (int64_t i = 0; i < S; ++i) z[i] = ((static_cast<A>(xj[i]) - c) - mu) * a + sh;
+          } else {
+            const A* vj = buf.data() + j * S;
+            for (int64_t i = 0; i < S; ++i) z[i] = ((vj[i] - c) - mu) * a + sh;
+          }
           activate_inplace(act, z, S);
           if constexpr (!same) from_acc(z, yg + j * S, S);
         }

@@ -78,7 +78,7 @@ template <typename T>
 inline void prefetch_lanes(const T* next, int64_t i) {
   if (!next) return;
   const char* p = reinterpret_cast<const char*>(next + i);
-  for (int64_t off = 0; off < int64_t(kLanes * sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 3);
+  for (int64_t off = 0; off < int64_t(kLanes * sizeof(T)); off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
 // sum_i ((v_i - c) - m)^2, prefetching the row `next` (of the same length) when given.
@@ -160,6 +160,31 @@ inline float sum_vec_lanes(const Vec<W> (&acc)[K]) {
   return sum_lanes(lanes);
 }
 
+#ifdef FUSENORM_CPU_AVX512
+template <bool Split>
+inline float sum_vec_lanes(const Vec2<Split> (&acc)[1]) {
+  alignas(64) float lanes[kLanes];
+  acc[0].lanes(lanes);
+  return sum_lanes(lanes);
+}
+#endif
+
+// sum_i (x_i - c) straight from x (no conversion copy), in the lanes of sum_of.
+template <typename T>
+inline float sum_dev_vec(const T* x, int64_t n, float c) {
+  using V = LaneVec<T>;
+  constexpr int K = kLanes / V::kWidth;
+  const V cv = V::set1(c);
+  V acc[K];
+  for (int k = 0; k < K; ++k) acc[k] = V::zero();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int k = 0; k < K; ++k) acc[k] = acc[k] + (V::load(x + i + V::kWidth * k) - cv);
+  float s = sum_vec_lanes(acc);
+  for (; i < n; ++i) s += static_cast<float>(x[i]) - c;
+  return s;
+}
+
 // Reads a row once: converts it into buf (half types) and returns sum_i (v_i - c), or with SQ
 // sum_i v_i^2 (RMSNorm), in the lanes of sum_of.
 template <bool SQ, typename T>
@@ -187,10 +212,10 @@ inline float load_and_sum(const T* x, float* buf, int64_t n, float c) {
 }
 
 // sum_i ((v_i - c) - m)^2 in the lanes of sq_dev_of, prefetching the row `next` (of the same
-// length) when given.
-template <typename T>
-inline float sq_dev_vec(const float* v, int64_t n, float c, float m, const T* next) {
-  using V = VecWide;
+// length) when given; v is fp32 (a converted row) or the row itself.
+template <typename T, typename S>
+inline float sq_dev_vec(const S* v, int64_t n, float c, float m, const T* next) {
+  using V = LaneVec<S>;
   constexpr int K = kLanes / V::kWidth;
   const V cv = V::set1(c), mv = V::set1(m);
   V acc[K];
@@ -204,7 +229,10 @@ inline float sq_dev_vec(const float* v, int64_t n, float c, float m, const T* ne
     }
   }
   float s = sum_vec_lanes(acc);
-  for (; i < n; ++i) s += ((v[i] - c) - m) * ((v[i] - c) - m);
+  for (; i < n; ++i) {
+    const float d = (static_cast<float>(v[i]) - c) - m;
+    s += d * d;
+  }
   return s;
 }
 

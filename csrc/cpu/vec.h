@@ -15,6 +15,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #define FUSENORM_CPU_AVX2 1
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -93,11 +94,14 @@ struct Vec<16> {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
   void store(c10::BFloat16* p) const {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(), 16)));
+  }
+  // Each lane rounded to bfloat16 (nearest even, NaN to 0x7fc0), in the high 16 bits of its lane.
+  __m512i bf16_high() const {
     const __m512i b = _mm512_castps_si512(r);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    __m512i t = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb), 16);
-    t = _mm512_mask_mov_epi32(t, _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(t));
+    const __m512i t = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7fff)), lsb);
+    return _mm512_mask_mov_epi32(t, _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc00000));
   }
 
   friend Vec operator+(Vec a, Vec b) { return {_mm512_add_ps(a.r, b.r)}; }
@@ -117,6 +121,84 @@ struct Vec<16> {
         _mm512_add_epi32(_mm512_castps_si512(e.r), _mm512_slli_epi32(_mm512_castps_si512(k.r), 23)))};
   }
 };
+
+// 32 values as two 16-wide vectors, with Vec's interface. In order (Split = false), a holds values
+// [0, 16) and b values [16, 32). Split, a holds the even values and b the odd ones: bfloat16 then
+// loads with one 64-byte load and one shift or mask per vector, and stores with one merge, where
+// in order it takes a widening and a narrowing shuffle per 16 values (vpmovzxwd, vpmovdw, on the
+// one shuffle port of Skylake-X: the bfloat16 passes were bound by them). Passes whose operands are
+// all loaded through Vec2 (or broadcast) compute the same values in either order; fp32 and half
+// operands load and store split too (through a permutation, slower). A reduction over Vec2 lanes
+// gives its 32 lanes back in order with lanes().
+template <bool Split>
+struct Vec2 {
+  static constexpr int kWidth = 32;
+  Vec<16> a, b;
+
+  static Vec2 set1(float v) { return {Vec<16>::set1(v), Vec<16>::set1(v)}; }
+  static Vec2 zero() { return {Vec<16>::zero(), Vec<16>::zero()}; }
+  // 32 fp32 values in order -> this order
+  static Vec2 from_ordered(Vec<16> lo, Vec<16> hi) {
+    if constexpr (!Split) return {lo, hi};
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    return {{_mm512_permutex2var_ps(lo.r, even, hi.r)}, {_mm512_permutex2var_ps(lo.r, odd, hi.r)}};
+  }
+  // this order -> 32 fp32 values in order (lo = [0, 16), hi = [16, 32))
+  void ordered(Vec<16>& lo, Vec<16>& hi) const {
+    if constexpr (!Split) {
+      lo = a;
+      hi = b;
+    } else {
+      const __m512i zlo = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+      const __m512i zhi = _mm512_add_epi32(zlo, _mm512_set1_epi32(8));
+      lo = {_mm512_permutex2var_ps(a.r, zlo, b.r)};
+      hi = {_mm512_permutex2var_ps(a.r, zhi, b.r)};
+    }
+  }
+  template <typename T>
+  static Vec2 load(const T* p) {
+    if constexpr (Split && std::is_same_v<T, c10::BFloat16>) {
+      const __m512i w = _mm512_loadu_si512(p);
+      return {{_mm512_castsi512_ps(_mm512_slli_epi32(w, 16))},
+              {_mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xffff0000u))))}};
+    } else {
+      return from_ordered(Vec<16>::load(p), Vec<16>::load(p + 16));
+    }
+  }
+  template <typename T>
+  void store(T* p) const {
+    if constexpr (Split && std::is_same_v<T, c10::BFloat16>) {
+      // odd values' bits in the high halves, even values' in the low halves
+      const __m512i e = _mm512_srli_epi32(a.bf16_high(), 16);
+      _mm512_storeu_si512(p, _mm512_ternarylogic_epi32(_mm512_set1_epi32(int(0xffff0000u)), b.bf16_high(), e, 0xCA));
+    } else {
+      Vec<16> lo, hi;
+      ordered(lo, hi);
+      lo.store(p);
+      hi.store(p + 16);
+    }
+  }
+  // the 32 lanes in order
+  void lanes(float* out) const {
+    Vec<16> lo, hi;
+    ordered(lo, hi);
+    lo.store(out);
+    hi.store(out + 16);
+  }
+
+  friend Vec2 operator+(Vec2 x, Vec2 y) { return {x.a + y.a, x.b + y.b}; }
+  friend Vec2 operator-(Vec2 x, Vec2 y) { return {x.a - y.a, x.b - y.b}; }
+  friend Vec2 operator*(Vec2 x, Vec2 y) { return {x.a * y.a, x.b * y.b}; }
+  friend Vec2 operator/(Vec2 x, Vec2 y) { return {x.a / y.a, x.b / y.b}; }
+  friend Vec2 fmadd(Vec2 x, Vec2 y, Vec2 z) { return {fmadd(x.a, y.a, z.a), fmadd(x.b, y.b, z.b)}; }
+  friend Vec2 fmsub(Vec2 x, Vec2 y, Vec2 z) { return {fmsub(x.a, y.a, z.a), fmsub(x.b, y.b, z.b)}; }
+  friend Vec2 fnmadd(Vec2 x, Vec2 y, Vec2 z) { return {fnmadd(x.a, y.a, z.a), fnmadd(x.b, y.b, z.b)}; }
+  friend Vec2 vmax(Vec2 x, Vec2 y) { return {vmax(x.a, y.a), vmax(x.b, y.b)}; }
+  friend Vec2 vmin(Vec2 x, Vec2 y) { return {vmin(x.a, y.a), vmin(x.b, y.b)}; }
+  friend Vec2 where_positive(Vec2 y, Vec2 g) { return {where_positive(y.a, g.a), where_positive(y.b, g.b)}; }
+  friend Vec2 add_to_exponent(Vec2 e, Vec2 k) { return {add_to_exponent(e.a, k.a), add_to_exponent(e.b, k.b)}; }
+};
 #endif
 
 // The widest vector of this build, for passes that have one loop (the reductions that keep 32 lanes).
@@ -126,12 +208,25 @@ using VecWide = Vec<16>;
 using VecWide = Vec<8>;
 #endif
 
+// The 32-lane vector type of passes over T: on AVX-512 a Vec2, split for bfloat16; else Vec<8>
+// (four of them make the 32 lanes).
+#ifdef FUSENORM_CPU_AVX512
+template <typename T>
+using LaneVec = Vec2<std::is_same_v<T, c10::BFloat16>>;
+#else
+template <typename T>
+using LaneVec = Vec<8>;
+#endif
+
 // Runs step(Vec<W>{}, i) for i = 0, W, 2W, ... while i + W <= n: 16 wide, then 8 wide; returns the
 // first index left to the scalar tail. step reads its vector type as decltype of its first argument.
-template <typename Step>
-inline int64_t simd_for(int64_t n, Step&& step) {
+// With T (the type of the operands) on AVX-512, first 32 at a time as LaneVec<T>.
+template <typename T = float, typename Step>
+[[gnu::always_inline]] inline int64_t simd_for(int64_t n, Step&& step) {
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX512
+  if constexpr (std::is_same_v<T, c10::BFloat16>)
+    for (; i + 32 <= n; i += 32) step(Vec2<true>{}, i);
   for (; i + 16 <= n; i += 16) step(Vec<16>{}, i);
 #endif
   for (; i + 8 <= n; i += 8) step(Vec<8>{}, i);
