@@ -20,6 +20,22 @@
 
 namespace fusenorm::cpu {
 
+// The activation as a compile-time constant: the SIMD loops are instantiated per activation, so
+// that they hoist its constants (a switch per vector reloaded them and the activation every
+// iteration). GELU has no SIMD path (its erf stays scalar); callers keep it out.
+template <Act A>
+using ActC = std::integral_constant<Act, A>;
+
+template <typename F>
+inline decltype(auto) with_act(Act act, F&& f) {
+  TORCH_INTERNAL_ASSERT(act != Act::Gelu, "fusenorm: GELU has no SIMD path");
+  switch (act) {
+    case Act::Relu: return f(ActC<Act::Relu>{});
+    case Act::Silu: return f(ActC<Act::Silu>{});
+    default: return f(ActC<Act::None>{});
+  }
+}
+
 #ifdef FUSENORM_CPU_AVX2
 // exp(x) on the lanes of a vector (cpu/vec.h), about 1 ulp: Cody-Waite reduction by ln 2 and
 // cephes' degree-6 polynomial. The SiLU passes are bound by the latency of this chain (few loop
@@ -43,24 +59,30 @@ inline V exp_vec(V x) {
   return add_to_exponent(fmadd(p, r2, r + V::set1(1.0f)), kk);
 }
 
-// act(z) for ReLU and SiLU (z / (1 + exp(-z)): a division, shorter than an estimate and a Newton
-// step, and exact); GELU's erf stays scalar.
-template <typename V>
-inline V activate_vec(Act act, V z) {
-  switch (act) {
-    case Act::Relu: return vmax(z, V::zero());
-    case Act::Silu: return z / (V::set1(1.f) + exp_vec(V::zero() - z));
-    default: return z;
+// act(z) for ReLU and SiLU (z / (1 + exp(-z)): a division, exact).
+template <Act A, typename V>
+inline V activate_vec(ActC<A>, V z) {
+  if constexpr (A == Act::Relu) {
+    return vmax(z, V::zero());
+  } else if constexpr (A == Act::Silu) {
+    return z / (V::set1(1.f) + exp_vec(V::zero() - z));
+  } else {
+    return z;
   }
 }
 
 // d * act'(z) (ReLU, SiLU), ReLU as a mask on d.
-template <typename V>
-inline V activate_backward_vec(Act act, V z, V d) {
-  if (act == Act::Relu) return where_positive(z, d);
-  const V one = V::set1(1.f);
-  const V sg = one / (one + exp_vec(V::zero() - z));
-  return d * (sg * fmadd(z, one - sg, one));
+template <Act A, typename V>
+inline V activate_backward_vec(ActC<A>, V z, V d) {
+  if constexpr (A == Act::Relu) {
+    return where_positive(z, d);
+  } else if constexpr (A == Act::Silu) {
+    const V one = V::set1(1.f);
+    const V sg = one / (one + exp_vec(V::zero() - z));
+    return d * (sg * fmadd(z, one - sg, one));
+  } else {
+    return d;
+  }
 }
 
 // Backward, contiguous layout, one channel's run of S sites (mean mu, rstd rs, weight w, bias b):
@@ -75,18 +97,20 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
   V ab[K], aw[K];
   for (int k = 0; k < K; ++k) ab[k] = aw[k] = V::zero();
   int64_t i = 0;
-  for (; i + kLanes <= S; i += kLanes)
-    for (int k = 0; k < K; ++k) {
-      const int64_t o = i + V::kWidth * k;
-      const V xv = (V::load(x + o) - muv) * rsv;
-      V dv = V::load(dy + o);
-      if (act != Act::None) {
-        dv = activate_backward_vec(act, fmadd(xv, wv, bv), dv);
-        dv.store(dz_out + o);
+  with_act(act, [&](auto ac) {
+    for (; i + kLanes <= S; i += kLanes)
+      for (int k = 0; k < K; ++k) {
+        const int64_t o = i + V::kWidth * k;
+        const V xv = (V::load(x + o) - muv) * rsv;
+        V dv = V::load(dy + o);
+        if constexpr (decltype(ac)::value != Act::None) {
+          dv = activate_backward_vec(ac, fmadd(xv, wv, bv), dv);
+          dv.store(dz_out + o);
+        }
+        ab[k] = ab[k] + dv;
+        aw[k] = fmadd(dv, xv, aw[k]);
       }
-      ab[k] = ab[k] + dv;
-      aw[k] = fmadd(dv, xv, aw[k]);
-    }
+  });
   sb = sum_vec_lanes(ab);
   sw = sum_vec_lanes(aw);
   for (; i < S; ++i) {
@@ -122,10 +146,12 @@ inline void channel_dx(const T* x, const T* dy, const float* dz, T* dx, int64_t 
 template <typename S, typename T>
 inline bool affine_act_store(const S* v, T* y, int64_t n, float c, float mu, float a, float sh, Act act) {
   if (act == Act::Gelu) return false;
-  int64_t i = simd_for<T>(n, [&](auto t, int64_t i) {
-    using V = decltype(t);
-    const V z = fmadd((V::load(v + i) - V::set1(c)) - V::set1(mu), V::set1(a), V::set1(sh));
-    activate_vec(act, z).store(y + i);
+  int64_t i = with_act(act, [&](auto ac) {
+    return simd_for<T>(n, [&](auto t, int64_t i) {
+      using V = decltype(t);
+      const V z = fmadd((V::load(v + i) - V::set1(c)) - V::set1(mu), V::set1(a), V::set1(sh));
+      activate_vec(ac, z).store(y + i);
+    });
   });
   for (; i < n; ++i) y[i] = static_cast<T>(activate(act, ((static_cast<float>(v[i]) - c) - mu) * a + sh));
   return true;
@@ -140,7 +166,9 @@ inline void activate_inplace(Act act, A* z, int64_t n) {
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
     if (act != Act::Gelu)  // GELU's erf is scalar
-      i = simd_for(n, [&](auto t, int64_t i) { activate_vec(act, decltype(t)::load(z + i)).store(z + i); });
+      i = with_act(act, [&](auto ac) {
+        return simd_for(n, [&](auto t, int64_t i) { activate_vec(ac, decltype(t)::load(z + i)).store(z + i); });
+      });
 #endif
   for (; i < n; ++i) z[i] = activate(act, z[i]);
 }
@@ -153,9 +181,11 @@ inline void activate_backward_inplace(Act act, const A* z, A* d, int64_t n) {
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
     if (act != Act::Gelu)
-      i = simd_for(n, [&](auto t, int64_t i) {
-        using V = decltype(t);
-        activate_backward_vec(act, V::load(z + i), V::load(d + i)).store(d + i);
+      i = with_act(act, [&](auto ac) {
+        return simd_for(n, [&](auto t, int64_t i) {
+          using V = decltype(t);
+          activate_backward_vec(ac, V::load(z + i), V::load(d + i)).store(d + i);
+        });
       });
 #endif
   for (; i < n; ++i) d[i] = activate_backward(act, z[i], d[i]);
@@ -299,27 +329,34 @@ struct GroupNormBackend {
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
         Buf<A> v(C);
         const A *pv = piv.data(), *mv = mu_c.data(), *sc = scale.data(), *sh = b.data();
-        for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
-          const T* xs = xn + site * C;
-          T* ys = yn + site * C;
-          int64_t c0 = 0;
+        auto sites = [&](auto ac) {
+          for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
+            const T* xs = xn + site * C;
+            T* ys = yn + site * C;
+            int64_t c0 = 0;
 #ifdef FUSENORM_CPU_AVX2
-          if constexpr (std::is_same_v<A, float>) {
-            if (act != Act::Gelu)  // straight from x to y, 16 then 8 channels at a time
-              c0 = simd_for(C, [&](auto t, int64_t c) {
-                using V = decltype(t);
-                const V d = (V::load(xs + c) - V::load(pv + c)) - V::load(mv + c);
-                activate_vec(act, fmadd(d, V::load(sc + c), V::load(sh + c))).store(ys + c);
-              });
-          }
+            if constexpr (std::is_same_v<A, float>) {
+              if (act != Act::Gelu)  // straight from x to y, 16 then 8 channels at a time
+                c0 = simd_for(C, [&](auto t, int64_t c) {
+                  using V = decltype(t);
+                  const V d = (V::load(xs + c) - V::load(pv + c)) - V::load(mv + c);
+                  activate_vec(ac, fmadd(d, V::load(sc + c), V::load(sh + c))).store(ys + c);
+                });
+            }
 #endif
-          const int64_t rest = C - c0;
-          if (rest == 0) continue;
-          to_acc(xs + c0, v.data(), rest);
-          for (int64_t c = 0; c < rest; ++c)
-            v[c] = ((v[c] - piv[c0 + c]) - mu_c[c0 + c]) * scale[c0 + c] + b[c0 + c];
-          activate_inplace(act, v.data(), rest);
-          from_acc(v.data(), ys + c0, rest);
+            const int64_t rest = C - c0;
+            if (rest == 0) continue;
+            to_acc(xs + c0, v.data(), rest);
+            for (int64_t c = 0; c < rest; ++c)
+              v[c] = ((v[c] - piv[c0 + c]) - mu_c[c0 + c]) * scale[c0 + c] + b[c0 + c];
+            activate_inplace(act, v.data(), rest);
+            from_acc(v.data(), ys + c0, rest);
+          }
+        };
+        if (act == Act::Gelu) {
+          sites(ActC<Act::None>{});  // scalar activation
+        } else {
+          with_act(act, sites);
         }
       });
     }
@@ -465,19 +502,21 @@ struct GroupNormBackend {
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
             if (simd_channels) {  // site by site (dz is stored in order), 16 then 8 channels at a time
-              for (int64_t site = s0; site < s1; ++site)
-                simd_for(C, [&](auto t, int64_t c) {
-                  using V = decltype(t);
-                  const int64_t o = site * C + c;
-                  const V xv = (V::load(xn + o) - V::load(&mu_c[c])) * V::load(&rs_c[c]);
-                  V dv = V::load(dn + o);
-                  if (act != Act::None) {
-                    dv = activate_backward_vec(act, fmadd(xv, V::load(&w[c]), V::load(&b[c])), dv);
-                    if (dz_keep) dv.store(dz_keep + o);
-                  }
-                  fmadd(dv, xv, V::load(qw + c)).store(qw + c);
-                  (V::load(qb + c) + dv).store(qb + c);
-                });
+              with_act(act, [&](auto ac) {
+                for (int64_t site = s0; site < s1; ++site)
+                  simd_for(C, [&](auto t, int64_t c) {
+                    using V = decltype(t);
+                    const int64_t o = site * C + c;
+                    const V xv = (V::load(xn + o) - V::load(&mu_c[c])) * V::load(&rs_c[c]);
+                    V dv = V::load(dn + o);
+                    if constexpr (decltype(ac)::value != Act::None) {
+                      dv = activate_backward_vec(ac, fmadd(xv, V::load(&w[c]), V::load(&b[c])), dv);
+                      if (dz_keep) dv.store(dz_keep + o);
+                    }
+                    fmadd(dv, xv, V::load(qw + c)).store(qw + c);
+                    (V::load(qb + c) + dv).store(qb + c);
+                  });
+              });
               continue;
             }
           }
