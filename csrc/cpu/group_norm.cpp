@@ -502,20 +502,23 @@ struct GroupNormBackend {
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
             if (simd_channels) {  // site by site (dz is stored in order), 16 then 8 channels at a time
+              const float *mup = mu_c.data(), *rsp = rs_c.data(), *wp = w.data(), *bp = b.data();
               with_act(act, [&](auto ac) {
-                for (int64_t site = s0; site < s1; ++site)
+                for (int64_t site = s0; site < s1; ++site) {
+                  const T *xs = xn + site * C, *ds = dn + site * C;
+                  float* zs = dz_keep ? dz_keep + site * C : nullptr;
                   simd_for(C, [&](auto t, int64_t c) {
                     using V = decltype(t);
-                    const int64_t o = site * C + c;
-                    const V xv = (V::load(xn + o) - V::load(&mu_c[c])) * V::load(&rs_c[c]);
-                    V dv = V::load(dn + o);
+                    const V xv = (V::load(xs + c) - V::load(mup + c)) * V::load(rsp + c);
+                    V dv = V::load(ds + c);
                     if constexpr (decltype(ac)::value != Act::None) {
-                      dv = activate_backward_vec(ac, fmadd(xv, V::load(&w[c]), V::load(&b[c])), dv);
-                      if (dz_keep) dv.store(dz_keep + o);
+                      dv = activate_backward_vec(ac, fmadd(xv, V::load(wp + c), V::load(bp + c)), dv);
+                      if (zs) dv.store(zs + c);
                     }
                     fmadd(dv, xv, V::load(qw + c)).store(qw + c);
                     (V::load(qb + c) + dv).store(qb + c);
                   });
+                }
               });
               continue;
             }
@@ -549,23 +552,35 @@ struct GroupNormBackend {
       }
       T* dxn = DX + n * S * C;
       at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-        Buf<A> xh(C), d(C), z(C);
-        for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
+        const int64_t s0 = cb * chunk, s1 = std::min(S, ce * chunk);
 #ifdef FUSENORM_CPU_AVX2
-          if constexpr (std::is_same_v<A, float>) {
-            if (simd_channels) {  // dz from pass 1 (kept) or dy
-              simd_for(C, [&](auto t, int64_t c) {
-                using V = decltype(t);
-                const int64_t o = site * C + c;
-                const V rsv = V::load(&rs_c[c]);
-                const V xv = (V::load(xn + o) - V::load(&mu_c[c])) * rsv;
-                const V dv = act != Act::None ? V::load(dz_keep + o) : V::load(dn + o);
-                (rsv * (fmsub(dv, V::load(&w[c]), V::load(&a_c[c])) - xv * V::load(&cc_c[c]))).store(dxn + o);
-              });
-              continue;
+        if constexpr (std::is_same_v<A, float>) {
+          if (simd_channels) {  // dz from pass 1 (kept) or dy
+            const float *mup = mu_c.data(), *rsp = rs_c.data(), *wp = w.data(), *ap = a_c.data(), *ccp = cc_c.data();
+            auto sites = [&](const auto* src) {
+              for (int64_t site = s0; site < s1; ++site) {
+                const T* xs = xn + site * C;
+                const auto* ds = src + site * C;
+                T* dxs = dxn + site * C;
+                simd_for(C, [&](auto t, int64_t c) {
+                  using V = decltype(t);
+                  const V rsv = V::load(rsp + c);
+                  const V xv = (V::load(xs + c) - V::load(mup + c)) * rsv;
+                  (rsv * (fmsub(V::load(ds + c), V::load(wp + c), V::load(ap + c)) - xv * V::load(ccp + c))).store(dxs + c);
+                });
+              }
+            };
+            if (dz_keep) {
+              sites(static_cast<const float*>(dz_keep));
+            } else {
+              sites(dn);
             }
+            return;
           }
+        }
 #endif
+        Buf<A> xh(C), d(C), z(C);
+        for (int64_t site = s0; site < s1; ++site) {
           site_grads(xn + site * C, dn + site * C, xh.data(), d.data(), z.data());
           for (int64_t c = 0; c < C; ++c) d[c] = rs_c[c] * (d[c] * w[c] - a_c[c] - xh[c] * cc_c[c]);
           from_acc(d.data(), dxn + site * C, C);
