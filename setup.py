@@ -103,7 +103,11 @@ def _default_arch_list():
 
 def extensions():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/common/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp"] + _host_vector_flags()
+    # -ffp-contract=off: the CPU kernels compute exactly the operations they write (explicit
+    # fmadd where they fuse), so results do not depend on how the compiler inlines and contracts
+    # a * b + c (GCC contracts by default, even with -std=c++20), and a pass gives the same bits at
+    # either SIMD width.
+    cxx = ["-O3", "-fopenmp", "-ffp-contract=off"] + _host_vector_flags()
     macros = []
     if _want_cuda():
         _default_arch_list()
