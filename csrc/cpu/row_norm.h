@@ -169,27 +169,13 @@ inline float sum_vec_lanes(const Vec2<Split> (&acc)[1]) {
 }
 #endif
 
-// sum_i (x_i - c) straight from x (no conversion copy), in the lanes of sum_of.
-template <typename T>
-inline float sum_dev_vec(const T* x, int64_t n, float c) {
-  using V = LaneVec<T>;
-  constexpr int K = kLanes / V::kWidth;
-  const V cv = V::set1(c);
-  V acc[K];
-  for (int k = 0; k < K; ++k) acc[k] = V::zero();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int k = 0; k < K; ++k) acc[k] = acc[k] + (V::load(x + i + V::kWidth * k) - cv);
-  float s = sum_vec_lanes(acc);
-  for (; i < n; ++i) s += static_cast<float>(x[i]) - c;
-  return s;
-}
-
-// Reads a row once: converts it into buf (half types) and returns sum_i (v_i - c), or with SQ
-// sum_i v_i^2 (RMSNorm), in the lanes of sum_of.
-template <bool SQ, typename T>
+// Reads a row once and returns sum_i (v_i - c), or with SQ sum_i v_i^2 (RMSNorm), in the lanes of
+// sum_of. With Keep, half types are also converted into buf on the way (in order); without, the
+// row is only summed, in LaneVec order (bfloat16: its even/odd halves).
+template <bool SQ, bool Keep = true, typename T>
 inline float load_and_sum(const T* x, float* buf, int64_t n, float c) {
-  using V = VecWide;
+  constexpr bool keep = Keep && !std::is_same_v<T, float>;
+  using V = std::conditional_t<keep, VecWide, LaneVec<T>>;
   constexpr int K = kLanes / V::kWidth;
   const V cv = V::set1(c);
   V acc[K];
@@ -199,16 +185,22 @@ inline float load_and_sum(const T* x, float* buf, int64_t n, float c) {
     for (int k = 0; k < K; ++k) {
       const int64_t o = i + V::kWidth * k;
       const V v = V::load(x + o);
-      if constexpr (!std::is_same_v<T, float>) v.store(buf + o);
+      if constexpr (keep) v.store(buf + o);
       acc[k] = SQ ? fmadd(v, v, acc[k]) : acc[k] + (v - cv);
     }
   float s = sum_vec_lanes(acc);
   for (; i < n; ++i) {
     float v = static_cast<float>(x[i]);
-    if constexpr (!std::is_same_v<T, float>) buf[i] = v;
+    if constexpr (keep) buf[i] = v;
     s += SQ ? v * v : v - c;
   }
   return s;
+}
+
+// sum_i (x_i - c) straight from x (no conversion copy), in the lanes of sum_of.
+template <typename T>
+inline float sum_dev_vec(const T* x, int64_t n, float c) {
+  return load_and_sum<false, false>(x, nullptr, n, c);
 }
 
 // sum_i ((v_i - c) - m)^2 in the lanes of sq_dev_of, prefetching the row `next` (of the same
