@@ -220,7 +220,7 @@ using LaneVec = Vec<8>;
 
 // Runs step(Vec<W>{}, i) for i = 0, W, 2W, ... while i + W <= n: 16 wide, then 8 wide; returns the
 // first index left to the scalar tail. step reads its vector type as decltype of its first argument.
-// With T (the type of the operands) on AVX-512, first 32 at a time as LaneVec<T>.
+// With T = bfloat16 (the type of the operands) on AVX-512, first 32 at a time as Vec2<true>.
 template <typename T = float, typename Step>
 [[gnu::always_inline]] inline int64_t simd_for(int64_t n, Step&& step) {
   int64_t i = 0;
