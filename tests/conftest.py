@@ -47,3 +47,18 @@ def _seed(request):
     # fresh random data per test, but reproducible from the test id
     torch.manual_seed(abs(hash(request.node.nodeid)) % (2**31))
     yield
+
+
+def big_bf16_normal(device: str, shape, layout: str) -> torch.Tensor:
+    """A bf16 N(0, 1) tensor of shape [N, C, H, W] in `layout` ("contiguous" or "channels_last"),
+    generated in place; on CUDA, skips unless 24 GiB are free (for tensors of 2^31 elements)."""
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        if free < 24 * 2**30:
+            pytest.skip(f"needs 24 GiB free GPU memory, {free / 2**30:.1f} GiB free")
+    n, c, h, w = shape
+    if layout == "channels_last":
+        x = torch.empty(n, h, w, c, device=device, dtype=torch.bfloat16).permute(0, 3, 1, 2)
+    else:
+        x = torch.empty(shape, device=device, dtype=torch.bfloat16)
+    return x.normal_()

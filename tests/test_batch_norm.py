@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch
+from conftest import CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch, big_bf16_normal
 
 import fusenorm
 
@@ -79,6 +79,26 @@ def test_half_input_fp32_parameters(device, dtype):
     torch.testing.assert_close(g_o[0], g_t[0], atol=2e-2, rtol=1e-2)
     torch.testing.assert_close(g_o[1], g_t[1], atol=0.3, rtol=1e-2)
     torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device,shape", [pytest.param("cpu", (3, 10, 5, 7), id="cpu-small"),
+                                          pytest.param("cuda", (64, 8200, 64, 64), id="cuda", marks=CUDA_SKIP)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_more_than_2_31_elements(device, shape, layout):
+    """Training forward of a bf16 tensor of more than 2^31 elements on the GPU (512 KiB channels: the
+    single-pass kernel in contiguous layout, the two-pass kernels in channels-last): the first,
+    middle and last channels against fp64. The CPU case runs the same checks on a small tensor."""
+    x = big_bf16_normal(device, shape, layout)
+    y = fusenorm.batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    assert y.stride() == x.stride()
+    C = shape[1]
+    for c in (0, C // 2, C - 1):
+        xc = x[:, c].double()
+        ref = (xc - xc.mean()) / torch.sqrt(xc.var(unbiased=False) + 1e-5)
+        assert (y[:, c].double() - ref).abs().max().item() < 5e-2, f"channel {c}"
+    del x, y
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

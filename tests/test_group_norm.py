@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA_SKIP, DEVICES, DTYPES, HAS_CUDA, assert_close_as_torch
+from conftest import CUDA_SKIP, DEVICES, DTYPES, HAS_CUDA, assert_close_as_torch, big_bf16_normal
 
 import fusenorm
 
@@ -288,3 +288,27 @@ def test_cuda_autocast_dtype():
     x = torch.randn(2, 8, 4, 4, device="cuda", dtype=torch.bfloat16)
     with torch.autocast("cuda", dtype=torch.bfloat16):
         assert m(x).dtype == torch.nn.GroupNorm(4, 8).cuda()(x).dtype
+
+
+@pytest.mark.parametrize("device,shape", [pytest.param("cpu", (3, 10, 5, 7), id="cpu-small"),
+                                          pytest.param("cuda", (64, 8200, 64, 64), id="cuda", marks=CUDA_SKIP)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_more_than_2_31_elements(device, shape, layout):
+    """GroupNorm with two channels per group over a bf16 tensor of more than 2^31 elements on the GPU
+    (the single-pass kernel in contiguous layout, the two-pass kernels in channels-last): the first,
+    a middle and the last (sample, group) against fp64, and the statistics. The CPU case runs the
+    same checks on a small tensor."""
+    x = big_bf16_normal(device, shape, layout)
+    n, c = shape[:2]
+    G = c // 2
+    y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, G, None, None, 1e-5, "none")
+    assert y.stride() == x.stride()
+    for s, g in ((0, 0), (n // 2, G // 2), (n - 1, G - 1)):
+        xs = x[s, 2 * g:2 * g + 2].double()
+        mu, var = xs.mean(), xs.var(unbiased=False)
+        ref = (xs - mu) / torch.sqrt(var + 1e-5)
+        assert (y[s, 2 * g:2 * g + 2].double() - ref).abs().max().item() < 5e-2, f"sample {s}, group {g}"
+        assert abs(mean[s, g].item() - mu.item()) < 1e-4 and abs(rstd[s, g].item() * math.sqrt(var.item() + 1e-5) - 1) < 1e-4
+    del x, y
+    if device == "cuda":
+        torch.cuda.empty_cache()
