@@ -407,7 +407,8 @@ struct GroupNormBackend {
             for (int64_t j = 0; j < cpg; ++j) {
               const int64_t ch = g * cpg + j, o = ng * L + j * S;
               float sb, sw;
-              channel_grad_sums(X + o, DY + o, S, mu, rs, w[ch], b[ch], act, dz.data() + j * S, sb, sw);
+              channel_grad_sums(X + o, DY + o, S, mu, rs, w[ch], b[ch], act, dz.empty() ? nullptr : dz.data() + j * S,
+                                sb, sw);
               part_w[n * s.C + ch] = sw;
               part_b[n * s.C + ch] = sb;
               s_g += w[ch] * sb;
