@@ -26,10 +26,9 @@ constexpr int64_t kBnTasks = 64;     // NSC: chunk ranges merged independently (
 constexpr int64_t kBnFuseBytes = int64_t(1) << 19;  // one channel's data kept in L2 between passes
 
 // Exact moments of n <= kBnChunk contiguous values relative to the channel's pivot c (its first
-// value): one read into cache, two passes from there (straight from p with SIMD; otherwise half
-// types through a converted copy in buf). The
-// mean stays relative to c until every run is merged: absolute means near a large offset would
-// be rounded to its ulp at every merge.
+// value): one read into cache, two passes from there (straight from p where reads_direct<T>;
+// otherwise through a converted copy in buf). The mean stays relative to c until every run is
+// merged: absolute means near a large offset would be rounded to its ulp at every merge.
 template <typename T, typename A>
 Welford<A> run_moments(const T* p, int64_t n, A* buf, A c) {
   constexpr bool same = std::is_same_v<T, A>;
@@ -408,7 +407,7 @@ struct BatchNormBackend {
       const int64_t S = s.S, planes = s.N * C;
       std::vector<Welford<A>> part(planes);
       at::parallel_for(0, planes, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
-        Buf<A> buf(std::min(S, kBnChunk));
+        Buf<A> buf(reads_direct<T> ? 0 : std::min(S, kBnChunk));  // run_moments' converted copy
         for (int64_t p = begin; p < end; ++p) {
           const A piv = static_cast<A>(x[(p % C) * S]);
           Welford<A> w;

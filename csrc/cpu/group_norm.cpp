@@ -223,12 +223,7 @@ struct GroupNormBackend {
     T* Y = y.data_ptr<T>();
     A* MEAN = mean.data_ptr<A>();
     A* RSTD = rstd.data_ptr<A>();
-    // fp32/fp64, and half types with SIMD: every pass reads x itself, without a conversion copy
-    constexpr bool direct = std::is_same_v<T, A>
-#ifdef FUSENORM_CPU_AVX2
-                            || std::is_same_v<A, float>
-#endif
-        ;
+    constexpr bool direct = reads_direct<T>;  // every pass reads x itself, without a conversion copy
     at::parallel_for(0, s.N * s.G, row_grain(L), [&](int64_t begin, int64_t end) {
       Buf<A> buf(direct ? 0 : L), zbuf(std::is_same_v<T, A> ? 0 : S);
       for (int64_t ng = begin; ng < end; ++ng) {

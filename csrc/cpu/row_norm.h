@@ -32,6 +32,15 @@ namespace fusenorm::cpu {
 
 constexpr int kLanes = 32;  // independent partial sums: four 8-wide or two 16-wide vectors of fp32
 
+// Whether the passes over T read x itself (fp32/fp64, and half types through the SIMD passes of
+// AVX2 hosts, which convert on the way) rather than a converted fp32 copy.
+template <typename T>
+constexpr bool reads_direct = std::is_same_v<T, acc_t<T>>
+#ifdef FUSENORM_CPU_AVX2
+                              || std::is_same_v<acc_t<T>, float>
+#endif
+    ;
+
 // A std::vector on 64-byte boundaries, for every buffer the SIMD passes read or write: a 16-wide
 // access is a whole cache line, and in a buffer from malloc (16-byte aligned) each one would span
 // two lines.
