@@ -17,20 +17,25 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
 import fusenorm  # noqa: E402,F401  (registers torch.ops.fusenorm)
 
 BUDGETS = ["0", str(48 * 1024), str(72 * 1024), str(100 * 1024), str(150 * 1024), str(224 * 1024)]
-# (norm, shape, groups): ResNet-50 BatchNorm, diffusion-UNet GroupNorm, an InstanceNorm
+# (norm, shape, groups): ResNet-50 BatchNorm, diffusion-UNet GroupNorm, an InstanceNorm; each in
+# contiguous layout, then those whose channels-last units can fit on chip in channels_last
 CASES = [("batch_norm", (64, 256, 56, 56), None), ("batch_norm", (256, 1024, 14, 14), None),
          ("batch_norm", (256, 2048, 7, 7), None), ("group_norm", (16, 320, 64, 64), 32),
          ("group_norm", (2, 320, 64, 64), 32), ("group_norm", (8, 640, 32, 32), 32),
          ("group_norm", (16, 1280, 32, 32), 32), ("instance_norm", (16, 64, 256, 256), 64)]
+CASES = [c + (False,) for c in CASES] + [c + (True,) for c in CASES[1:-1]] + [
+    ("instance_norm", (16, 64, 64, 64), 64, True)]
 
 
 def main() -> int:
     out = sys.argv[1] if len(sys.argv) > 1 else "onchip_sweep.json"
     rows = []
     ops = torch.ops.fusenorm
-    for norm, shape, groups in CASES:
+    for norm, shape, groups, nsc in CASES:
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(shape, device="cuda", dtype=dtype)
+            if nsc:
+                x = x.to(memory_format=torch.channels_last)
             c = shape[1]
             w, b = torch.randn(c, device="cuda", dtype=dtype), torch.randn(c, device="cuda", dtype=dtype)
             y = torch.empty_like(x)
@@ -45,7 +50,8 @@ def main() -> int:
                     (lambda: F.group_norm(x, groups, w, b, 1e-5))  # noqa: E731
             copy_ms = do_bench(lambda: y.copy_(x), warmup=25, rep=100, return_mode="median")
             torch_ms = do_bench(torch_fn, warmup=25, rep=100, return_mode="median")
-            row = {"norm": norm, "shape": "x".join(map(str, shape)), "dtype": str(dtype).replace("torch.", ""),
+            row = {"norm": norm + ("_cl" if nsc else ""), "shape": "x".join(map(str, shape)),
+                   "dtype": str(dtype).replace("torch.", ""),
                    "copy_ms": copy_ms, "torch_ms": torch_ms, "budgets": {}}
             ref = None
             for budget in BUDGETS:
@@ -66,7 +72,7 @@ def main() -> int:
             for budget in BUDGETS:
                 r = row["budgets"][budget]
                 cells.append("ERR" if "error" in r else f"{r['pct_copy']:4.0f}%/{r['x_torch']:.2f}x")
-            print(f"{norm:13s} {row['shape']:16s} {row['dtype']:8s} copy {nbytes / copy_ms / 1e6:6.0f} GB/s | "
+            print(f"{row['norm']:16s} {row['shape']:16s} {row['dtype']:8s} copy {nbytes / copy_ms / 1e6:6.0f} GB/s | "
                   + " | ".join(f"{b_}: {c_}" for b_, c_ in zip(BUDGETS, cells)), flush=True)
             del x, y, w, b, ref
             torch.cuda.empty_cache()

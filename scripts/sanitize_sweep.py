@@ -4,7 +4,9 @@ Paths: each register config (sub-warp, warp, block per row), the shared-memory a
 block-per-row fallbacks, the scalar path (odd N, misaligned storage), fp32/bf16/fp64, mixed
 fp32 parameters, with and without weight/bias; GroupNorm + SiLU / GELU in both layouts and with
 one group per channel (InstanceNorm); BatchNorm training and eval with relu + residual, both
-layouts, vectorized and scalar. Exits non-zero on a mismatch with torch.nn."""
+layouts, vectorized and scalar; GroupNorm and BatchNorm at three shared-memory budgets (the
+single-pass kernels with one block and with clusters, and the two-pass kernels). Exits non-zero on
+a mismatch with torch.nn."""
 import os
 import sys
 
@@ -56,57 +58,68 @@ def main() -> int:
             ok &= check(f"{name} n={n} {dt} y", y, yr, tol)
             for i, (g, r) in enumerate(zip(grads, gr)):
                 ok &= check(f"{name} n={n} {dt} grad{i}", g, r, tol * (rows ** 0.5 if i else 1) * 4)
-    # GroupNorm (+ SiLU) in both layouts, and InstanceNorm (one group per channel)
-    for shape, groups, cl in (((2, 12, 5, 7), 4, False), ((2, 12, 5, 7), 4, True), ((1, 8, 33), 8, False)):
-        x = torch.randn(shape, device=dev)
-        if cl:
-            x = x.to(memory_format=torch.channels_last)
-        x.requires_grad_()
-        w = torch.randn(shape[1], device=dev, requires_grad=True)
-        b = torch.randn(shape[1], device=dev, requires_grad=True)
-        dy = torch.randn_like(x)
-        y = fusenorm.group_norm(x, groups, w, b, activation="silu")
-        grads = torch.autograd.grad(y, [x, w, b], dy)
-        xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
-        yr = F.silu(F.group_norm(xd, groups, wd, bd))
-        gr = torch.autograd.grad(yr, [xd, wd, bd], dy.double())
-        ok &= check(f"group_norm {shape} cl={cl} y", y, yr, 1e-3)
-        for i, (g, r) in enumerate(zip(grads, gr)):
-            ok &= check(f"group_norm {shape} cl={cl} grad{i}", g, r, 1e-2)
-    # GroupNorm in bf16, channels-last, vectorized apply (C % 8 == 0), and an odd-sized fp32 case
-    for shape, groups, cl, dt in (((2, 32, 6, 6), 8, True, torch.bfloat16), ((3, 6, 7, 5), 3, False, torch.float32)):
-        x = torch.randn(shape, device=dev, dtype=dt)
-        if cl:
-            x = x.to(memory_format=torch.channels_last)
-        y = fusenorm.group_norm(x, groups, activation="gelu")
-        ok &= check(f"group_norm {shape} {dt} gelu", y, F.gelu(F.group_norm(x.double(), groups)), 0.05)
-    # BatchNorm: training (stats, apply, backward) and eval, both layouts, relu + residual, the
-    # vectorized and the scalar paths, fp32 / bf16 / fp64
-    for shape, cl, dt in (((4, 16, 6, 8), False, torch.float32), ((4, 16, 6, 8), True, torch.bfloat16),
-                          ((3, 5, 7, 3), False, torch.float32), ((3, 5, 7, 3), True, torch.float64),
-                          ((40, 24), False, torch.float32)):
-        x = torch.randn(shape, device=dev, dtype=dt) * 2 + 1
-        if cl:
-            x = x.to(memory_format=torch.channels_last)
-        z = torch.randn_like(x)
-        x.requires_grad_()
-        c = shape[1]
-        w = torch.randn(c, device=dev, dtype=dt, requires_grad=True)
-        b = torch.randn(c, device=dev, dtype=dt, requires_grad=True)
-        dy = torch.randn_like(x)
-        tol = 0.1 if dt == torch.bfloat16 else 1e-3
-        for training in (True, False):
-            rm, rv = torch.zeros(c, device=dev, dtype=dt), torch.ones(c, device=dev, dtype=dt)
-            y = fusenorm.batch_norm(x, rm, rv, w, b, training, activation="relu", residual=z)
+    # GroupNorm and BatchNorm at three shared-memory budgets: the default (single-pass kernels, one
+    # block per unit), 1 KiB (clusters of several blocks where the device has them) and 0 (the
+    # two-pass kernels)
+    for budget in (None, "1024", "0"):
+        if budget is None:
+            os.environ.pop("FUSENORM_ONCHIP_BYTES", None)
+        else:
+            os.environ["FUSENORM_ONCHIP_BYTES"] = budget
+        # GroupNorm (+ SiLU) in both layouts, and InstanceNorm (one group per channel)
+        for shape, groups, cl in (((2, 12, 5, 7), 4, False), ((2, 12, 5, 7), 4, True), ((1, 8, 33), 8, False)):
+            x = torch.randn(shape, device=dev)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            x.requires_grad_()
+            w = torch.randn(shape[1], device=dev, requires_grad=True)
+            b = torch.randn(shape[1], device=dev, requires_grad=True)
+            dy = torch.randn_like(x)
+            y = fusenorm.group_norm(x, groups, w, b, activation="silu")
             grads = torch.autograd.grad(y, [x, w, b], dy)
             xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
-            rmd, rvd = torch.zeros(c, device=dev, dtype=torch.float64), torch.ones(c, device=dev, dtype=torch.float64)
-            yr = F.relu(F.batch_norm(xd, rmd, rvd, wd, bd, training) + z.double())
+            yr = F.silu(F.group_norm(xd, groups, wd, bd))
             gr = torch.autograd.grad(yr, [xd, wd, bd], dy.double())
-            ok &= check(f"batch_norm {shape} cl={cl} {dt} train={training} y", y, yr, tol)
-            ok &= check(f"batch_norm {shape} cl={cl} {dt} running_var", rv, rvd, tol)
+            ok &= check(f"group_norm {shape} cl={cl} y", y, yr, 1e-3)
             for i, (g, r) in enumerate(zip(grads, gr)):
-                ok &= check(f"batch_norm {shape} cl={cl} {dt} train={training} grad{i}", g, r, tol * 10)
+                ok &= check(f"group_norm {shape} cl={cl} grad{i}", g, r, 1e-2)
+        # GroupNorm in bf16, channels-last, vectorized apply (C % 8 == 0), and an odd-sized fp32 case
+        for shape, groups, cl, dt in (((2, 32, 6, 6), 8, True, torch.bfloat16),
+                                      ((3, 6, 7, 5), 3, False, torch.float32)):
+            x = torch.randn(shape, device=dev, dtype=dt)
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            y = fusenorm.group_norm(x, groups, activation="gelu")
+            ok &= check(f"group_norm {shape} {dt} gelu", y, F.gelu(F.group_norm(x.double(), groups)), 0.05)
+        # BatchNorm: training (stats, apply, backward) and eval, both layouts, relu + residual, the
+        # vectorized and the scalar paths, fp32 / bf16 / fp64
+        for shape, cl, dt in (((4, 16, 6, 8), False, torch.float32), ((4, 16, 6, 8), True, torch.bfloat16),
+                              ((3, 5, 7, 3), False, torch.float32), ((3, 5, 7, 3), True, torch.float64),
+                              ((40, 24), False, torch.float32)):
+            x = torch.randn(shape, device=dev, dtype=dt) * 2 + 1
+            if cl:
+                x = x.to(memory_format=torch.channels_last)
+            z = torch.randn_like(x)
+            x.requires_grad_()
+            c = shape[1]
+            w = torch.randn(c, device=dev, dtype=dt, requires_grad=True)
+            b = torch.randn(c, device=dev, dtype=dt, requires_grad=True)
+            dy = torch.randn_like(x)
+            tol = 0.1 if dt == torch.bfloat16 else 1e-3
+            for training in (True, False):
+                rm, rv = torch.zeros(c, device=dev, dtype=dt), torch.ones(c, device=dev, dtype=dt)
+                y = fusenorm.batch_norm(x, rm, rv, w, b, training, activation="relu", residual=z)
+                grads = torch.autograd.grad(y, [x, w, b], dy)
+                xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
+                rmd = torch.zeros(c, device=dev, dtype=torch.float64)
+                rvd = torch.ones(c, device=dev, dtype=torch.float64)
+                yr = F.relu(F.batch_norm(xd, rmd, rvd, wd, bd, training) + z.double())
+                gr = torch.autograd.grad(yr, [xd, wd, bd], dy.double())
+                ok &= check(f"batch_norm {shape} cl={cl} {dt} train={training} y", y, yr, tol)
+                ok &= check(f"batch_norm {shape} cl={cl} {dt} running_var", rv, rvd, tol)
+                for i, (g, r) in enumerate(zip(grads, gr)):
+                    ok &= check(f"batch_norm {shape} cl={cl} {dt} train={training} grad{i}", g, r, tol * 10)
+    os.environ.pop("FUSENORM_ONCHIP_BYTES", None)
     torch.cuda.synchronize()
     print("sanitize sweep:", "ok" if ok else "MISMATCHES")
     return 0 if ok else 1

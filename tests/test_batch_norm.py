@@ -186,17 +186,22 @@ def test_large_mean_tiny_variance(device, layout, budget, monkeypatch):
 
 
 # The CUDA single-pass training forward (cuda/onchip_norm.cuh): FUSENORM_ONCHIP_BYTES sets the
-# shared memory per block, so these small channels are split across clusters of 1 to 16 blocks
-# (a 4 KiB channel: 1 block at the default budget, 4 at 1024, 16 at 256) or refused (0, and
-# channels beyond 16 blocks: the two-pass kernels). Vector widths: 16 bytes, 8 (bf16 at 14x14), one value.
+# shared memory per block, so these small units (a channel; channels-last: a chunk of channels) are
+# split across clusters of 1 to 16 blocks (a 4 KiB channel: 1 block at the default budget, 4 at
+# 1024, 16 at 256) or refused (0, and units beyond 16 blocks: the two-pass kernels). Vector widths:
+# 16 bytes, 8 (bf16 at 14x14, or 4 channels), one value.
 @pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=CUDA_SKIP)])
 @pytest.mark.parametrize("budget", ["default", "0", "1024", "256"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(4, 3, 16, 16), (16, 3, 5, 7), (5, 4, 14, 14), (3, 2, 40, 40)], ids=str)
-def test_onchip_clusters(device, budget, dtype, shape, monkeypatch):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 3, 16, 16), (16, 3, 5, 7), (5, 4, 14, 14), (3, 2, 40, 40), (6, 48, 7, 7),
+                                   (2, 20, 9, 9)], ids=str)
+def test_onchip_clusters(device, budget, dtype, layout, shape, monkeypatch):
     if budget != "default":
         monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
     x = (torch.randn(shape, device=device) * 2 + 1).to(dtype)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
     c = shape[1]
     w, b = torch.randn(c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
     z = torch.randn_like(x)
@@ -207,6 +212,7 @@ def test_onchip_clusters(device, budget, dtype, shape, monkeypatch):
     xd = x.double().transpose(0, 1).reshape(c, -1)
     torch.testing.assert_close(mean.double(), xd.mean(1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(var.double(), xd.var(1, unbiased=False), atol=1e-5, rtol=1e-4)
+    assert y.stride() == x.stride()
     again = torch.ops.fusenorm.batch_norm_fwd(x, w, b, z, 1e-5, "relu")
     assert all(torch.equal(a, o) for a, o in zip(again, (y, mean, var)))  # a fixed merge order
 

@@ -93,17 +93,20 @@ def test_matches_torch(device, dtype, layout, shape, groups):
 
 
 # The CUDA single-pass forward (cuda/onchip_norm.cuh): FUSENORM_ONCHIP_BYTES sets the shared
-# memory per block, so these (n, group) units are split across clusters of 1 to 16 blocks or refused
-# (0, and units beyond 16 blocks: the two-pass kernels). groups = C is InstanceNorm.
+# memory per block, so these units ((n, group) in contiguous layout, (n, chunk of groups) in
+# channels-last) are split across clusters of 1 to 16 blocks or refused (0, and units beyond 16
+# blocks: the two-pass kernels). groups = C is InstanceNorm; C = 320 with 32 groups is a UNet's.
 @pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=CUDA_SKIP)])
 @pytest.mark.parametrize("budget", ["default", "0", "1024", "256"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape,groups,act", [((2, 6, 16, 16), 3, "silu"), ((3, 9, 5, 7), 3, "gelu"),
-                                              ((2, 4, 14, 14), 4, "relu"), ((1, 8, 32, 32), 2, None)], ids=str)
-def test_onchip_clusters(device, budget, dtype, shape, groups, act, monkeypatch):
+                                              ((2, 4, 14, 14), 4, "relu"), ((1, 8, 32, 32), 2, None),
+                                              ((2, 320, 8, 8), 32, "silu"), ((1, 64, 9, 11), 64, None)], ids=str)
+def test_onchip_clusters(device, budget, dtype, layout, shape, groups, act, monkeypatch):
     if budget != "default":
         monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
-    x = (torch.randn(shape, device=device) * 2 + 1).to(dtype)
+    x = _layout((torch.randn(shape, device=device) * 2 + 1).to(dtype), layout)
     c = shape[1]
     w, b = torch.randn(c, device=device, dtype=dtype), torch.randn(c, device=device, dtype=dtype)
     y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, groups, w, b, 1e-5, act or "none")
@@ -113,6 +116,7 @@ def test_onchip_clusters(device, budget, dtype, shape, groups, act, monkeypatch)
     torch.testing.assert_close(mean.double().reshape(-1), xd.mean(1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(rstd.double().reshape(-1), (xd.var(1, unbiased=False) + 1e-5).rsqrt(), atol=1e-5,
                                rtol=1e-4)
+    assert y.stride() == x.stride()
     again = torch.ops.fusenorm.group_norm_fwd(x, groups, w, b, 1e-5, act or "none")
     assert all(torch.equal(a, o) for a, o in zip(again, (y, mean, rstd)))  # a fixed merge order
 

@@ -368,8 +368,9 @@ def test_batch_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, trai
         assert_close_as_torch(o.to(t.dtype), t, r, dtype, f"batch_norm {name}", scale=scale)
 
 
-@pytest.mark.parametrize("layout,budget", [("contiguous", "0"), ("channels_last", "0"), ("contiguous", "102400")],
-                         ids=["contiguous", "channels_last", "contiguous-onchip"])
+@pytest.mark.parametrize("layout,budget", [("contiguous", "0"), ("channels_last", "0"), ("contiguous", "102400"),
+                                           ("channels_last", "102400")],
+                         ids=["contiguous", "channels_last", "contiguous-onchip", "channels_last-onchip"])
 def test_channel_statistics_large_mean(simt, monkeypatch, layout, budget):
     """x = 1e4 + 1e-2 * noise in fp32: BatchNorm's and GroupNorm's statistics keep the variance
     (E[x^2] - E[x]^2 or unshifted fp32 Welford would lose it). Two-pass kernels: several slices per
@@ -389,9 +390,13 @@ def test_channel_statistics_large_mean(simt, monkeypatch, layout, budget):
     torch.testing.assert_close(grstd.double(), xg.var(2, unbiased=False).rsqrt(), rtol=1e-3, atol=0)
     assert (gmean.double() - xg.mean(2)).abs().max() < 1e-3
     log = _launched(simt)
-    kernel = "onchip_norm_fwd_kernel" if budget != "0" else \
-        f"channel_reduce_{'nsc' if layout == 'channels_last' else 'ncs'}_kernel"
-    assert sum(kernel in k for k in log) == 2, log  # BatchNorm's and GroupNorm's
+    if budget == "0":
+        kernel = f"channel_reduce_{'nsc' if layout == 'channels_last' else 'ncs'}_kernel"
+        assert sum(kernel in k for k in log) == 2, log  # BatchNorm's and GroupNorm's
+    elif layout == "contiguous":
+        assert sum("onchip_norm_fwd_kernel" in k for k in log) == 2, log
+    else:  # a GroupNorm sample (36 KiB) fits; a BatchNorm chunk of channels (288 KiB) does not
+        assert sum("onchip_nsc_fwd_kernel" in k for k in log) == 1, log
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,15 +408,26 @@ ONCHIP_CASES = [  # (norm, shape, groups, act); vector widths: 16 bytes, 8 bytes
     ("batch_norm", (2, 4, 5, 7), None, "relu"), ("batch_norm", (6, 2, 9), None, "none"),
     ("group_norm", (2, 6, 8, 8), 3, "silu"), ("group_norm", (3, 9, 2, 6), 3, "gelu"),
     ("group_norm", (2, 4, 5, 7), 4, "relu"), ("group_norm", (1, 8, 3, 2, 2), 2, "none"),
+    # channels-last units of several chunks, statistics and vectors per site row
+    ("batch_norm", (5, 48, 3, 3), None, "relu"), ("group_norm", (2, 32, 5, 3), 8, "silu"),
+    ("group_norm", (2, 40, 4, 4), 4, "none"), ("group_norm", (3, 24, 2, 5), 24, "gelu"),
 ]
 
 
+def _to_nsc(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, *] stored as [N, *, C]."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype,pdtype", DTYPE_CASES)
 @pytest.mark.parametrize("norm,shape,groups,act", ONCHIP_CASES, ids=str)
-def test_onchip_forward_matches_torch(simt, monkeypatch, dtype, pdtype, norm, shape, groups, act):
+def test_onchip_forward_matches_torch(simt, monkeypatch, layout, dtype, pdtype, norm, shape, groups, act):
     _launched(simt)  # drop what earlier tests launched
     monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", str(100 * 1024))
     x = torch.randn(shape, dtype=dtype) * 2 + 1
+    if layout == "channels_last":
+        x = _to_nsc(x)
     c = shape[1]
     w, b = torch.randn(c, dtype=pdtype), torch.randn(c, dtype=pdtype)
     z = torch.randn_like(x) if norm == "batch_norm" else None
@@ -431,7 +447,8 @@ def test_onchip_forward_matches_torch(simt, monkeypatch, dtype, pdtype, norm, sh
         xd = x.double().reshape(shape[0] * groups, -1)
         var, ref_var = rstd.double().reshape(-1) ** -2 - 1e-5, xd.var(1, unbiased=False)
     log = _launched(simt)
-    assert any("onchip_norm_fwd_kernel" in k for k in log), log
+    kernel = "onchip_nsc_fwd_kernel" if layout == "channels_last" and x[0, 0].numel() > 1 else "onchip_norm_fwd_kernel"
+    assert any(kernel in k for k in log), log
     assert not any("channel_reduce" in k for k in log), log
     assert y.stride() == x.stride()
     assert_close_as_torch(y, outs[0], outs[1], dtype, f"{norm} y")
@@ -442,7 +459,7 @@ def test_onchip_forward_matches_torch(simt, monkeypatch, dtype, pdtype, norm, sh
 @pytest.mark.parametrize("norm", ["batch_norm", "group_norm"])
 def test_onchip_budget_picks_the_path(simt, monkeypatch, norm):
     """A unit larger than the budget (with no clusters to split it) takes the two-pass kernels; the
-    two paths agree; channels-last always takes the two-pass kernels."""
+    two paths agree, in both layouts."""
     _launched(simt)  # drop what earlier tests launched
     x = torch.randn(4, 6, 12, 12)  # BatchNorm channel: 2.3 KiB; GroupNorm (n, group) of 2 channels: 1.2 KiB
     run = {"batch_norm": lambda t: simt.batch_norm_fwd(t, None, None, None, 1e-5, "none"),
@@ -454,8 +471,15 @@ def test_onchip_budget_picks_the_path(simt, monkeypatch, norm):
         assert any(kernel in k for k in _launched(simt)), budget
     for a, b in zip(results["1024"], results["4096"]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    run(x.to(memory_format=torch.channels_last))
-    assert not any("onchip" in k for k in _launched(simt))
+    # channels-last: BatchNorm's unit is its 6 channels at 576 sites (13.5 KiB), GroupNorm's a
+    # sample's 6 channels at 144 sites (3.4 KiB)
+    xl = x.to(memory_format=torch.channels_last)
+    for budget, kernel in (("1024", "channel_reduce_nsc_kernel"), ("16384", "onchip_nsc_fwd_kernel")):
+        monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
+        out = run(xl)
+        assert any(kernel in k for k in _launched(simt)), budget
+        for a, b in zip(out, results["1024"]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -14,10 +14,22 @@ C10_HOST_DEVICE inline double act_exp(double v) { return exp(v); }
 C10_HOST_DEVICE inline float act_erf(float v) { return erff(v); }
 C10_HOST_DEVICE inline double act_erf(double v) { return erf(v); }
 
+// SiLU, z / (1 + exp(-z)). On a CUDA device, fp32 uses the hardware exp2 and reciprocal (a few
+// ulp; about two instructions each, where expf and an IEEE division take about ten each): with the
+// standard ones, the forward kernels of half types are bound by instruction issue, not memory.
+C10_HOST_DEVICE inline float act_silu(float z) {
+#ifdef __CUDA_ARCH__
+  return __fdividef(z, 1.0f + __expf(-z));
+#else
+  return z / (1.0f + expf(-z));
+#endif
+}
+C10_HOST_DEVICE inline double act_silu(double z) { return z / (1.0 + exp(-z)); }
+
 template <typename A>
 C10_HOST_DEVICE inline A activate(Act act, A z) {
   switch (act) {
-    case Act::Silu: return z / (A(1) + act_exp(-z));
+    case Act::Silu: return act_silu(z);
     case Act::Gelu: return A(0.5) * z * (A(1) + act_erf(z * A(0.70710678118654752440)));  // exact (erf) GELU
     case Act::Relu: return z > A(0) ? z : A(0);
     default: return z;

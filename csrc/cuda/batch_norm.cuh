@@ -171,11 +171,13 @@ struct BatchNormBackend {
   template <typename T, typename W>
   static void fwd_train(const BatchNormShape& s, const at::Tensor& xc, const T* x, const W* w, const W* b, const T* z,
                         acc_t<T> eps, Act act, T* y, acc_t<T>* mean, acc_t<T>* var) {
-    // contiguous, each channel on chip (cuda/onchip_norm.cuh): one pass; else statistics, then apply
-    if (!s.channels_last && s.count() > 0 &&
-        onchip_norm_fwd<T, W>(
-            [&](int64_t V) { return OnchipUnits{s.C, s.N, s.S / V, s.C * s.S / V, s.C, 1, s.S / V, 0}; }, s.S,
-            xc.get_device(), x, z, y, w, b, eps, act, false, mean, var))
+    // each channel on chip (cuda/onchip_norm.cuh): one pass; else statistics, then apply
+    if (s.count() > 0 &&
+        (s.channels_last
+             ? onchip_nsc_fwd<T, W>(1, s.count(), s.C, 1, xc.get_device(), x, z, y, w, b, eps, act, false, mean, var)
+             : onchip_norm_fwd<T, W>(
+                   [&](int64_t V) { return OnchipUnits{s.C, s.N, s.S / V, s.C * s.S / V, s.C, 1, s.S / V, 0}; },
+                   s.S, xc.get_device(), x, z, y, w, b, eps, act, false, mean, var)))
       return;
     compose_fwd_train<BatchNormBackend, T, W>(s, xc, x, w, b, z, eps, act, y, mean, var);
   }

@@ -234,13 +234,14 @@ struct GroupNormBackend {
     const bool nsc = s.channels_last;
     const W* w = param_ptr<W>(weight, wk);
     const W* b = param_ptr<W>(bias, bk);
-    // contiguous, each (n, group) on chip (cuda/onchip_norm.cuh): one pass
+    // each (n, group) on chip (cuda/onchip_norm.cuh): one pass
     const int64_t L = s.cpg() * s.S;
-    if (!nsc && L > 0 &&
-        onchip_norm_fwd<T, W>(
-            [&](int64_t V) { return OnchipUnits{s.N * s.G, 1, L / V, L / V, s.G, s.cpg(), s.S / V, 0}; }, s.S,
-            x.get_device(), X, static_cast<const T*>(nullptr), Y, w, b, static_cast<A>(eps), act, true,
-            mean.data_ptr<A>(), rstd.data_ptr<A>()))
+    const T* no_z = nullptr;
+    auto units = [&](int64_t V) { return OnchipUnits{s.N * s.G, 1, L / V, L / V, s.G, s.cpg(), s.S / V, 0}; };
+    if (L > 0 && (nsc ? onchip_nsc_fwd<T, W>(s.N, s.S, s.C, s.cpg(), x.get_device(), X, no_z, Y, w, b,
+                                             static_cast<A>(eps), act, true, mean.data_ptr<A>(), rstd.data_ptr<A>())
+                      : onchip_norm_fwd<T, W>(units, s.S, x.get_device(), X, no_z, Y, w, b, static_cast<A>(eps), act,
+                                              true, mean.data_ptr<A>(), rstd.data_ptr<A>())))
       return;
     const Partials p = partials<T, false>(s, x, nullptr, StatsOp{}, s.cpg(), mean.options(), stream);
     const int64_t piv_n = s.C * s.S, piv_g = nsc ? s.cpg() : s.cpg() * s.S;

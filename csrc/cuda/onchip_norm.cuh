@@ -81,6 +81,31 @@ __device__ __forceinline__ A cluster_allsum(A v, A* red, A* slot) {
   return s;
 }
 
+// f(act_c, has_z) with the activation and the residual as compile-time constants: the kernels'
+// normalize loops are instantiated for ReLU and no activation with and without a residual, and for
+// SiLU and GELU without (GroupNorm has no residual; onchip_*_fwd refuses the other combinations).
+template <typename F>
+__device__ __forceinline__ void with_epilogue(Act act, bool has_z, F&& f) {
+  using no_z = std::false_type;
+  switch (act) {
+    case Act::Relu:
+      if (has_z) {
+        f(std::integral_constant<Act, Act::Relu>(), std::true_type());
+      } else {
+        f(std::integral_constant<Act, Act::Relu>(), no_z());
+      }
+      break;
+    case Act::Silu: f(std::integral_constant<Act, Act::Silu>(), no_z()); break;
+    case Act::Gelu: f(std::integral_constant<Act, Act::Gelu>(), no_z()); break;
+    default:
+      if (has_z) {
+        f(std::integral_constant<Act, Act::None>(), std::true_type());
+      } else {
+        f(std::integral_constant<Act, Act::None>(), no_z());
+      }
+  }
+}
+
 // y = act((x - mean) * rstd * w[c] + b[c] (+ z)); mean_out / var_out per unit (var_out: the
 // biased variance, or rstd with rstd_out). Grid: units * K blocks in clusters of K.
 template <typename T, typename W, int V>
@@ -176,24 +201,159 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
       store_vec<V>(y, i, out);
     }
   };
-  using no_z = std::false_type;
-  switch (act) {
-    case Act::Relu:
-      if (z) {
-        normalize(std::integral_constant<Act, Act::Relu>(), std::true_type());
-      } else {
-        normalize(std::integral_constant<Act, Act::Relu>(), no_z());
-      }
-      break;
-    case Act::Silu: normalize(std::integral_constant<Act, Act::Silu>(), no_z()); break;  // GroupNorm: no residual
-    case Act::Gelu: normalize(std::integral_constant<Act, Act::Gelu>(), no_z()); break;
-    default:
-      if (z) {
-        normalize(std::integral_constant<Act, Act::None>(), std::true_type());
-      } else {
-        normalize(std::integral_constant<Act, Act::None>(), no_z());
-      }
+  with_epilogue(act, z != nullptr, normalize);
+  simt::cluster_sync();  // no block leaves while another may still read its slots
+}
+
+// Channels-last units: L consecutive channels (whole groups of cpg channels, `slots` = L / cpg
+// statistics) at R sites, site r's L values at r * C. GroupNorm: one sample's S sites, a unit per
+// (n, chunk of groups); BatchNorm: all N * S sites, a unit per chunk of channels (cpg = 1).
+struct OnchipNscUnits {
+  int64_t units;        // samples * chunks
+  int64_t chunks;       // C / L
+  int64_t sites;        // R
+  int64_t sample_vecs;  // between samples, in vectors (S * C / V; BatchNorm: 0)
+  int64_t row_vecs;     // L / V: P
+  int64_t site_vecs;    // C / V
+  int64_t cpg;          // channels per statistic
+  int64_t stats;        // statistics per sample: G (BatchNorm: C)
+  int64_t per_block;    // capacity of a block's share, in sites
+};
+
+// The same three steps as onchip_norm_fwd_kernel for a channels-last unit. Thread t keeps to column
+// t % P of the unit's rows (blockDim is a multiple of P), so the V lanes of each thread hold fixed
+// channels, and fixed statistics: sums per lane, then per channel over the block's rows, per slot
+// over its channels, per unit over the cluster's blocks in rank order. Each statistic's pivot is the
+// unit's first value of its first channel. Deterministic: fixed orders, no atomics.
+template <typename T, typename W, int V>
+__global__ void __launch_bounds__(kOnchipMaxThreads, 2)
+    onchip_nsc_fwd_kernel(const T* __restrict__ x, const T* __restrict__ z, T* __restrict__ y,
+                          const W* __restrict__ w, const W* __restrict__ b, OnchipNscUnits u, acc_t<T> eps, Act act,
+                          bool rstd_out, acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ var_out) {
+  using A = acc_t<T>;
+  using VT = Vec<T, V>;
+  FUSENORM_DYNAMIC_SMEM(OnchipSmem, onchip_smem);
+  const int P = static_cast<int>(u.row_vecs), L = P * V, rows = static_cast<int>(blockDim.x) / P;
+  const int cpg = static_cast<int>(u.cpg), slots = L / cpg;
+  // the channel sums add the block's rows in nseg interleaved segments, then the segments
+  const int nseg = static_cast<int>(blockDim.x) >= 2 * L ? static_cast<int>(blockDim.x) / L : 1;
+  VT* buf = reinterpret_cast<VT*>(onchip_smem);          // [per_block][P] the share's rows
+  A* part = reinterpret_cast<A*>(buf + u.per_block * P);  // [blockDim][V] each thread's lane sums
+  A* seg = part + blockDim.x * V;                         // [nseg][L] channel sums per segment of rows
+  A* slot = seg + nseg * L;                               // [2][slots] this block's sums, read by the cluster
+  A* stat = slot + 2 * slots;                             // [2][slots] the unit's mean - pivot, rstd
+  const int K = simt::cluster_blocks(), k = simt::cluster_rank();
+  const int64_t unit = blockIdx.x / K, sample = unit / u.chunks, chunk = unit % u.chunks;
+  const int R = static_cast<int>(u.sites);  // fits on chip, so in an int
+  const int r0 = static_cast<int>(int64_t(R) * k / K), n = static_cast<int>(int64_t(R) * (k + 1) / K) - r0;
+  const int col = static_cast<int>(threadIdx.x) % P, row = static_cast<int>(threadIdx.x) / P;
+  const int64_t base = sample * u.sample_vecs + chunk * P;  // the unit's first vector
+  auto at = [&](int r) { return base + int64_t(r0 + r) * u.site_vecs + col; };
+  A piv[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) piv[e] = static_cast<A>(x[base * V + (col * V + e) / cpg * cpg]);
+
+  // The unit's sums of the lanes' v per slot, into out[slots] (every thread reads them after).
+  auto unit_sums = [&](const A(&v)[V], A* mine, A* out) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) part[threadIdx.x * V + e] = v[e];
+    __syncthreads();
+    for (int t = threadIdx.x; t < nseg * L; t += blockDim.x) {  // part[rr][c] is row rr's channel c
+      const int c = t % L;
+      A s = A(0);
+      for (int rr = t / L; rr < rows; rr += nseg) s += part[rr * L + c];
+      seg[t] = s;
+    }
+    __syncthreads();
+    for (int g = threadIdx.x; g < slots; g += blockDim.x) {
+      A s = A(0);
+      for (int c = g * cpg; c < (g + 1) * cpg; ++c)
+        for (int sg = 0; sg < nseg; ++sg) s += seg[sg * L + c];
+      mine[g] = s;
+    }
+    simt::cluster_sync();
+    for (int g = threadIdx.x; g < slots; g += blockDim.x) {
+      A s = A(0);
+      for (int kk = 0; kk < K; ++kk) s += simt::cluster_map(mine, kk)[g];
+      out[g] = s;
+    }
+    __syncthreads();
+  };
+
+  // 1. load the share (four rows in flight per thread), sum x - pivot
+  A acc[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) acc[e] = A(0);
+  for (int r = row; r < n; r += 4 * rows) {
+    VT v[4];
+#pragma unroll
+    for (int t = 0; t < 4; ++t)
+      if (r + t * rows < n) v[t] = load_vec<V>(x, at(r + t * rows));
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      if (r + t * rows >= n) continue;
+      buf[(r + t * rows) * P + col] = v[t];
+#pragma unroll
+      for (int e = 0; e < V; ++e) acc[e] += static_cast<A>(v[t].v[e]) - piv[e];
+    }
   }
+  const A count = static_cast<A>(int64_t(R) * cpg);
+  unit_sums(acc, slot, stat);
+  A shift[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    shift[e] = stat[(col * V + e) / cpg] / count;  // mean - pivot
+    acc[e] = A(0);
+  }
+
+  // 2. squared deviations, from the rows this thread wrote
+  for (int r = row; r < n; r += rows) {
+    const VT v = buf[r * P + col];
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      const A d = (static_cast<A>(v.v[e]) - piv[e]) - shift[e];
+      acc[e] += d * d;
+    }
+  }
+  unit_sums(acc, slot + slots, stat + slots);
+  for (int g = threadIdx.x; g < slots; g += blockDim.x) {
+    const A var = stat[slots + g] / count, rstd = simt::rsqrt(var + eps);
+    if (k == 0) {
+      const int64_t o = sample * u.stats + chunk * slots + g;
+      mean_out[o] = static_cast<A>(x[base * V + g * cpg]) + stat[g] / count;
+      var_out[o] = rstd_out ? rstd : var;
+    }
+    stat[slots + g] = rstd;  // each thread replaces the sum it alone read
+  }
+  __syncthreads();
+  A sc[V], sh[V];
+#pragma unroll
+  for (int e = 0; e < V; ++e) {
+    const int64_t ch = chunk * L + col * V + e;
+    const A rstd = stat[slots + (col * V + e) / cpg];
+    sc[e] = w ? rstd * static_cast<A>(w[ch]) : rstd;
+    sh[e] = b ? static_cast<A>(b[ch]) : A(0);
+  }
+
+  // 3. normalize the share, write y
+  auto normalize = [&](auto act_c, auto has_z) {
+    constexpr Act ACT = decltype(act_c)::value;
+    constexpr bool Z = decltype(has_z)::value;
+    for (int r = row; r < n; r += rows) {
+      const int64_t i = at(r);
+      const VT v = buf[r * P + col];
+      VT zv{}, out;
+      if constexpr (Z) zv = load_vec<V>(z, i);
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        A t = ((static_cast<A>(v.v[e]) - piv[e]) - shift[e]) * sc[e] + sh[e];
+        if constexpr (Z) t += static_cast<A>(zv.v[e]);
+        out.v[e] = static_cast<T>(activate(ACT, t));
+      }
+      store_vec<V>(y, i, out);
+    }
+  };
+  with_epilogue(act, z != nullptr, normalize);
   simt::cluster_sync();  // no block leaves while another may still read its slots
 }
 
@@ -210,92 +370,169 @@ struct OnchipPlan {
   int cluster = 0;  // 0: the tensor does not fit, run the two-pass kernels
   int threads = 0;
   size_t smem = 0;
+  int64_t per_block = 0;  // items of the unit a block holds
 };
 
-// What a device allows this kernel, found once per device: clusters above one block only where the
-// kernel runs code compiled for sm_90 (its PTX version: a build whose newest target is older runs
-// that code through the driver's JIT, where cluster_blocks() is 1); the dynamic shared memory
-// beside its static arrays, opted in once to the maximum (a per-launch setting could be lowered by
-// another thread between its set and its launch).
+// What a device allows a kernel, found once per (device, kernel): clusters above one block only
+// where the kernel runs code compiled for sm_90 (its PTX version: a build whose newest target is
+// older runs that code through the driver's JIT, where cluster_blocks() is 1); the dynamic shared
+// memory beside its static arrays, opted in once to the maximum (a per-launch setting could be
+// lowered by another thread between its set and its launch).
 struct OnchipDevice {
   int max_cluster = 1;
   size_t max_smem = 0;
 };
 
-// Clusters as small as the budget allows (at most the device's largest), doubled while the grid
-// has fewer than two blocks per multiprocessor; a launch the device cannot hold is refused.
-template <typename T, typename W, int V>
-OnchipPlan onchip_plan(OnchipUnits& u, int dev) {
-  using A = acc_t<T>;
+// The launch of units of `items` items of `item_bytes` each (a block's share holds whole items, a
+// multiple of `align` of them): clusters as small as the budget allows (at most the device's
+// largest), doubled while the grid has fewer than two blocks per multiprocessor and the shares keep
+// at least 32 KiB; `threads(per_block)` threads and `smem(per_block, threads)` bytes per block. A
+// launch the device cannot hold is refused.
+template <typename... P, typename Threads, typename Smem>
+OnchipPlan onchip_plan(void (*kernel)(P...), int dev, int64_t units, int64_t items, int64_t item_bytes,
+                       int64_t align, Threads&& threads_for, Smem&& smem_for) {
   OnchipPlan p;
-  const int64_t budget = onchip_budget(), vb = int64_t(sizeof(Vec<T, V>));
-  const int64_t total = u.runs * u.run_vecs;
-  if (budget == 0 || total == 0 || u.units == 0 || u.cpg > 4096) return p;
-  auto kernel = onchip_norm_fwd_kernel<T, W, V>;
+  const int64_t budget = onchip_budget();
+  if (budget == 0 || items == 0 || units == 0) return p;
   const simt::DeviceLimits lim = simt::device_limits(dev);
   static std::mutex mu;
-  static std::map<int, OnchipDevice> devices;
+  static std::map<std::pair<int, void*>, OnchipDevice> devices;
   // whether the device can hold one cluster of (K, threads, smem rounded up to 8 KiB)
-  static std::map<std::tuple<int, int, int, size_t>, bool> fits;
+  static std::map<std::tuple<int, void*, int, int, size_t>, bool> fits;
   std::lock_guard<std::mutex> lock(mu);
-  auto d = devices.find(dev);
+  void* const kid = reinterpret_cast<void*>(kernel);
+  auto d = devices.find({dev, kid});
   if (d == devices.end()) {
     const simt::KernelInfo info = simt::kernel_info(kernel);
     OnchipDevice od;
     od.max_cluster = info.ptx_version >= 90 ? lim.max_cluster : 1;
     od.max_smem = size_t(lim.smem_optin) > info.static_smem ? size_t(lim.smem_optin) - info.static_smem : 0;
     simt::allow_dynamic_smem(kernel, od.max_smem);
-    d = devices.emplace(dev, od).first;
+    d = devices.emplace(std::make_pair(dev, kid), od).first;
   }
   const OnchipDevice od = d->second;
-  u.by_run = FastDiv(u.run_vecs);
-  u.by_chan = FastDiv(u.chan_vecs);
+  auto share = [&](int K) { return ceil_div(ceil_div(items, K), align) * align; };
   int K = 1;
-  while (ceil_div(total, K) * vb > budget && K < od.max_cluster) K *= 2;
-  if (ceil_div(total, K) * vb > budget) return p;
-  while (u.units * K < 2 * int64_t(lim.sms) && K < std::min(8, od.max_cluster) && ceil_div(total, 2 * K) >= 2048) K *= 2;
-  if (u.units * K > int64_t(0x7fffffff)) return p;
-  u.per_block = ceil_div(ceil_div(total, K), 8) * 8;  // keeps coef aligned
-  int threads = 128;
-  while (threads < kOnchipMaxThreads && threads * 8 < u.per_block) threads *= 2;
-  const size_t smem = size_t(u.per_block * vb) + size_t(2 * u.cpg) * sizeof(A);
-  if (smem > od.max_smem) return p;
+  while (share(K) * item_bytes > budget && K < od.max_cluster) K *= 2;
+  if (share(K) * item_bytes > budget) return p;
+  while (units * K < 2 * int64_t(lim.sms) && K < std::min(8, od.max_cluster) && share(2 * K) * item_bytes >= 32768)
+    K *= 2;
+  if (units * K > int64_t(0x7fffffff)) return p;
+  const int64_t per_block = share(K);
+  const int threads = threads_for(per_block);
+  const size_t smem = smem_for(per_block, threads);
+  if (threads == 0 || smem > od.max_smem) return p;
   const size_t smem_class = std::min(od.max_smem, (smem + 8191) / 8192 * 8192);  // >= smem: a safe answer
-  const auto key = std::make_tuple(dev, K, threads, smem_class);
+  const auto key = std::make_tuple(dev, kid, K, threads, smem_class);
   auto it = fits.find(key);
   if (it == fits.end()) it = fits.emplace(key, simt::max_active_clusters(kernel, K, threads, smem_class) > 0).first;
   if (!it->second) return p;
   p.cluster = K;
   p.threads = threads;
   p.smem = smem;
+  p.per_block = per_block;
   return p;
 }
 
-// Runs the single-pass forward when the tensor fits (returns true), else leaves it to the caller.
-// make_units(V) describes the units in vectors of V values: V is the widest of 16 bytes, 8 bytes
-// (2-byte types) and one value that divides S (every run starts at a multiple of S) and that the
-// pointers' alignment allows.
-template <typename T, typename W, typename MakeUnits>
-bool onchip_norm_fwd(MakeUnits&& make_units, int64_t S, int dev, const T* x, const T* z, T* y, const W* w,
-                     const W* b, acc_t<T> eps, Act act, bool rstd_out, acc_t<T>* mean_out, acc_t<T>* var_out) {
-  if (z && act != Act::None && act != Act::Relu) return false;  // not one of the kernel's loop variants
-  auto run = [&](auto vw) {
-    constexpr int V = decltype(vw)::value;
-    OnchipUnits u = make_units(int64_t(V));
-    const OnchipPlan p = onchip_plan<T, W, V>(u, dev);
-    if (p.cluster == 0) return false;
-    auto kernel = onchip_norm_fwd_kernel<T, W, V>;  // its shared memory limit was raised by onchip_plan
-    simt::launch_cluster(kernel, dim3(static_cast<unsigned>(u.units * p.cluster)), dim3(p.threads), p.smem,
-                         simt::current_stream(), p.cluster, x, z, y, w, b, u, eps, act, rstd_out, mean_out, var_out);
-    return true;
-  };
+// 128 to kOnchipMaxThreads threads, about 8 vectors of the share each.
+inline int onchip_threads(int64_t vecs) {
+  int threads = 128;
+  while (threads < kOnchipMaxThreads && threads * 8 < vecs) threads *= 2;
+  return threads;
+}
+
+// The widest vector of V values (16 bytes, 8 bytes for 2-byte types, one value) that divides S and
+// that the pointers' alignment allows; run(integral_constant<int, V>) launches with it.
+template <typename T, typename Run>
+bool with_vec_width(int64_t S, const T* x, const T* z, const T* y, Run&& run) {
   constexpr int VW = vec_width<T>();
   if (S % VW == 0 && is_aligned(x, 16) && is_aligned(z, 16) && is_aligned(y, 16))
     return run(std::integral_constant<int, VW>());
   if constexpr (VW == 8) {
-    if (S % 4 == 0 && is_aligned(x, 8) && is_aligned(z, 8) && is_aligned(y, 8)) return run(std::integral_constant<int, 4>());
+    if (S % 4 == 0 && is_aligned(x, 8) && is_aligned(z, 8) && is_aligned(y, 8))
+      return run(std::integral_constant<int, 4>());
   }
   return run(std::integral_constant<int, 1>());
+}
+
+// Runs the single-pass forward of a contiguous tensor when it fits (returns true), else leaves it
+// to the caller. make_units(V) describes the units in vectors of V values (every run starts at a
+// multiple of S).
+template <typename T, typename W, typename MakeUnits>
+bool onchip_norm_fwd(MakeUnits&& make_units, int64_t S, int dev, const T* x, const T* z, T* y, const W* w,
+                     const W* b, acc_t<T> eps, Act act, bool rstd_out, acc_t<T>* mean_out, acc_t<T>* var_out) {
+  using A = acc_t<T>;
+  if (z && act != Act::None && act != Act::Relu) return false;  // not one of the kernel's loop variants
+  return with_vec_width(S, x, z, y, [&](auto vw) {
+    constexpr int V = decltype(vw)::value;
+    OnchipUnits u = make_units(int64_t(V));
+    if (u.cpg > 4096) return false;
+    auto kernel = onchip_norm_fwd_kernel<T, W, V>;
+    const OnchipPlan p = onchip_plan(
+        kernel, dev, u.units, u.runs * u.run_vecs, int64_t(sizeof(Vec<T, V>)), 8,  // 8: keeps coef aligned
+        [](int64_t per_block) { return onchip_threads(per_block); },
+        [&](int64_t per_block, int) { return size_t(per_block) * sizeof(Vec<T, V>) + size_t(2 * u.cpg) * sizeof(A); });
+    if (p.cluster == 0) return false;
+    u.by_run = FastDiv(u.run_vecs);
+    u.by_chan = FastDiv(u.chan_vecs);
+    u.per_block = p.per_block;
+    simt::launch_cluster(kernel, dim3(static_cast<unsigned>(u.units * p.cluster)), dim3(p.threads), p.smem,
+                         simt::current_stream(), p.cluster, x, z, y, w, b, u, eps, act, rstd_out, mean_out, var_out);
+    return true;
+  });
+}
+
+// The channels of a channels-last unit: the fewest whole groups (of cpg channels, out of C) whose
+// row is a multiple of 32 bytes (a DRAM sector) and at least min_row bytes, else a multiple of 16
+// bytes, else all C channels.
+inline int64_t onchip_nsc_chunk(int64_t C, int64_t cpg, int64_t elem_bytes, int64_t min_row) {
+  const int64_t G = C / cpg;
+  for (int64_t need : {int64_t(32), int64_t(16)})
+    for (int64_t gb = 1; gb <= G; ++gb) {
+      const int64_t row = gb * cpg * elem_bytes;
+      if (G % gb == 0 && row % need == 0 && (need == 16 || row >= min_row)) return gb * cpg;
+    }
+  return C;
+}
+
+// The single-pass forward of a channels-last tensor [samples, sites, C] when it fits (returns true):
+// statistics over (sample, group of cpg channels) with `stats` = C / cpg per sample (GroupNorm), or
+// with samples = 1 over (channel) (BatchNorm: sites = N * S, cpg = 1).
+template <typename T, typename W>
+bool onchip_nsc_fwd(int64_t samples, int64_t sites, int64_t C, int64_t cpg, int dev, const T* x, const T* z, T* y,
+                    const W* w, const W* b, acc_t<T> eps, Act act, bool rstd_out, acc_t<T>* mean_out,
+                    acc_t<T>* var_out) {
+  using A = acc_t<T>;
+  if (z && act != Act::None && act != Act::Relu) return false;  // not one of the kernel's loop variants
+  if (sites > int64_t(0x7fffffff) / 2) return false;
+  // rows of L channels: at least 64 bytes, or 32 where only those fit
+  auto run_chunk = [&](int64_t L) {
+    return with_vec_width(L, x, z, y, [&](auto vw) {
+      constexpr int V = decltype(vw)::value;
+      const int64_t P = L / V;
+      if (P > kOnchipMaxThreads) return false;
+      OnchipNscUnits u{samples * (C / L), C / L, sites, sites * C / V, P, C / V, cpg, C / cpg, 0};
+      auto kernel = onchip_nsc_fwd_kernel<T, W, V>;
+      const OnchipPlan p = onchip_plan(
+          kernel, dev, u.units, sites, P * int64_t(sizeof(Vec<T, V>)), 1,
+          [&](int64_t per_block) {
+            return static_cast<int>(std::max<int64_t>(1, onchip_threads(per_block * P) / P) * P);
+          },
+          [&](int64_t per_block, int threads) {
+            const int64_t nseg = threads >= 2 * L ? threads / L : 1;
+            return size_t(per_block * P) * sizeof(Vec<T, V>) +
+                   size_t(threads * V + nseg * L + 4 * (L / cpg)) * sizeof(A);
+          });
+      if (p.cluster == 0) return false;
+      u.per_block = p.per_block;
+      simt::launch_cluster(kernel, dim3(static_cast<unsigned>(u.units * p.cluster)), dim3(p.threads), p.smem,
+                           simt::current_stream(), p.cluster, x, z, y, w, b, u, eps, act, rstd_out, mean_out, var_out);
+      return true;
+    });
+  };
+  const int64_t wide = onchip_nsc_chunk(C, cpg, int64_t(sizeof(T)), 64);
+  const int64_t narrow = onchip_nsc_chunk(C, cpg, int64_t(sizeof(T)), 32);
+  return run_chunk(wide) || (narrow < wide && run_chunk(narrow));
 }
 
 }  // namespace fusenorm::cuda
