@@ -235,13 +235,11 @@ __global__ void __launch_bounds__(kOnchipMaxThreads, 2)
   FUSENORM_DYNAMIC_SMEM(OnchipSmem, onchip_smem);
   const int P = static_cast<int>(u.row_vecs), L = P * V, rows = static_cast<int>(blockDim.x) / P;
   const int cpg = static_cast<int>(u.cpg), slots = L / cpg;
-  // the channel sums add the block's rows in nseg interleaved segments, then the segments
-  const int nseg = static_cast<int>(blockDim.x) >= 2 * L ? static_cast<int>(blockDim.x) / L : 1;
-  VT* buf = reinterpret_cast<VT*>(onchip_smem);          // [per_block][P] the share's rows
-  A* part = reinterpret_cast<A*>(buf + u.per_block * P);  // [blockDim][V] each thread's lane sums
-  A* seg = part + blockDim.x * V;                         // [nseg][L] channel sums per segment of rows
-  A* slot = seg + nseg * L;                               // [2][slots] this block's sums, read by the cluster
-  A* stat = slot + 2 * slots;                             // [2][slots] the unit's mean - pivot, rstd
+  VT* buf = reinterpret_cast<VT*>(onchip_smem);  // [per_block][P] the share's rows
+  // [blockDim][V] each thread's lane sums, 16-byte aligned after the share
+  A* part = reinterpret_cast<A*>(onchip_smem + (u.per_block * P * int64_t(sizeof(VT)) + 15) / 16);
+  A* slot = part + blockDim.x * V;  // [2][slots] this block's sums, read by the cluster
+  A* stat = slot + 2 * slots;       // [2][slots] the unit's mean - pivot, rstd
   const int K = simt::cluster_blocks(), k = simt::cluster_rank();
   const int64_t unit = blockIdx.x / K, sample = unit / u.chunks, chunk = unit % u.chunks;
   const int R = static_cast<int>(u.sites);  // fits on chip, so in an int
@@ -253,23 +251,22 @@ __global__ void __launch_bounds__(kOnchipMaxThreads, 2)
 #pragma unroll
   for (int e = 0; e < V; ++e) piv[e] = static_cast<A>(x[base * V + (col * V + e) / cpg * cpg]);
 
-  // The unit's sums of the lanes' v per slot, into out[slots] (every thread reads them after).
+  // The unit's sums of the lanes' v per slot, into out[slots] (every thread reads them after): a
+  // full warp per slot adds its cpg channels of the block's rows (part[rr][c] is row rr's channel
+  // c), lane-strided then across the warp.
+  const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
+  const int full_warps = static_cast<int>(blockDim.x) / 32;  // blockDim >= 64 (the host's choice)
   auto unit_sums = [&](const A(&v)[V], A* mine, A* out) {
 #pragma unroll
     for (int e = 0; e < V; ++e) part[threadIdx.x * V + e] = v[e];
     __syncthreads();
-    for (int t = threadIdx.x; t < nseg * L; t += blockDim.x) {  // part[rr][c] is row rr's channel c
-      const int c = t % L;
-      A s = A(0);
-      for (int rr = t / L; rr < rows; rr += nseg) s += part[rr * L + c];
-      seg[t] = s;
-    }
-    __syncthreads();
-    for (int g = threadIdx.x; g < slots; g += blockDim.x) {
-      A s = A(0);
-      for (int c = g * cpg; c < (g + 1) * cpg; ++c)
-        for (int sg = 0; sg < nseg; ++sg) s += seg[sg * L + c];
-      mine[g] = s;
+    if (warp < full_warps) {
+      for (int g = warp; g < slots; g += full_warps) {
+        A s = A(0);
+        for (int i = lane; i < cpg * rows; i += 32) s += part[(i / cpg) * L + g * cpg + i % cpg];
+        s = warp_allsum(s);
+        if (lane == 0) mine[g] = s;
+      }
     }
     simt::cluster_sync();
     for (int g = threadIdx.x; g < slots; g += blockDim.x) {
@@ -495,7 +492,8 @@ inline int64_t onchip_nsc_chunk(int64_t C, int64_t cpg, int64_t elem_bytes, int6
   return C;
 }
 
-// The single-pass forward of a channels-last tensor [samples, sites, C] when it fits (returns true):
+// The single-pass forward of a channels-last tensor [samples, sites, C] when it fits (returns true),
+// in rows of L channels (onchip_nsc_chunk: at least 64 bytes where whole groups allow):
 // statistics over (sample, group of cpg channels) with `stats` = C / cpg per sample (GroupNorm), or
 // with samples = 1 over (channel) (BatchNorm: sites = N * S, cpg = 1).
 template <typename T, typename W>
@@ -505,34 +503,28 @@ bool onchip_nsc_fwd(int64_t samples, int64_t sites, int64_t C, int64_t cpg, int 
   using A = acc_t<T>;
   if (z && act != Act::None && act != Act::Relu) return false;  // not one of the kernel's loop variants
   if (sites > int64_t(0x7fffffff) / 2) return false;
-  // rows of L channels: at least 64 bytes, or 32 where only those fit
-  auto run_chunk = [&](int64_t L) {
-    return with_vec_width(L, x, z, y, [&](auto vw) {
-      constexpr int V = decltype(vw)::value;
-      const int64_t P = L / V;
-      if (P > kOnchipMaxThreads) return false;
-      OnchipNscUnits u{samples * (C / L), C / L, sites, sites * C / V, P, C / V, cpg, C / cpg, 0};
-      auto kernel = onchip_nsc_fwd_kernel<T, W, V>;
-      const OnchipPlan p = onchip_plan(
-          kernel, dev, u.units, sites, P * int64_t(sizeof(Vec<T, V>)), 1,
-          [&](int64_t per_block) {
-            return static_cast<int>(std::max<int64_t>(1, onchip_threads(per_block * P) / P) * P);
-          },
-          [&](int64_t per_block, int threads) {
-            const int64_t nseg = threads >= 2 * L ? threads / L : 1;
-            return size_t(per_block * P) * sizeof(Vec<T, V>) +
-                   size_t(threads * V + nseg * L + 4 * (L / cpg)) * sizeof(A);
-          });
-      if (p.cluster == 0) return false;
-      u.per_block = p.per_block;
-      simt::launch_cluster(kernel, dim3(static_cast<unsigned>(u.units * p.cluster)), dim3(p.threads), p.smem,
-                           simt::current_stream(), p.cluster, x, z, y, w, b, u, eps, act, rstd_out, mean_out, var_out);
-      return true;
-    });
-  };
-  const int64_t wide = onchip_nsc_chunk(C, cpg, int64_t(sizeof(T)), 64);
-  const int64_t narrow = onchip_nsc_chunk(C, cpg, int64_t(sizeof(T)), 32);
-  return run_chunk(wide) || (narrow < wide && run_chunk(narrow));
+  const int64_t L = onchip_nsc_chunk(C, cpg, int64_t(sizeof(T)), 64);
+  return with_vec_width(L, x, z, y, [&](auto vw) {
+    constexpr int V = decltype(vw)::value;
+    const int64_t P = L / V;
+    if (P > kOnchipMaxThreads) return false;
+    OnchipNscUnits u{samples * (C / L), C / L, sites, sites * C / V, P, C / V, cpg, C / cpg, 0};
+    auto kernel = onchip_nsc_fwd_kernel<T, W, V>;
+    const OnchipPlan p = onchip_plan(
+        kernel, dev, u.units, sites, P * int64_t(sizeof(Vec<T, V>)), 1,
+        [&](int64_t per_block) {
+          return static_cast<int>(std::max<int64_t>(1, onchip_threads(per_block * P) / P) * P);
+        },
+        [&](int64_t per_block, int threads) {
+          return (size_t(per_block * P) * sizeof(Vec<T, V>) + 15) / 16 * 16 +
+                 size_t(threads * V + 4 * (L / cpg)) * sizeof(A);
+        });
+    if (p.cluster == 0) return false;
+    u.per_block = p.per_block;
+    simt::launch_cluster(kernel, dim3(static_cast<unsigned>(u.units * p.cluster)), dim3(p.threads), p.smem,
+                         simt::current_stream(), p.cluster, x, z, y, w, b, u, eps, act, rstd_out, mean_out, var_out);
+    return true;
+  });
 }
 
 }  // namespace fusenorm::cuda
