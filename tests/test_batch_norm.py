@@ -186,10 +186,10 @@ def test_large_mean_tiny_variance(device, layout, budget, monkeypatch):
 
 
 # The CUDA single-pass training forward (cuda/onchip_norm.cuh): FUSENORM_ONCHIP_BYTES sets the
-# shared memory per block, so these small units (a channel; channels-last: a chunk of channels) are
-# split across clusters of 1 to 16 blocks (a 4 KiB channel: 1 block at the default budget, 4 at
-# 1024, 16 at 256) or refused (0, and units beyond 16 blocks: the two-pass kernels). Vector widths:
-# 16 bytes, 8 (bf16 at 14x14, or 4 channels), one value.
+# shared memory per block, so these small channels are split across clusters of 1 to 16 blocks (a
+# 4 KiB channel: 1 block at the default budget, 4 at 1024, 16 at 256) or refused (0, and channels
+# beyond 16 blocks: the two-pass kernels). Vector widths: 16 bytes, 8 (bf16 at 14x14), one value.
+# Channels-last inputs take the two-pass kernels at every budget (batch_norm.cuh says why).
 @pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=CUDA_SKIP)])
 @pytest.mark.parametrize("budget", ["default", "0", "1024", "256"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

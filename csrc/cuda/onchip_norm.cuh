@@ -383,11 +383,11 @@ struct OnchipDevice {
 // The launch of units of `items` items of `item_bytes` each (a block's share holds whole items, a
 // multiple of `align` of them): clusters as small as the budget allows (at most the device's
 // largest), doubled while the grid has fewer than two blocks per multiprocessor and the shares keep
-// at least 32 KiB; `threads(per_block)` threads and `smem(per_block, threads)` bytes per block. A
-// launch the device cannot hold is refused.
+// at least min_share bytes; `threads(per_block)` threads and `smem(per_block, threads)` bytes per
+// block. A launch the device cannot hold is refused.
 template <typename... P, typename Threads, typename Smem>
 OnchipPlan onchip_plan(void (*kernel)(P...), int dev, int64_t units, int64_t items, int64_t item_bytes,
-                       int64_t align, Threads&& threads_for, Smem&& smem_for) {
+                       int64_t align, int64_t min_share, Threads&& threads_for, Smem&& smem_for) {
   OnchipPlan p;
   const int64_t budget = onchip_budget();
   if (budget == 0 || items == 0 || units == 0) return p;
@@ -412,7 +412,7 @@ OnchipPlan onchip_plan(void (*kernel)(P...), int dev, int64_t units, int64_t ite
   int K = 1;
   while (share(K) * item_bytes > budget && K < od.max_cluster) K *= 2;
   if (share(K) * item_bytes > budget) return p;
-  while (units * K < 2 * int64_t(lim.sms) && K < std::min(8, od.max_cluster) && share(2 * K) * item_bytes >= 32768)
+  while (units * K < 2 * int64_t(lim.sms) && K < std::min(8, od.max_cluster) && share(2 * K) * item_bytes >= min_share)
     K *= 2;
   if (units * K > int64_t(0x7fffffff)) return p;
   const int64_t per_block = share(K);
@@ -466,7 +466,7 @@ bool onchip_norm_fwd(MakeUnits&& make_units, int64_t S, int dev, const T* x, con
     if (u.cpg > 4096) return false;
     auto kernel = onchip_norm_fwd_kernel<T, W, V>;
     const OnchipPlan p = onchip_plan(
-        kernel, dev, u.units, u.runs * u.run_vecs, int64_t(sizeof(Vec<T, V>)), 8,  // 8: keeps coef aligned
+        kernel, dev, u.units, u.runs * u.run_vecs, int64_t(sizeof(Vec<T, V>)), 8, 32 * 1024,  // 8: coef aligned
         [](int64_t per_block) { return onchip_threads(per_block); },
         [&](int64_t per_block, int) { return size_t(per_block) * sizeof(Vec<T, V>) + size_t(2 * u.cpg) * sizeof(A); });
     if (p.cluster == 0) return false;
@@ -492,6 +492,12 @@ inline int64_t onchip_nsc_chunk(int64_t C, int64_t cpg, int64_t elem_bytes, int6
   return C;
 }
 
+// A block's share of a channels-last unit is not split below 64 KiB to fill the device: on an H100
+// (benchmarks/results/, onchip_sweep) GroupNorm 8x640x32x32 in shares of 40 KiB ran at 44 % of copy
+// (fp32) where the two-pass kernels ran at 48 %, and shares of 80 KiB beat them (16x320x64x64:
+// 64 % against 55 %; 16x1280x32x32: 61 % against 54 %).
+constexpr int64_t kOnchipNscMinShare = 64 * 1024;
+
 // The single-pass forward of a channels-last tensor [samples, sites, C] when it fits (returns true),
 // in rows of L channels (onchip_nsc_chunk: at least 64 bytes where whole groups allow):
 // statistics over (sample, group of cpg channels) with `stats` = C / cpg per sample (GroupNorm), or
@@ -511,7 +517,7 @@ bool onchip_nsc_fwd(int64_t samples, int64_t sites, int64_t C, int64_t cpg, int 
     OnchipNscUnits u{samples * (C / L), C / L, sites, sites * C / V, P, C / V, cpg, C / cpg, 0};
     auto kernel = onchip_nsc_fwd_kernel<T, W, V>;
     const OnchipPlan p = onchip_plan(
-        kernel, dev, u.units, sites, P * int64_t(sizeof(Vec<T, V>)), 1,
+        kernel, dev, u.units, sites, P * int64_t(sizeof(Vec<T, V>)), 1, kOnchipNscMinShare,
         [&](int64_t per_block) {
           return static_cast<int>(std::max<int64_t>(1, onchip_threads(per_block * P) / P) * P);
         },
