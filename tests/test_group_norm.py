@@ -102,7 +102,8 @@ def test_matches_torch(device, dtype, layout, shape, groups):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("shape,groups,act", [((2, 6, 16, 16), 3, "silu"), ((3, 9, 5, 7), 3, "gelu"),
                                               ((2, 4, 14, 14), 4, "relu"), ((1, 8, 32, 32), 2, None),
-                                              ((2, 320, 8, 8), 32, "silu"), ((1, 64, 9, 11), 64, None)], ids=str)
+                                              ((2, 320, 8, 8), 32, "silu"), ((1, 64, 9, 11), 64, None),
+                                              ((1, 160, 1, 3), 1, None)], ids=str)  # 3 rows: K > R at 1024
 def test_onchip_clusters(device, budget, dtype, layout, shape, groups, act, monkeypatch):
     if budget != "default":
         monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
@@ -119,6 +120,38 @@ def test_onchip_clusters(device, budget, dtype, layout, shape, groups, act, monk
     assert y.stride() == x.stride()
     again = torch.ops.fusenorm.group_norm_fwd(x, groups, w, b, 1e-5, act or "none")
     assert all(torch.equal(a, o) for a, o in zip(again, (y, mean, rstd)))  # a fixed merge order
+
+
+@pytest.mark.parametrize("device", [pytest.param("cuda", id="cuda", marks=CUDA_SKIP)])
+@pytest.mark.parametrize("layout,kernel", [("contiguous", "onchip_norm_fwd_kernel"),
+                                           ("channels_last", "onchip_nsc_fwd_kernel")])
+def test_onchip_kernel_runs(device, layout, kernel):
+    """At a UNet shape the default budget runs the single-pass kernel of the layout (a silent fallback
+    to the two-pass kernels would still pass the value tests); the profiler names the kernels."""
+    x = _layout(torch.randn(2, 320, 16, 16, device=device), layout)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        torch.ops.fusenorm.group_norm_fwd(x, 32, None, None, 1e-5, "silu")
+        torch.cuda.synchronize()
+    names = [e.key for e in prof.key_averages()]
+    assert any(kernel in k for k in names), names
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("budget", ["default", "1024"])  # CUDA: the on-chip paths in one block, in clusters
+def test_large_mean_tiny_variance(device, layout, budget, monkeypatch):
+    """x = 1e4 + 1e-2 * noise in fp32: the group statistics and y stay close to fp64 (each sum is
+    relative to a pivot of its group, and the variance is the exact two-pass one)."""
+    if budget != "default":
+        monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
+    x = _layout(1e4 + 1e-2 * torch.randn(3, 32, 12, 12, device=device), layout)
+    y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, 8, None, None, 1e-5, "none")
+    xg = x.double().reshape(3, 8, -1)
+    assert (mean.double().reshape(3, 8) - xg.mean(2)).abs().max() <= 1e-3  # one ulp of 1e4
+    torch.testing.assert_close(rstd.double().reshape(3, 8), (xg.var(2, unbiased=False) + 1e-5).rsqrt(),
+                               rtol=1e-4, atol=0)
+    # y has unit variance; an fp32 mean near 1e4 is only known to half an ulp (0.05 std)
+    assert (y.double() - F.group_norm(x.double(), 8, eps=1e-5)).abs().max() < 0.1
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -299,7 +332,7 @@ def test_cuda_autocast_dtype():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_more_than_2_31_elements(device, shape, layout):
     """GroupNorm with two channels per group over a bf16 tensor of more than 2^31 elements on the GPU
-    (the single-pass kernel in contiguous layout, the two-pass kernels in channels-last): the first,
+    (the single-pass kernels of both layouts: channels-last in rows of 8 channels): the first,
     a middle and the last (sample, group) against fp64, and the statistics. The CPU case runs the
     same checks on a small tensor."""
     x = big_bf16_normal(device, shape, layout)

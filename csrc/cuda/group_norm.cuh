@@ -238,7 +238,7 @@ struct GroupNormBackend {
     const int64_t L = s.cpg() * s.S;
     const T* no_z = nullptr;
     auto units = [&](int64_t V) { return OnchipUnits{s.N * s.G, 1, L / V, L / V, s.G, s.cpg(), s.S / V, 0}; };
-    if (L > 0 && (nsc ? onchip_nsc_fwd<T, W>(s.N, s.S, s.C, s.cpg(), x.get_device(), X, no_z, Y, w, b,
+    if (L > 0 && (nsc ? onchip_nsc_fwd<T, W>(s.N, s.S, s.C, s.cpg(), x.get_device(), X, Y, w, b,
                                              static_cast<A>(eps), act, true, mean.data_ptr<A>(), rstd.data_ptr<A>())
                       : onchip_norm_fwd<T, W>(units, s.S, x.get_device(), X, no_z, Y, w, b, static_cast<A>(eps), act,
                                               true, mean.data_ptr<A>(), rstd.data_ptr<A>())))

@@ -1,5 +1,7 @@
-// The single-pass training forward of BatchNorm and GroupNorm/InstanceNorm in the contiguous
-// layout, for tensors whose every normalization unit fits in the shared memory of a few blocks.
+// The single-pass training forward of BatchNorm (contiguous layout) and GroupNorm/InstanceNorm
+// (both layouts), for tensors whose every normalization unit fits in the shared memory of a few
+// blocks. onchip_norm_fwd_kernel takes the contiguous layout (below); onchip_nsc_fwd_kernel the
+// channels-last one, in the same three steps.
 //
 // A unit (a BatchNorm channel, a GroupNorm (n, group)) is R runs of L contiguous values, run r
 // starting at unit * L + r * run_stride: BatchNorm, N runs of S values at stride C * S; GroupNorm,
@@ -82,14 +84,15 @@ __device__ __forceinline__ A cluster_allsum(A v, A* red, A* slot) {
 }
 
 // f(act_c, has_z) with the activation and the residual as compile-time constants: the kernels'
-// normalize loops are instantiated for ReLU and no activation with and without a residual, and for
-// SiLU and GELU without (GroupNorm has no residual; onchip_*_fwd refuses the other combinations).
-template <typename F>
+// normalize loops are instantiated for ReLU and no activation with and without a residual (without
+// only, for WithZ = false), and for SiLU and GELU without (GroupNorm has no residual;
+// onchip_norm_fwd refuses the other combinations).
+template <bool WithZ = true, typename F>
 __device__ __forceinline__ void with_epilogue(Act act, bool has_z, F&& f) {
   using no_z = std::false_type;
   switch (act) {
     case Act::Relu:
-      if (has_z) {
+      if (WithZ && has_z) {
         f(std::integral_constant<Act, Act::Relu>(), std::true_type());
       } else {
         f(std::integral_constant<Act, Act::Relu>(), no_z());
@@ -98,7 +101,7 @@ __device__ __forceinline__ void with_epilogue(Act act, bool has_z, F&& f) {
     case Act::Silu: f(std::integral_constant<Act, Act::Silu>(), no_z()); break;
     case Act::Gelu: f(std::integral_constant<Act, Act::Gelu>(), no_z()); break;
     default:
-      if (has_z) {
+      if (WithZ && has_z) {
         f(std::integral_constant<Act, Act::None>(), std::true_type());
       } else {
         f(std::integral_constant<Act, Act::None>(), no_z());
@@ -207,7 +210,8 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
 
 // Channels-last units: L consecutive channels (whole groups of cpg channels, `slots` = L / cpg
 // statistics) at R sites, site r's L values at r * C. GroupNorm: one sample's S sites, a unit per
-// (n, chunk of groups); BatchNorm: all N * S sites, a unit per chunk of channels (cpg = 1).
+// (n, chunk of groups). (With samples = 1, R = N * S and cpg = 1 the units would be BatchNorm's
+// chunks of channels; BatchNorm does not use it, see batch_norm.cuh.)
 struct OnchipNscUnits {
   int64_t units;        // samples * chunks
   int64_t chunks;       // C / L
@@ -222,14 +226,14 @@ struct OnchipNscUnits {
 
 // The same three steps as onchip_norm_fwd_kernel for a channels-last unit. Thread t keeps to column
 // t % P of the unit's rows (blockDim is a multiple of P), so the V lanes of each thread hold fixed
-// channels, and fixed statistics: sums per lane, then per channel over the block's rows, per slot
-// over its channels, per unit over the cluster's blocks in rank order. Each statistic's pivot is the
+// channels, and fixed statistics: sums per lane, then a warp per statistic over its channels of the
+// block's rows, then per unit over the cluster's blocks in rank order. Each statistic's pivot is the
 // unit's first value of its first channel. Deterministic: fixed orders, no atomics.
 template <typename T, typename W, int V>
 __global__ void __launch_bounds__(kOnchipMaxThreads, 2)
-    onchip_nsc_fwd_kernel(const T* __restrict__ x, const T* __restrict__ z, T* __restrict__ y,
-                          const W* __restrict__ w, const W* __restrict__ b, OnchipNscUnits u, acc_t<T> eps, Act act,
-                          bool rstd_out, acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ var_out) {
+    onchip_nsc_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, const W* __restrict__ w,
+                          const W* __restrict__ b, OnchipNscUnits u, acc_t<T> eps, Act act, bool rstd_out,
+                          acc_t<T>* __restrict__ mean_out, acc_t<T>* __restrict__ var_out) {
   using A = acc_t<T>;
   using VT = Vec<T, V>;
   FUSENORM_DYNAMIC_SMEM(OnchipSmem, onchip_smem);
@@ -333,31 +337,27 @@ __global__ void __launch_bounds__(kOnchipMaxThreads, 2)
   }
 
   // 3. normalize the share, write y
-  auto normalize = [&](auto act_c, auto has_z) {
+  auto normalize = [&](auto act_c, auto) {
     constexpr Act ACT = decltype(act_c)::value;
-    constexpr bool Z = decltype(has_z)::value;
     for (int r = row; r < n; r += rows) {
-      const int64_t i = at(r);
       const VT v = buf[r * P + col];
-      VT zv{}, out;
-      if constexpr (Z) zv = load_vec<V>(z, i);
+      VT out;
 #pragma unroll
-      for (int e = 0; e < V; ++e) {
-        A t = ((static_cast<A>(v.v[e]) - piv[e]) - shift[e]) * sc[e] + sh[e];
-        if constexpr (Z) t += static_cast<A>(zv.v[e]);
-        out.v[e] = static_cast<T>(activate(ACT, t));
-      }
-      store_vec<V>(y, i, out);
+      for (int e = 0; e < V; ++e)
+        out.v[e] = static_cast<T>(activate(ACT, ((static_cast<A>(v.v[e]) - piv[e]) - shift[e]) * sc[e] + sh[e]));
+      store_vec<V>(y, at(r), out);
     }
   };
-  with_epilogue(act, z != nullptr, normalize);
+  with_epilogue<false>(act, false, normalize);
   simt::cluster_sync();  // no block leaves while another may still read its slots
 }
 
 // The shared memory a block may use for its share: FUSENORM_ONCHIP_BYTES, else 100 KiB (two blocks
-// per H100 multiprocessor). In scripts/onchip_sweep.py on an H100 (benchmarks/results/) it was the
-// best budget or within 3 points of copy speed of it for every fp32 case, and 9-12 points ahead of
-// 72 KiB for the large bf16 BatchNorm/GroupNorm units (fewer blocks per unit). 0: the path is off.
+// per H100 multiprocessor; the kernels' smaller arrays beside the share are not counted, so a
+// channels-last share near the budget with its lane sums, up to 16 KiB, leaves room for one). In
+// scripts/onchip_sweep.py on an H100 (benchmarks/results/) it was the best budget or within 3
+// points of copy speed of it for every fp32 case, and 9-12 points ahead of 72 KiB for the large bf16
+// BatchNorm/GroupNorm units (fewer blocks per unit). 0: the path is off.
 inline int64_t onchip_budget() {
   const char* e = std::getenv("FUSENORM_ONCHIP_BYTES");
   return e ? std::max<int64_t>(0, std::atoll(e)) : int64_t(100) * 1024;
@@ -382,21 +382,21 @@ struct OnchipDevice {
 
 // The launch of units of `items` items of `item_bytes` each (a block's share holds whole items, a
 // multiple of `align` of them): clusters as small as the budget allows (at most the device's
-// largest), doubled while the grid has fewer than two blocks per multiprocessor and the shares keep
-// at least min_share bytes; `threads(per_block)` threads and `smem(per_block, threads)` bytes per
-// block. A launch the device cannot hold is refused.
+// largest), doubled while the grid has fewer than two blocks per multiprocessor and a share of
+// items / 2K items keeps at least min_share bytes; `threads(per_block)` threads and
+// `smem(per_block, threads)` bytes per block. A launch the device cannot hold is refused.
 template <typename... P, typename Threads, typename Smem>
 OnchipPlan onchip_plan(void (*kernel)(P...), int dev, int64_t units, int64_t items, int64_t item_bytes,
                        int64_t align, int64_t min_share, Threads&& threads_for, Smem&& smem_for) {
   OnchipPlan p;
   const int64_t budget = onchip_budget();
   if (budget == 0 || items == 0 || units == 0) return p;
-  const simt::DeviceLimits lim = simt::device_limits(dev);
   static std::mutex mu;
   static std::map<std::pair<int, void*>, OnchipDevice> devices;
   // whether the device can hold one cluster of (K, threads, smem rounded up to 8 KiB)
   static std::map<std::tuple<int, void*, int, int, size_t>, bool> fits;
   std::lock_guard<std::mutex> lock(mu);
+  const simt::DeviceLimits lim = simt::device_limits(dev);  // its cache is not thread-safe by itself
   void* const kid = reinterpret_cast<void*>(kernel);
   auto d = devices.find({dev, kid});
   if (d == devices.end()) {
@@ -412,7 +412,8 @@ OnchipPlan onchip_plan(void (*kernel)(P...), int dev, int64_t units, int64_t ite
   int K = 1;
   while (share(K) * item_bytes > budget && K < od.max_cluster) K *= 2;
   if (share(K) * item_bytes > budget) return p;
-  while (units * K < 2 * int64_t(lim.sms) && K < std::min(8, od.max_cluster) && share(2 * K) * item_bytes >= min_share)
+  while (units * K < 2 * int64_t(lim.sms) && K < std::min(8, od.max_cluster) &&
+         ceil_div(items, 2 * K) * item_bytes >= min_share)
     K *= 2;
   if (units * K > int64_t(0x7fffffff)) return p;
   const int64_t per_block = share(K);
@@ -466,7 +467,8 @@ bool onchip_norm_fwd(MakeUnits&& make_units, int64_t S, int dev, const T* x, con
     if (u.cpg > 4096) return false;
     auto kernel = onchip_norm_fwd_kernel<T, W, V>;
     const OnchipPlan p = onchip_plan(
-        kernel, dev, u.units, u.runs * u.run_vecs, int64_t(sizeof(Vec<T, V>)), 8, 32 * 1024,  // 8: coef aligned
+        kernel, dev, u.units, u.runs * u.run_vecs, int64_t(sizeof(Vec<T, V>)), 8,  // 8: keeps coef aligned
+        2048 * int64_t(sizeof(Vec<T, V>)),  // shares of at least 2048 vectors
         [](int64_t per_block) { return onchip_threads(per_block); },
         [&](int64_t per_block, int) { return size_t(per_block) * sizeof(Vec<T, V>) + size_t(2 * u.cpg) * sizeof(A); });
     if (p.cluster == 0) return false;
@@ -499,18 +501,15 @@ inline int64_t onchip_nsc_chunk(int64_t C, int64_t cpg, int64_t elem_bytes, int6
 constexpr int64_t kOnchipNscMinShare = 64 * 1024;
 
 // The single-pass forward of a channels-last tensor [samples, sites, C] when it fits (returns true),
-// in rows of L channels (onchip_nsc_chunk: at least 64 bytes where whole groups allow):
-// statistics over (sample, group of cpg channels) with `stats` = C / cpg per sample (GroupNorm), or
-// with samples = 1 over (channel) (BatchNorm: sites = N * S, cpg = 1).
+// in rows of L channels (onchip_nsc_chunk: at least 64 bytes where whole groups allow): statistics
+// over (sample, group of cpg channels), `stats` = C / cpg of them per sample (GroupNorm).
 template <typename T, typename W>
-bool onchip_nsc_fwd(int64_t samples, int64_t sites, int64_t C, int64_t cpg, int dev, const T* x, const T* z, T* y,
-                    const W* w, const W* b, acc_t<T> eps, Act act, bool rstd_out, acc_t<T>* mean_out,
-                    acc_t<T>* var_out) {
+bool onchip_nsc_fwd(int64_t samples, int64_t sites, int64_t C, int64_t cpg, int dev, const T* x, T* y, const W* w,
+                    const W* b, acc_t<T> eps, Act act, bool rstd_out, acc_t<T>* mean_out, acc_t<T>* var_out) {
   using A = acc_t<T>;
-  if (z && act != Act::None && act != Act::Relu) return false;  // not one of the kernel's loop variants
   if (sites > int64_t(0x7fffffff) / 2) return false;
   const int64_t L = onchip_nsc_chunk(C, cpg, int64_t(sizeof(T)), 64);
-  return with_vec_width(L, x, z, y, [&](auto vw) {
+  return with_vec_width(L, x, static_cast<const T*>(nullptr), y, [&](auto vw) {
     constexpr int V = decltype(vw)::value;
     const int64_t P = L / V;
     if (P > kOnchipMaxThreads) return false;
@@ -528,7 +527,7 @@ bool onchip_nsc_fwd(int64_t samples, int64_t sites, int64_t C, int64_t cpg, int 
     if (p.cluster == 0) return false;
     u.per_block = p.per_block;
     simt::launch_cluster(kernel, dim3(static_cast<unsigned>(u.units * p.cluster)), dim3(p.threads), p.smem,
-                         simt::current_stream(), p.cluster, x, z, y, w, b, u, eps, act, rstd_out, mean_out, var_out);
+                         simt::current_stream(), p.cluster, x, y, w, b, u, eps, act, rstd_out, mean_out, var_out);
     return true;
   });
 }
