@@ -206,6 +206,23 @@ inline A dot_of(const A* a, const A* b, int64_t n) {
 // Sites per chunk of the channels-last passes: ~16K elements, independent of the thread count.
 inline int64_t site_chunk(int64_t C) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)); }
 
+// Runs f(nb, ne) over the samples [0, N) of a channels-last pass: whole samples per thread when the
+// threads share them evenly (or nearly: at least 8 each); otherwise f(0, N) here, whose inner
+// at::parallel_for calls then split each sample over the threads by chunks of sites (nested, they
+// run inline in the first case). The chunk partials, and the order in which they are added, are the
+// same either way. On 2 cores, whole samples per thread took the fp32 dx backward from 3.4-3.7 to
+// 2.8-3.2 ms at 64x64x32x32 and from 2.6-3.2 to 1.9-2.1 ms at 32x320x16x16; 3 samples on 2 threads
+// were 15 % slower that way.
+template <typename F>
+void over_samples(int64_t N, F&& f) {
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && N >= threads && (N % threads == 0 || N >= 8 * threads)) {
+    at::parallel_for(0, N, 1, f);
+  } else {
+    f(0, N);
+  }
+}
+
 struct GroupNormBackend {
   struct Guard {
     explicit Guard(const at::Tensor&) {}
@@ -276,85 +293,87 @@ struct GroupNormBackend {
                       Act act, T* Y, A* MEAN, A* RSTD) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
-    Buf<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C);
-    for (int64_t n = 0; n < s.N; ++n) {
-      const T* xn = X + n * S * C;
-      T* yn = Y + n * S * C;
-      for (int64_t c = 0; c < C; ++c) piv[c] = static_cast<A>(xn[(c / cpg) * cpg]);  // group's first element
-      // Per chunk and channel, the exact two-pass moments of x - pivot (the chunk is re-read from
-      // cache, x from memory once): cnt[k], mean part[k][c], M2 part2[k][c].
-      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-        for (int64_t k = cb; k < ce; ++k) {
-          const int64_t s0 = k * chunk, s1 = std::min(S, (k + 1) * chunk);
-          nsc_chunk_moments(xn + s0 * C, C, s1 - s0, C, piv.data(), part.data() + k * C, part2.data() + k * C);
-        }
-      });
-      // Merge each group's cpg * chunks partials, in parallel over groups and in a fixed order.
-      // They share the group's pivot, so two passes over them are exact as Chan's merge without
-      // its division per partial: mean = sum cnt_k m_k / total, M2 = sum M2_k + cnt_k (m_k - mean)^2.
-      at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
-        for (int64_t g = gb; g < ge; ++g) {
-          A sum = 0, m2 = 0;
-          for (int64_t k = 0; k < chunks; ++k) {
-            const A cnt = A(std::min(S, (k + 1) * chunk) - k * chunk);
-            const A* pk = part.data() + k * C + g * cpg;
-            A t = 0;
-            for (int64_t j = 0; j < cpg; ++j) t += pk[j];
-            sum += cnt * t;
+    over_samples(s.N, [&](int64_t nb, int64_t ne) {
+      Buf<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C);
+      for (int64_t n = nb; n < ne; ++n) {
+        const T* xn = X + n * S * C;
+        T* yn = Y + n * S * C;
+        for (int64_t c = 0; c < C; ++c) piv[c] = static_cast<A>(xn[(c / cpg) * cpg]);  // group's first element
+        // Per chunk and channel, the exact two-pass moments of x - pivot (the chunk is re-read from
+        // cache, x from memory once): cnt[k], mean part[k][c], M2 part2[k][c].
+        at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+          for (int64_t k = cb; k < ce; ++k) {
+            const int64_t s0 = k * chunk, s1 = std::min(S, (k + 1) * chunk);
+            nsc_chunk_moments(xn + s0 * C, C, s1 - s0, C, piv.data(), part.data() + k * C, part2.data() + k * C);
           }
-          const A mean = sum / A(cpg * S);
-          for (int64_t k = 0; k < chunks; ++k) {
-            const A cnt = A(std::min(S, (k + 1) * chunk) - k * chunk);
-            const A *pk = part.data() + k * C + g * cpg, *qk = part2.data() + k * C + g * cpg;
+        });
+        // Merge each group's cpg * chunks partials, in parallel over groups and in a fixed order.
+        // They share the group's pivot, so two passes over them are exact as Chan's merge without
+        // its division per partial: mean = sum cnt_k m_k / total, M2 = sum M2_k + cnt_k (m_k - mean)^2.
+        at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
+          for (int64_t g = gb; g < ge; ++g) {
+            A sum = 0, m2 = 0;
+            for (int64_t k = 0; k < chunks; ++k) {
+              const A cnt = A(std::min(S, (k + 1) * chunk) - k * chunk);
+              const A* pk = part.data() + k * C + g * cpg;
+              A t = 0;
+              for (int64_t j = 0; j < cpg; ++j) t += pk[j];
+              sum += cnt * t;
+            }
+            const A mean = sum / A(cpg * S);
+            for (int64_t k = 0; k < chunks; ++k) {
+              const A cnt = A(std::min(S, (k + 1) * chunk) - k * chunk);
+              const A *pk = part.data() + k * C + g * cpg, *qk = part2.data() + k * C + g * cpg;
+              for (int64_t j = 0; j < cpg; ++j) {
+                const A d = pk[j] - mean;
+                m2 += qk[j] + cnt * d * d;
+              }
+            }
+            const A rs = A(1) / std::sqrt(m2 / A(cpg * S) + eps);
             for (int64_t j = 0; j < cpg; ++j) {
-              const A d = pk[j] - mean;
-              m2 += qk[j] + cnt * d * d;
+              mu_c[g * cpg + j] = mean;
+              scale[g * cpg + j] = rs * w[g * cpg + j];
             }
+            MEAN[n * G + g] = piv[g * cpg] + mean;
+            RSTD[n * G + g] = rs;
           }
-          const A rs = A(1) / std::sqrt(m2 / A(cpg * S) + eps);
-          for (int64_t j = 0; j < cpg; ++j) {
-            mu_c[g * cpg + j] = mean;
-            scale[g * cpg + j] = rs * w[g * cpg + j];
-          }
-          MEAN[n * G + g] = piv[g * cpg] + mean;
-          RSTD[n * G + g] = rs;
-        }
-      });
-      // pass 3: y along the channel axis, site by site
-      at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-        Buf<A> v(C);
-        const A *pv = piv.data(), *mv = mu_c.data(), *sc = scale.data(), *sh = b.data();
-        auto sites = [&](auto ac) {
-          for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
-            const T* xs = xn + site * C;
-            T* ys = yn + site * C;
-            int64_t c0 = 0;
+        });
+        // pass 3: y along the channel axis, site by site
+        at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
+          Buf<A> v(C);
+          const A *pv = piv.data(), *mv = mu_c.data(), *sc = scale.data(), *sh = b.data();
+          auto sites = [&](auto ac) {
+            for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
+              const T* xs = xn + site * C;
+              T* ys = yn + site * C;
+              int64_t c0 = 0;
 #ifdef FUSENORM_CPU_AVX2
-            if constexpr (std::is_same_v<A, float>) {
-              if (act != Act::Gelu)  // straight from x to y, 16 then 8 channels at a time
-                c0 = simd_for(C, [&](auto t, int64_t c) {
-                  using V = decltype(t);
-                  const V d = (V::load(xs + c) - V::load(pv + c)) - V::load(mv + c);
-                  activate_vec(ac, fmadd(d, V::load(sc + c), V::load(sh + c))).store(ys + c);
-                });
-            }
+              if constexpr (std::is_same_v<A, float>) {
+                if (act != Act::Gelu)  // straight from x to y, 16 then 8 channels at a time
+                  c0 = simd_for(C, [&](auto t, int64_t c) {
+                    using V = decltype(t);
+                    const V d = (V::load(xs + c) - V::load(pv + c)) - V::load(mv + c);
+                    activate_vec(ac, fmadd(d, V::load(sc + c), V::load(sh + c))).store(ys + c);
+                  });
+              }
 #endif
-            const int64_t rest = C - c0;
-            if (rest == 0) continue;
-            to_acc(xs + c0, v.data(), rest);
-            for (int64_t c = 0; c < rest; ++c)
-              v[c] = ((v[c] - piv[c0 + c]) - mu_c[c0 + c]) * scale[c0 + c] + b[c0 + c];
-            activate_inplace(act, v.data(), rest);
-            from_acc(v.data(), ys + c0, rest);
+              const int64_t rest = C - c0;
+              if (rest == 0) continue;
+              to_acc(xs + c0, v.data(), rest);
+              for (int64_t c = 0; c < rest; ++c)
+                v[c] = ((v[c] - piv[c0 + c]) - mu_c[c0 + c]) * scale[c0 + c] + b[c0 + c];
+              activate_inplace(act, v.data(), rest);
+              from_acc(v.data(), ys + c0, rest);
+            }
+          };
+          if (act == Act::Gelu) {
+            sites(ActC<Act::None>{});  // scalar activation
+          } else {
+            with_act(act, sites);
           }
-        };
-        if (act == Act::Gelu) {
-          sites(ActC<Act::None>{});  // scalar activation
-        } else {
-          with_act(act, sites);
-        }
-      });
-    }
+        });
+      }
+    });
   }
 
   template <typename T, typename W>
@@ -464,14 +483,6 @@ struct GroupNormBackend {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
     const bool simd_channels = C % 8 == 0 && act != Act::Gelu;  // SIMD fp32: 16 or 8 channels at a time, GELU scalar
-    // Whole samples per thread when the threads share them evenly (or nearly: at least 8 each);
-    // otherwise each sample is split over the threads by chunks of sites (the at::parallel_for calls
-    // below run inline inside the per-sample one). The chunk partials and the order in which they
-    // are added are the same either way. On 2 cores, whole samples per thread took the fp32 dx
-    // backward from 3.4-3.7 to 2.8-3.2 ms at 64x64x32x32 and from 2.6-3.2 to 1.9-2.1 ms at
-    // 32x320x16x16; at 3 samples on 2 threads they were 15 % slower.
-    const int64_t threads = at::get_num_threads();
-    const bool per_thread = threads > 1 && s.N >= threads && (s.N % threads == 0 || s.N >= 8 * threads);
     auto samples = [&](int64_t nb, int64_t ne) {
       Buf<A> pw(chunks * C), pb(chunks * C), mu_c(C), rs_c(C), a_c(C), cc_c(C);
       // dz and xhat for one site, along the channels
@@ -594,11 +605,7 @@ struct GroupNormBackend {
         });
       }
     };
-    if (per_thread) {
-      at::parallel_for(0, s.N, 1, samples);
-    } else {
-      samples(0, s.N);
-    }
+    over_samples(s.N, samples);
   }
 };
 
