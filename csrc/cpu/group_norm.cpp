@@ -3,7 +3,8 @@
 // NCS (contiguous): parallel over (n, group); a group is one contiguous run, reduced with the
 // row-norm helpers (exact two-pass, pivot = its first element), then each channel's run of S sites
 // is normalized, activated and stored.
-// NSC (channels last): per sample, parallel over chunks of sites; every pass runs along the
+// NSC (channels last): whole samples per thread when the threads share them evenly, else per
+// sample, parallel over chunks of sites (over_samples); every pass runs along the
 // contiguous channel axis with per-channel arrays (pivot, mean, scale, bias). Statistics: each
 // chunk (~16K elements, cache-resident) gets exact two-pass per-channel moments, merged per group
 // (two passes over its partials, which share the group's pivot) in a fixed order, so x is read
