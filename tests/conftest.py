@@ -49,6 +49,12 @@ def _seed(request):
     yield
 
 
+def channels_last(x: torch.Tensor) -> torch.Tensor:
+    """x ([N, C, *], any rank) stored as [N, *, C]: channels_last / channels_last_3d, and the same
+    for 3-D inputs."""
+    return x.movedim(1, -1).contiguous().movedim(-1, 1)
+
+
 def big_bf16_normal(device: str, shape, layout: str) -> torch.Tensor:
     """A bf16 N(0, 1) tensor of shape [N, C, H, W] in `layout` ("contiguous" or "channels_last"),
     generated in place; on CUDA, skips unless 24 GiB are free (for tensors of 2^31 elements)."""

@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch, big_bf16_normal
+from conftest import CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch, big_bf16_normal, channels_last
 
 import fusenorm
 
@@ -19,11 +19,6 @@ SHAPES = {"1d-2D": (12, 9), "1d-3D": (4, 9, 13), "2d": (3, 9, 7, 6), "3d": (2, 9
           # CPU: several fused channel blocks per thread (contiguous); a 32- and an 8-channel block
           # of the channels-last statistics
           "2d-channel-blocks": (8, 16, 48, 48), "2d-40-channels": (4, 40, 9, 9)}
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    perm = (0, *range(2, x.dim()), 1)
-    return x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
 
 
 def _run(fn, cast, x, w, b, z, dy, rm, rv, training, **kw):
@@ -43,7 +38,7 @@ def test_functional_matches_torch(device, dtype, case, layout, training):
     c = shape[1]
     x = (torch.randn(shape, device=device) * 3 + 1).to(dtype)
     if layout == "channels_last":
-        x = _channels_last(x)
+        x = channels_last(x)
     w, b = torch.randn(c, dtype=dtype, device=device), torch.randn(c, dtype=dtype, device=device)
     rm, rv = torch.randn(c, dtype=dtype, device=device), torch.rand(c, dtype=dtype, device=device) + 0.5
     dy = torch.randn_like(x)
@@ -283,7 +278,7 @@ def test_gradcheck(device):
     rm, rv = torch.randn(4, dtype=torch.float64, device=device), torch.rand(4, dtype=torch.float64, device=device) + 1
     assert torch.autograd.gradcheck(lambda t, ww, bb: fusenorm.batch_norm(t, None, None, ww, bb, True), (x, w, b))
     assert torch.autograd.gradcheck(lambda t, ww, bb: fusenorm.batch_norm(t, rm, rv, ww, bb, False), (x, w, b))
-    xc = _channels_last(torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device)).requires_grad_()
+    xc = channels_last(torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device)).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: fusenorm.batch_norm(t, None, None, None, None, True), (xc,))
     # relu + residual, away from the kink
     assert torch.autograd.gradcheck(

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CUDA_SKIP, DEVICES, DTYPES, HAS_CUDA, assert_close_as_torch, big_bf16_normal
+from conftest import CUDA_SKIP, DEVICES, DTYPES, HAS_CUDA, assert_close_as_torch, big_bf16_normal, channels_last
 
 import fusenorm
 
@@ -27,10 +27,8 @@ SHAPES = [
 def _layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     if layout == "contiguous":
         return x
-    if layout == "channels_last":  # [N, C, *] stored as [N, *, C], any rank
-        perm = (0, *range(2, x.dim()), 1)
-        inv = [perm.index(i) for i in range(x.dim())]
-        return x.permute(perm).contiguous().permute(inv)
+    if layout == "channels_last":
+        return channels_last(x)
     return x[..., ::2] if x.dim() > 2 else x.t().contiguous().t()  # strided: computed from a copy
 
 

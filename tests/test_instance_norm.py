@@ -6,18 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, DTYPES, assert_close_as_torch
+from conftest import DEVICES, DTYPES, assert_close_as_torch, channels_last
 
 import fusenorm
 
 MODS = {1: (torch.nn.InstanceNorm1d, fusenorm.InstanceNorm1d), 2: (torch.nn.InstanceNorm2d, fusenorm.InstanceNorm2d),
         3: (torch.nn.InstanceNorm3d, fusenorm.InstanceNorm3d)}
 SPATIAL = {1: (13,), 2: (7, 9), 3: (3, 5, 7)}
-
-
-def _channels_last(x: torch.Tensor) -> torch.Tensor:
-    perm = (0, *range(2, x.dim()), 1)
-    return x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -28,7 +23,7 @@ def test_functional_matches_torch(device, dtype, dims, layout):
     c = 9
     x = torch.randn((3, c) + SPATIAL[dims], dtype=dtype, device=device)
     if layout == "channels_last":
-        x = _channels_last(x)
+        x = channels_last(x)
     w, b = torch.randn(c, dtype=dtype, device=device), torch.randn(c, dtype=dtype, device=device)
     dy = torch.randn_like(x)
     outs = []

@@ -17,7 +17,7 @@ from typing import Optional
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_close_as_torch
+from conftest import assert_close_as_torch, channels_last
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SIMT_DIR = os.path.join(ROOT, "tests", "simt")
@@ -267,8 +267,7 @@ GN_ACTS = {"none": lambda t: t, "silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 def test_group_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, groups, act):
     x = torch.randn(shape, dtype=dtype)
     if layout == "channels_last":
-        perm = (0, *range(2, x.dim()), 1)
-        x = x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
+        x = channels_last(x)
     c = shape[1]
     w, b, dy = torch.randn(c, dtype=pdtype), torch.randn(c, dtype=pdtype), torch.randn_like(x)
     outs = []
@@ -334,8 +333,7 @@ def _bn_reference(x, w, b, z, dy, training, relu, mean=None, var=None):
 def test_batch_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, training, relu):
     x = torch.randn(shape, dtype=dtype) * 2 + 1
     if layout == "channels_last" and x.dim() > 2:
-        perm = (0, *range(2, x.dim()), 1)
-        x = x.permute(perm).contiguous().permute([perm.index(i) for i in range(x.dim())])
+        x = channels_last(x)
     c = shape[1]
     w, b = torch.randn(c, dtype=pdtype), torch.randn(c, dtype=pdtype)
     z, dy = torch.randn_like(x), torch.randn_like(x)
@@ -415,11 +413,6 @@ ONCHIP_CASES = [  # (norm, shape, groups, act); vector widths: 16 bytes, 8 bytes
 ]
 
 
-def _to_nsc(x: torch.Tensor) -> torch.Tensor:
-    """[N, C, *] stored as [N, *, C]."""
-    return x.movedim(1, -1).contiguous().movedim(-1, 1)
-
-
 @pytest.mark.parametrize("dtype,pdtype", DTYPE_CASES)
 @pytest.mark.parametrize("norm,shape,groups,act,layout",
                          [c + ("contiguous",) for c in ONCHIP_CASES]
@@ -429,7 +422,7 @@ def test_onchip_forward_matches_torch(simt, monkeypatch, dtype, pdtype, norm, sh
     monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", str(100 * 1024))
     x = torch.randn(shape, dtype=dtype) * 2 + 1
     if layout == "channels_last":
-        x = _to_nsc(x)
+        x = channels_last(x)
     c = shape[1]
     w, b = torch.randn(c, dtype=pdtype), torch.randn(c, dtype=pdtype)
     z = torch.randn_like(x) if norm == "batch_norm" else None
