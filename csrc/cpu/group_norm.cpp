@@ -211,9 +211,9 @@ inline int64_t site_chunk(int64_t C) { return std::max<int64_t>(1, 16384 / std::
 // threads share them evenly (or nearly: at least 8 each); otherwise f(0, N) here, whose inner
 // at::parallel_for calls then split each sample over the threads by chunks of sites (nested, they
 // run inline in the first case). The chunk partials, and the order in which they are added, are the
-// same either way. On 2 cores, whole samples per thread took the fp32 dx backward from 3.4-3.7 to
-// 2.8-3.2 ms at 64x64x32x32 and from 2.6-3.2 to 1.9-2.1 ms at 32x320x16x16; 3 samples on 2 threads
-// were 15 % slower that way.
+// same either way. On 2 cores (four alternating runs), whole samples per thread took the fp32 dx
+// backward from 4.2-4.3 to 3.3-3.6 ms at 64x64x32x32 and from 3.0-3.6 to 2.1-2.6 ms at
+// 32x320x16x16; 3 samples on 2 threads were 15 % slower that way.
 template <typename F>
 void over_samples(int64_t N, F&& f) {
   const int64_t threads = at::get_num_threads();

@@ -209,19 +209,17 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
 }
 
 // Channels-last units: L consecutive channels (whole groups of cpg channels, `slots` = L / cpg
-// statistics) at R sites, site r's L values at r * C. GroupNorm: one sample's S sites, a unit per
-// (n, chunk of groups). (With samples = 1, R = N * S and cpg = 1 the units would be BatchNorm's
-// chunks of channels; BatchNorm does not use it, see batch_norm.cuh.)
+// statistics) at the R sites of one sample, site r's L values at r * C: a unit per (n, chunk of
+// groups). (With one sample of R = N * S sites and cpg = 1 the units would be BatchNorm's chunks of
+// channels; BatchNorm does not use it, see batch_norm.cuh.)
 struct OnchipNscUnits {
-  int64_t units;        // samples * chunks
-  int64_t chunks;       // C / L
-  int64_t sites;        // R
-  int64_t sample_vecs;  // between samples, in vectors (S * C / V; BatchNorm: 0)
-  int64_t row_vecs;     // L / V: P
-  int64_t site_vecs;    // C / V
-  int64_t cpg;          // channels per statistic
-  int64_t stats;        // statistics per sample: G (BatchNorm: C)
-  int64_t per_block;    // capacity of a block's share, in sites
+  int64_t units;      // samples * chunks
+  int64_t chunks;     // C / L
+  int64_t sites;      // R
+  int64_t row_vecs;   // L / V: P
+  int64_t site_vecs;  // C / V
+  int64_t cpg;        // channels per statistic
+  int64_t per_block;  // capacity of a block's share, in sites
 };
 
 // The same three steps as onchip_norm_fwd_kernel for a channels-last unit. Thread t keeps to column
@@ -249,7 +247,7 @@ __global__ void __launch_bounds__(kOnchipMaxThreads, 2)
   const int R = static_cast<int>(u.sites);  // fits on chip, so in an int
   const int r0 = static_cast<int>(int64_t(R) * k / K), n = static_cast<int>(int64_t(R) * (k + 1) / K) - r0;
   const int col = static_cast<int>(threadIdx.x) % P, row = static_cast<int>(threadIdx.x) / P;
-  const int64_t base = sample * u.sample_vecs + chunk * P;  // the unit's first vector
+  const int64_t base = sample * R * u.site_vecs + chunk * P;  // the unit's first vector
   auto at = [&](int r) { return base + int64_t(r0 + r) * u.site_vecs + col; };
   A piv[V];
 #pragma unroll
@@ -320,7 +318,7 @@ __global__ void __launch_bounds__(kOnchipMaxThreads, 2)
   for (int g = threadIdx.x; g < slots; g += blockDim.x) {
     const A var = stat[slots + g] / count, rstd = simt::rsqrt(var + eps);
     if (k == 0) {
-      const int64_t o = sample * u.stats + chunk * slots + g;
+      const int64_t o = (sample * u.chunks + chunk) * slots + g;  // n * G + the group
       mean_out[o] = static_cast<A>(x[base * V + g * cpg]) + stat[g] / count;
       var_out[o] = rstd_out ? rstd : var;
     }
@@ -419,7 +417,7 @@ OnchipPlan onchip_plan(void (*kernel)(P...), int dev, int64_t units, int64_t ite
   const int64_t per_block = share(K);
   const int threads = threads_for(per_block);
   const size_t smem = smem_for(per_block, threads);
-  if (threads == 0 || smem > od.max_smem) return p;
+  if (smem > od.max_smem) return p;
   const size_t smem_class = std::min(od.max_smem, (smem + 8191) / 8192 * 8192);  // >= smem: a safe answer
   const auto key = std::make_tuple(dev, kid, K, threads, smem_class);
   auto it = fits.find(key);
@@ -502,7 +500,7 @@ constexpr int64_t kOnchipNscMinShare = 64 * 1024;
 
 // The single-pass forward of a channels-last tensor [samples, sites, C] when it fits (returns true),
 // in rows of L channels (onchip_nsc_chunk: at least 64 bytes where whole groups allow): statistics
-// over (sample, group of cpg channels), `stats` = C / cpg of them per sample (GroupNorm).
+// over (sample, group of cpg channels), C / cpg of them per sample (GroupNorm).
 template <typename T, typename W>
 bool onchip_nsc_fwd(int64_t samples, int64_t sites, int64_t C, int64_t cpg, int dev, const T* x, T* y, const W* w,
                     const W* b, acc_t<T> eps, Act act, bool rstd_out, acc_t<T>* mean_out, acc_t<T>* var_out) {
@@ -513,7 +511,7 @@ bool onchip_nsc_fwd(int64_t samples, int64_t sites, int64_t C, int64_t cpg, int 
     constexpr int V = decltype(vw)::value;
     const int64_t P = L / V;
     if (P > kOnchipMaxThreads) return false;
-    OnchipNscUnits u{samples * (C / L), C / L, sites, sites * C / V, P, C / V, cpg, C / cpg, 0};
+    OnchipNscUnits u{samples * (C / L), C / L, sites, P, C / V, cpg, 0};
     auto kernel = onchip_nsc_fwd_kernel<T, W, V>;
     const OnchipPlan p = onchip_plan(
         kernel, dev, u.units, sites, P * int64_t(sizeof(Vec<T, V>)), 1, kOnchipNscMinShare,
