@@ -394,14 +394,56 @@ def test_drop_in_modules():
     torch.testing.assert_close(sync(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("norm", ["batch_norm", "layer_norm", "group_norm"])
-def test_double_backward_raises(norm):
-    """The backward ops have no derivative: a second-order gradient is an error (it used to come out
-    as no gradient at all, with only a warning)."""
-    x = torch.randn(4, 6, 5, dtype=torch.float64, requires_grad=True)
-    fn = {"batch_norm": lambda t: fusenorm.batch_norm(t, None, None, training=True),
-          "layer_norm": lambda t: fusenorm.layer_norm(t, (5,)),
-          "group_norm": lambda t: fusenorm.group_norm(t, 2)}[norm]
-    (g,) = torch.autograd.grad(fn(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
-        g.sum().backward()
+def test_no_channels_and_bad_running_buffers():
+    """C = 0 gives empty outputs (it used to divide by zero in the channels-last path); one running
+    buffer alone, or buffers of the wrong rank or dtype, raise as torch.nn's do."""
+    for shape in [(4, 0), (4, 0, 1), (4, 0, 3, 3)]:
+        x = torch.randn(shape, requires_grad=True)
+        y = fusenorm.batch_norm(x, None, None, training=True)
+        assert y.shape == x.shape
+        y.sum().backward()
+        assert x.grad.shape == x.shape
+    x = torch.randn(4, 3, 5)
+    for rm, rv in [(torch.zeros(3), None), (None, torch.ones(3))]:
+        with pytest.raises(ValueError, match="both be None"):
+            fusenorm.batch_norm(x, rm, rv, training=True)
+    bad = [(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64), x),
+           (torch.zeros(1, 3), torch.ones(1, 3), x),
+           (torch.zeros(3, dtype=torch.bfloat16), torch.ones(3, dtype=torch.bfloat16), x)]
+    for rm, rv, inp in bad:
+        for training in (True, False):
+            with pytest.raises(RuntimeError):
+                F.batch_norm(inp, rm.clone(), rv.clone(), training=training)
+            before = rm.clone()
+            with pytest.raises(RuntimeError):
+                fusenorm.batch_norm(inp, rm, rv, training=training)
+            assert torch.equal(rm, before)
+    # fp32 buffers with a half input are allowed (torch's mixed precision)
+    xh = x.bfloat16()
+    fusenorm.batch_norm(xh, torch.zeros(3), torch.ones(3), torch.ones(3), torch.zeros(3), training=True)
+
+
+def test_cumulative_momentum_in_fp64():
+    """momentum=None: the factor 1 / num_batches_tracked is exact for fp64 buffers, as torch's."""
+    mods = []
+    for cls in (torch.nn.BatchNorm1d, fusenorm.BatchNorm1d):
+        torch.manual_seed(0)
+        m = cls(2, momentum=None).double()
+        for _ in range(3):
+            m(torch.randn(8, 2, dtype=torch.float64))
+        mods.append(m)
+    torch.testing.assert_close(mods[1].running_mean, mods[0].running_mean, atol=1e-15, rtol=1e-14)
+    torch.testing.assert_close(mods[1].running_var, mods[0].running_var, atol=1e-15, rtol=1e-14)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_relu_keeps_nan(layout):
+    """relu(NaN) is NaN, as torch.relu (max(z, 0) had turned it into 0)."""
+    x = torch.randn(3, 4, 5, 6)
+    x[1, 2, 3, 4] = float("nan")
+    if layout == "channels_last":
+        x = channels_last(x)
+    rm, rv = torch.randn(4), torch.rand(4) + 0.5
+    y = fusenorm.batch_norm(x, rm, rv, activation="relu")
+    torch.testing.assert_close(y, F.relu(F.batch_norm(x, rm, rv)), equal_nan=True)
+    assert y.isnan().sum() == 1

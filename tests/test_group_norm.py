@@ -350,3 +350,28 @@ def test_more_than_2_31_elements(device, shape, layout):
         x = y = None
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+def test_empty_channel_or_spatial_and_group_type_errors():
+    """torch.nn's errors for no channels, no sites, and a num_groups that is not an int."""
+    calls = [lambda f: f(torch.randn(2, 6, 0), 3), lambda f: f(torch.randn(2, 0, 3), 1),
+             lambda f: f(torch.randn(2, 6, 3), 3.0), lambda f: f(torch.randn(2, 6, 3), True)]
+    for call in calls:
+        with pytest.raises(Exception) as theirs:
+            call(F.group_norm)
+        with pytest.raises(Exception) as ours:
+            call(fusenorm.group_norm)
+        assert type(ours.value) is type(theirs.value), (ours.value, theirs.value)
+    assert fusenorm.group_norm(torch.randn(0, 6, 3), 3).shape == (0, 6, 3)  # an empty batch is fine
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_relu_keeps_nan(layout, dtype):
+    """relu(NaN) is NaN, as torch.relu: one NaN makes its whole group NaN after the ReLU too."""
+    x = torch.randn(2, 4, 40, dtype=dtype)
+    x[0, 0, 1] = float("nan")
+    if layout == "channels_last":
+        x = channels_last(x)
+    y = fusenorm.group_norm(x, 2, activation="relu")
+    assert y[0, :2].isnan().all() and not y[0, 2:].isnan().any() and not y[1].isnan().any()

@@ -162,3 +162,66 @@ def test_eval_with_running_stats_gradients(device, act):
     g_o = torch.autograd.grad(y_o, [x, ours.weight, ours.bias], dy)
     for a, t in zip(g_o, g_t):
         torch.testing.assert_close(a, t, atol=1e-4, rtol=1e-4)
+
+
+def test_running_stats_edge_cases():
+    """The running variance is x's (not 1 / rstd^2 - eps, which cancels where eps is not small next
+    to it); no sites leave the buffers alone; bad buffers raise before anything is updated."""
+    x = 5 + 1e-3 * torch.randn(2, 4, 16)
+    bufs = []
+    for cls in (torch.nn.InstanceNorm1d, fusenorm.InstanceNorm1d):
+        m = cls(4, eps=1.0, momentum=1.0, track_running_stats=True)
+        m(x)
+        bufs.append((m.running_mean, m.running_var))
+    torch.testing.assert_close(bufs[1][0], bufs[0][0])
+    torch.testing.assert_close(bufs[1][1], bufs[0][1], rtol=1e-4, atol=0)
+    rm, rv = torch.ones(4), torch.ones(4)
+    fusenorm.instance_norm(torch.randn(2, 4, 0), rm, rv)
+    assert torch.equal(rm, torch.ones(4)) and torch.equal(rv, torch.ones(4))
+    rm = torch.ones(4)
+    with pytest.raises(RuntimeError, match="should contain"):
+        fusenorm.instance_norm(torch.randn(2, 5, 4), rm, torch.ones(4))
+    assert torch.equal(rm, torch.ones(4))
+    for pair in [(torch.zeros(4), None), (None, torch.ones(4))]:
+        with pytest.raises(ValueError, match="both be None"):
+            fusenorm.instance_norm(torch.randn(2, 4, 5), *pair)
+
+
+def test_functional_errors_and_empty_channels():
+    calls = [lambda f: f(torch.randn(3)),                              # 1-D input in training
+             lambda f: f(torch.randn(2, 3, 4), momentum=None)]        # momentum must be a float
+    for call in calls:
+        with pytest.raises(Exception) as theirs:
+            call(F.instance_norm)
+        with pytest.raises(Exception) as ours:
+            call(fusenorm.instance_norm)
+        assert type(ours.value) is type(theirs.value), (ours.value, theirs.value)
+    assert fusenorm.instance_norm(torch.randn(2, 0, 3)).shape == (2, 0, 3)
+    assert fusenorm.InstanceNorm1d(0)(torch.randn(2, 0, 3)).shape == (2, 0, 3)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu"])
+def test_eval_activation_fp64_and_dtype_checks(act):
+    """Eval with running statistics and SiLU/GELU: fp64 stays fp64 (gradcheck passes), and
+    parameters of another dtype raise as torch's do."""
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    rm, rv = torch.randn(3, dtype=torch.float64), torch.rand(3, dtype=torch.float64) + 0.1
+    w = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    y = fusenorm.instance_norm(x, rm, rv, w, b, False, activation=act)
+    ref = getattr(F, act)(F.instance_norm(x, rm, rv, w, b, False))
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)
+    assert torch.autograd.gradcheck(lambda a, ww, bb: fusenorm.instance_norm(a, rm, rv, ww, bb, False, activation=act),
+                                    (x, w, b))
+    with pytest.raises(RuntimeError):
+        fusenorm.instance_norm(x.detach(), rm, rv, w.detach().float(), b.detach().float(), False, activation=act)
+
+
+def test_relu_keeps_nan():
+    x = torch.randn(1, 2, 4)
+    x[0, 0, 1] = float("nan")
+    rm, rv = torch.zeros(2), torch.ones(2)
+    for ours, theirs in [(fusenorm.instance_norm(x, activation="relu"), F.relu(F.instance_norm(x))),
+                         (fusenorm.instance_norm(x, rm, rv, use_input_stats=False, activation="relu"),
+                          F.relu(F.instance_norm(x, rm, rv, use_input_stats=False)))]:
+        torch.testing.assert_close(ours, theirs, equal_nan=True)

@@ -35,3 +35,17 @@ def test_bias_false_module():
     assert m.bias is None and "bias" not in m.state_dict()
     x = torch.randn(3, 16)
     torch.testing.assert_close(m(x), torch.nn.functional.layer_norm(x, (16,), m.weight, None))
+
+
+def test_weight_on_another_device_raises():
+    """A meta weight (a model built on the meta device, never loaded) with a CPU input raises as
+    torch does; the ops' meta kernels used to return an uninitialized CPU tensor."""
+    x = torch.randn(2, 8)
+    for call in (lambda: fusenorm.layer_norm(x, [8], torch.ones(8, device="meta")),
+                 lambda: fusenorm.rms_norm(x, [8], torch.ones(8, device="meta")),
+                 lambda: fusenorm.group_norm(torch.randn(2, 4, 3), 2, torch.ones(4, device="meta")),
+                 lambda: fusenorm.batch_norm(torch.randn(2, 4, 3), None, None, torch.ones(4, device="meta"),
+                                             training=True)):
+        with pytest.raises(RuntimeError, match="expected device"):
+            call()
+    assert fusenorm.layer_norm(x.to("meta"), [8], torch.ones(8, device="meta")).device.type == "meta"

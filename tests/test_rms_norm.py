@@ -28,3 +28,18 @@ def test_default_eps_matches_torch(dtype):
     torch.testing.assert_close(fusenorm.rms_norm(x, (4,)), torch.nn.functional.rms_norm(x, (4,)))
     m, t = fusenorm.RMSNorm(4), torch.nn.RMSNorm(4)
     assert m.eps is None and repr(m) == repr(t).replace("RMSNorm", "RMSNorm")
+
+
+def test_weight_of_another_dtype_and_rank_error():
+    """torch.nn.functional.rms_norm takes a weight of any float dtype and returns x's dtype."""
+    for xd, wd in [(torch.float32, torch.float64), (torch.float64, torch.float32), (torch.float16, torch.bfloat16),
+                   (torch.bfloat16, torch.float64)]:
+        x = torch.randn(3, 16, dtype=xd)
+        w = torch.rand(16, dtype=wd) + 0.5
+        y = fusenorm.rms_norm(x, [16], w)
+        ref = torch.nn.functional.rms_norm(x, [16], w)
+        assert y.dtype == ref.dtype == xd
+        tol = 1e-5 if xd in (torch.float32, torch.float64) else 1e-2
+        torch.testing.assert_close(y, ref, atol=tol, rtol=tol)
+    with pytest.raises(ValueError, match="at least 3 dimensions"):
+        fusenorm.rms_norm(torch.randn(2, 8), [2, 2, 8])

@@ -34,7 +34,7 @@ C10_HOST_DEVICE inline A activate(Act act, A z) {
   switch (act) {
     case Act::Silu: return act_silu(z);
     case Act::Gelu: return A(0.5) * z * (A(1) + act_erf(z * A(0.70710678118654752440)));  // exact (erf) GELU
-    case Act::Relu: return z > A(0) ? z : A(0);
+    case Act::Relu: return z < A(0) ? A(0) : z;  // NaN stays NaN, as torch.relu
     default: return z;
   }
 }

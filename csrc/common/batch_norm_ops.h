@@ -99,7 +99,7 @@ struct BatchNormOps {
     typename Backend::Guard guard(x);
     auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
     Tensor mean = at::empty({s.C}, sopt), var = at::empty({s.C}, sopt);
-    if (s.count() == 0) {  // no values: torch leaves the running statistics as they are
+    if (s.numel() == 0) {  // no values (or no channels): torch leaves the running statistics as they are
       mean.zero_();
       var.zero_();
       return {mean, var};
@@ -148,7 +148,7 @@ struct BatchNormOps {
     Tensor y = at::empty_like(xc);
     auto sopt = x.options().dtype(stat_dtype(x.scalar_type()));
     Tensor mean = at::empty({s.C}, sopt), var = at::empty({s.C}, sopt);
-    if (s.count() == 0) {  // no values: zeros, as batch_norm_stats
+    if (s.numel() == 0) {  // no values (or no channels): zeros, as batch_norm_stats
       mean.zero_();
       var.zero_();
       return {y, mean, var};
@@ -169,7 +169,7 @@ struct BatchNormOps {
                                            const Tensor& yc, const Tensor& m, const Tensor& v, double eps, Act act) {
     auto sopt = m.options();
     Tensor sum_g = at::empty({s.C}, sopt), sum_gx = at::empty({s.C}, sopt);
-    if (s.count() == 0) {
+    if (s.numel() == 0) {
       sum_g.zero_();
       sum_gx.zero_();
       return {sum_g, sum_gx};
@@ -208,11 +208,11 @@ struct BatchNormOps {
     const bool want_sums = mask[1] || mask[2] || (mask[0] && training);
     auto sopt = m.options();
     Tensor sum_g = at::empty({want_sums ? s.C : 0}, sopt), sum_gx = at::empty({want_sums ? s.C : 0}, sopt);
-    if (s.count() == 0) {  // no values: the sums are 0
+    if (s.numel() == 0) {  // no values (or no channels): the sums are 0
       sum_g.zero_();
       sum_gx.zero_();
     }
-    if (s.count() > 0 && (want_sums || mask[0] || want_dz)) {
+    if (s.numel() > 0 && (want_sums || mask[0] || want_dz)) {
       FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, std::nullopt), kOp, [&] {
         using A = acc_t<scalar_t>;
         Tensor wk;

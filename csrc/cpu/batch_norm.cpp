@@ -172,7 +172,7 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
       const int64_t k = PerLane ? i : 0;
       V v = fmadd(V::load(x + i) - coef<PerLane, V>(mu, k), coef<PerLane, V>(sc, k), coef<PerLane, V>(sh, k));
       if (z) v = v + V::load(z + i);
-      if (relu) v = vmax(v, V::zero());
+      if (relu) v = vmax(V::zero(), v);  // NaN (the second operand) stays NaN
       v.store(y + i);
     });
 #endif
@@ -180,7 +180,7 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
     const int64_t k = PerLane ? i : 0;
     A v = (static_cast<A>(x[i]) - mu[k]) * sc[k] + sh[k];
     if (z) v += static_cast<A>(z[i]);
-    if (relu) v = v > A(0) ? v : A(0);
+    if (relu) v = v < A(0) ? A(0) : v;
     y[i] = static_cast<T>(v);
   }
 }

@@ -64,7 +64,7 @@ inline V exp_vec(V x) {
 template <Act A, typename V>
 inline V activate_vec(ActC<A>, V z) {
   if constexpr (A == Act::Relu) {
-    return vmax(z, V::zero());
+    return vmax(V::zero(), z);  // NaN (the second operand) stays NaN, as torch.relu
   } else if constexpr (A == Act::Silu) {
     return z / (V::set1(1.f) + exp_vec(V::zero() - z));
   } else {

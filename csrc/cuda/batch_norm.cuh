@@ -100,7 +100,7 @@ __global__ void __launch_bounds__(kChannelThreads)
     for (int j = 0; j < V; ++j) {
       A v = (static_cast<A>(xv.v[j]) - mu.v[j]) * sc.v[j] + sh.v[j];
       if (z) v += static_cast<A>(zv.v[j]);
-      if (relu) v = v > A(0) ? v : A(0);
+      if (relu) v = v < A(0) ? A(0) : v;  // NaN stays NaN
       out.v[j] = static_cast<T>(v);
     }
     store_vec<V>(y, i, out);

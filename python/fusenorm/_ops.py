@@ -8,6 +8,16 @@ import torch
 from . import _C  # noqa: F401  (registers the ops)
 
 
+def _same_device(x: torch.Tensor, *tensors: Optional[torch.Tensor]) -> None:
+    """torch's check that every tensor argument is on x's device. These fakes are also the ops'
+    Meta kernels, which the dispatcher picks when any argument is a meta tensor (say, a weight
+    never loaded into a model built on the meta device): without it a CPU input would get an
+    uninitialized output."""
+    for t in tensors:
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"Tensor on device {t.device} is not on the expected device {x.device}!")
+
+
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -24,6 +34,7 @@ def _masked(want: bool, like: Optional[torch.Tensor], x: torch.Tensor) -> torch.
 
 @torch.library.register_fake("fusenorm::layer_norm_fwd")
 def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps):
+    _same_device(x, weight, bias)
     lead = _lead(x, normalized_shape)
     stat = x.new_empty(lead, dtype=_stat_dtype(x))
     return torch.empty_like(x, memory_format=torch.contiguous_format), stat, stat.clone()
@@ -31,6 +42,7 @@ def _layer_norm_fwd_fake(x, normalized_shape, weight, bias, eps):
 
 @torch.library.register_fake("fusenorm::layer_norm_bwd")
 def _layer_norm_bwd_fake(dy, x, mean, rstd, normalized_shape, weight, bias, output_mask):
+    _same_device(x, dy, mean, rstd, weight, bias)
     return (
         _masked(output_mask[0], x, x),
         _masked(output_mask[1], weight, x),
@@ -40,12 +52,14 @@ def _layer_norm_bwd_fake(dy, x, mean, rstd, normalized_shape, weight, bias, outp
 
 @torch.library.register_fake("fusenorm::rms_norm_fwd")
 def _rms_norm_fwd_fake(x, normalized_shape, weight, eps):
+    _same_device(x, weight)
     lead = _lead(x, normalized_shape)
     return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty(lead, dtype=_stat_dtype(x))
 
 
 @torch.library.register_fake("fusenorm::rms_norm_bwd")
 def _rms_norm_bwd_fake(dy, x, rstd, normalized_shape, weight, output_mask):
+    _same_device(x, dy, rstd, weight)
     return _masked(output_mask[0], x, x), _masked(output_mask[1], weight, x)
 
 
@@ -61,18 +75,21 @@ def _channel_layout_like(x: torch.Tensor) -> torch.Tensor:
 
 @torch.library.register_fake("fusenorm::group_norm_fwd")
 def _group_norm_fwd_fake(x, num_groups, weight, bias, eps, activation="none"):
+    _same_device(x, weight, bias)
     stat = x.new_empty((x.shape[0], num_groups), dtype=_stat_dtype(x))
     return _channel_layout_like(x), stat, stat.clone()
 
 
 @torch.library.register_fake("fusenorm::group_norm_bwd")
 def _group_norm_bwd_fake(dy, x, mean, rstd, num_groups, weight, bias, activation, output_mask):
+    _same_device(x, dy, mean, rstd, weight, bias)
     dx = _channel_layout_like(x) if output_mask[0] else x.new_empty((0,))
     return dx, _masked(output_mask[1], weight, x), _masked(output_mask[2], bias, x)
 
 
 @torch.library.register_fake("fusenorm::batch_norm_fwd")
 def _batch_norm_fwd_fake(x, weight, bias, residual, eps, activation="none"):
+    _same_device(x, weight, bias, residual)
     stat = x.new_empty((x.shape[1],), dtype=_stat_dtype(x))
     return _channel_layout_like(x), stat, stat.clone()
 
@@ -85,11 +102,13 @@ def _batch_norm_stats_fake(x):
 
 @torch.library.register_fake("fusenorm::batch_norm_apply")
 def _batch_norm_apply_fake(x, mean, var, weight, bias, residual, eps, activation="none"):
+    _same_device(x, mean, var, weight, bias, residual)
     return _channel_layout_like(x)
 
 
 @torch.library.register_fake("fusenorm::batch_norm_bwd")
 def _batch_norm_bwd_fake(dy, x, mean, var, weight, y, eps, training, activation, output_mask):
+    _same_device(x, dy, mean, var, weight, y)
     dx = _channel_layout_like(x) if output_mask[0] else x.new_empty((0,))
     dw = weight.new_empty(weight.shape) if output_mask[1] and weight is not None else x.new_empty((0,))
     db_dtype = weight.dtype if weight is not None else x.dtype
@@ -100,10 +119,12 @@ def _batch_norm_bwd_fake(dy, x, mean, var, weight, y, eps, training, activation,
 
 @torch.library.register_fake("fusenorm::batch_norm_bwd_reduce")
 def _batch_norm_bwd_reduce_fake(dy, x, mean, var, eps):
+    _same_device(x, dy, mean, var)
     stat = x.new_empty((x.shape[1],), dtype=_stat_dtype(x))
     return stat, stat.clone()
 
 
 @torch.library.register_fake("fusenorm::batch_norm_bwd_elemt")
 def _batch_norm_bwd_elemt_fake(dy, x, mean, var, weight, mean_dy, mean_dy_xhat, eps):
+    _same_device(x, dy, mean, var, weight, mean_dy, mean_dy_xhat)
     return _channel_layout_like(x)

@@ -1,18 +1,26 @@
 """Functional API with the signatures of torch.nn.functional, backed by torch.ops.fusenorm.*.
 
 The autograd Functions call only fusenorm ops (which have fake kernels), so
-torch.compile(fullgraph=True) traces them without a graph break and keeps our kernels. Their
-backwards are once_differentiable: a double backward raises instead of silently giving no gradient
-(the backward ops have no derivative of their own).
+torch.compile(fullgraph=True) traces them without a graph break and keeps our kernels.
+
+Higher-order and forward-mode derivatives: the backward ops have no derivative of their own, so a
+backward run with create_graph=True (a gradient penalty, gradgradcheck) computes its gradients from
+torch's own composite of the same norm (torch.nn.functional), which is differentiable again; and
+under forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) or the other torch.func
+transforms, the functions here call that composite instead of the kernels. First-order training
+and inference always run the kernels.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence, Union
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from . import _ops  # noqa: F401  (ops + fakes)
+
+F = torch.nn.functional
 
 _ShapeT = Union[int, Sequence[int], torch.Size]
 
@@ -53,19 +61,53 @@ def _grad_mask(ctx, weight, bias, w_index: int, b_index: int) -> list:
             bias is not None and ctx.needs_input_grad[b_index]]
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _reference() -> bool:
+    """True under forward-mode AD or a torch.func transform (grad, jvp, vmap), which the kernels'
+    autograd Functions do not support: the caller then runs torch's composite of the same norm."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+
+
+def _double_backward(fn, dy: torch.Tensor, inputs: list, want: list) -> list:
+    """The gradients of fn(*inputs) (torch's differentiable composite of the forward, run on the
+    saved inputs, which keep their history) for dy, with a graph (backward under create_graph=True).
+    Half types are computed in fp32. None where not wanted."""
+    half = inputs[0].dtype in _HALF
+    up = [t.float() if half and t is not None and t.is_floating_point() else t for t in inputs]
+    y = fn(*up)
+    sel = [i for i, w in enumerate(want) if w]
+    grads = torch.autograd.grad(y, [up[i] for i in sel], dy.to(y.dtype), create_graph=True, allow_unused=True)
+    out = [None] * len(want)
+    for i, g in zip(sel, grads):
+        out[i] = torch.zeros_like(inputs[i]) if g is None else g.to(inputs[i].dtype)
+    return out
+
+
 class LayerNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, normalized_shape, weight, bias, eps):
         y, mean, rstd = torch.ops.fusenorm.layer_norm_fwd(x, normalized_shape, weight, bias, eps)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
-        ctx.normalized_shape = normalized_shape
+        ctx.normalized_shape, ctx.eps = normalized_shape, eps
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias, 2, 3)
+        if torch.is_grad_enabled():  # create_graph=True
+            shape = ctx.normalized_shape
+
+            def fn(a, w, b):  # the bias added apart: torch's double backward misses it when w is None
+                y = F.layer_norm(a, shape, w, None, ctx.eps)
+                return y if b is None else y + b
+
+            dx, dw, db = _double_backward(fn, dy, [x, weight, bias], mask)
+            return dx, None, dw, db, None
         dx, dw, db = torch.ops.fusenorm.layer_norm_bwd(
             dy, x, mean, rstd, ctx.normalized_shape, weight, bias, mask
         )
@@ -77,14 +119,17 @@ class RMSNormFunction(torch.autograd.Function):
     def forward(ctx, x, normalized_shape, weight, eps):
         y, rstd = torch.ops.fusenorm.rms_norm_fwd(x, normalized_shape, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
-        ctx.normalized_shape = normalized_shape
+        ctx.normalized_shape, ctx.eps = normalized_shape, eps
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, rstd, weight = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[2]]
+        if torch.is_grad_enabled():  # create_graph=True
+            shape = ctx.normalized_shape
+            dx, dw = _double_backward(lambda a, w: F.rms_norm(a, shape, w, ctx.eps), dy, [x, weight], mask)
+            return dx, None, dw, None
         dx, dw = torch.ops.fusenorm.rms_norm_bwd(dy, x, rstd, ctx.normalized_shape, weight, mask)
         return _or_none(dx, mask[0]), None, _or_none(dw, mask[1]), None
 
@@ -99,6 +144,8 @@ def layer_norm(
     """LayerNorm over the trailing dims. input: [*, *normalized_shape]; weight, bias: normalized_shape."""
     x, weight, bias = _autocast_fp32(input, weight, bias)
     shape = _as_shape(normalized_shape)
+    if _reference():
+        return F.layer_norm(x, shape, weight, bias, eps)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
         return LayerNormFunction.apply(x, shape, weight, bias, float(eps))
     return _LN_FWD(x, shape, weight, bias, float(eps))[0]
@@ -117,6 +164,14 @@ def rms_norm(
     if eps is None:
         eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
     shape = _as_shape(normalized_shape)
+    if len(shape) > x.dim():
+        raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {x.dim()}")
+    if weight is not None and weight.dtype != x.dtype and weight.is_floating_point() and x.is_floating_point():
+        # torch accepts any weight dtype and returns x's; the kernels take x's, or fp32 for half x
+        if not (x.dtype in _HALF and weight.dtype == torch.float32):
+            weight = weight.to(torch.float32 if x.dtype in _HALF else x.dtype)
+    if _reference():
+        return F.rms_norm(x, shape, weight, eps)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight)):
         return RMSNormFunction.apply(x, shape, weight, float(eps))
     return _RMS_FWD(x, shape, weight, float(eps))[0]
@@ -128,14 +183,18 @@ class GroupNormFunction(torch.autograd.Function):
     def forward(ctx, x, num_groups, weight, bias, eps, activation):
         y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, num_groups, weight, bias, eps, activation)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
-        ctx.num_groups, ctx.activation = num_groups, activation
+        ctx.num_groups, ctx.activation, ctx.eps = num_groups, activation, eps
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias, 2, 3)
+        if torch.is_grad_enabled():  # create_graph=True
+            g, eps, act = ctx.num_groups, ctx.eps, ctx.activation
+            dx, dw, db = _double_backward(lambda a, w, b: _act(F.group_norm(a, g, w, b, eps), act), dy,
+                                          [x, weight, bias], mask)
+            return dx, None, dw, db, None, None
         dx, dw, db = torch.ops.fusenorm.group_norm_bwd(
             dy, x, mean, rstd, ctx.num_groups, weight, bias, ctx.activation, mask
         )
@@ -146,6 +205,11 @@ def _activation_name(activation: Optional[str]) -> str:
     if activation not in ACTIVATIONS:
         raise ValueError(f"fusenorm: activation must be one of {ACTIVATIONS}, got {activation!r}")
     return activation or "none"
+
+
+def _act(y: torch.Tensor, act: str) -> torch.Tensor:
+    """torch's activation named act ("none", "silu", "gelu", "relu") on y."""
+    return y if act == "none" else _ACT_FNS[act](y)
 
 
 def group_norm(
@@ -160,15 +224,28 @@ def group_norm(
     """GroupNorm over [N, C, *] (contiguous or channels-last, kept in the output), then the optional
     activation ("silu", "gelu" (exact), "relu") in the same pass. weight, bias: [C]."""
     act = _activation_name(activation)
+    if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
+        raise TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not {type(num_groups).__name__}")
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     torch.nn.functional._verify_batch_size(
         [input.size(0) * input.size(1) // num_groups, num_groups] + list(input.size()[2:])
     )
+    if input.size(1) == 0:
+        raise RuntimeError("Expected number of channels to be greater than 0, got 0")
+    if math.prod(input.shape[2:]) == 0:
+        raise RuntimeError("Expected HxW to be greater than 0, got 0")
+    return _group_norm(input, int(num_groups), weight, bias, eps, act)
+
+
+def _group_norm(input, num_groups: int, weight, bias, eps, act: str) -> torch.Tensor:
+    """group_norm after its argument checks (InstanceNorm's path too, which allows empty sizes)."""
     x, weight, bias = _autocast_fp32(input, weight, bias)
+    if _reference():
+        return _act(F.group_norm(x, num_groups, weight, bias, eps), act)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
-        return GroupNormFunction.apply(x, int(num_groups), weight, bias, float(eps), act)
-    return _GN_FWD(x, int(num_groups), weight, bias, float(eps), act)[0]
+        return GroupNormFunction.apply(x, num_groups, weight, bias, float(eps), act)
+    return _GN_FWD(x, num_groups, weight, bias, float(eps), act)[0]
 
 
 _ACT_FNS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu, "relu": torch.nn.functional.relu}
@@ -191,41 +268,44 @@ def instance_norm(
     torch.nn does (mean over the batch of the per-instance mean and unbiased variance, weighted by
     momentum). Without use_input_stats, normalizes with the running statistics."""
     act = _activation_name(activation)
+    if momentum is None:
+        raise TypeError("instance_norm(): argument 'momentum' (position 7) must be float, not NoneType")
+    if use_input_stats:
+        torch.nn.functional._verify_spatial_size(input.size())
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    if (running_mean is None) != (running_var is None) and use_input_stats:
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    c = input.size(1)
+    _check_running("running_mean", running_mean, c, input)
+    _check_running("running_var", running_var, c, input)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
-        if act in ("none", "relu"):  # eval with running statistics: BatchNorm's one-pass apply
-            x, weight, bias = _autocast_fp32(input, weight, bias)
-            if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
-                return BatchNormFunction.apply(x, running_mean, running_var, weight, bias, None, float(eps), act)
-            return _BN_APPLY(x, running_mean, running_var, weight, bias, None, float(eps), act)
-        # SiLU / GELU: one scale-and-shift per channel and the activation (torch elementwise ops)
-        shape = [1, input.size(1)] + [1] * (input.dim() - 2)
-        scale = torch.rsqrt(running_var.float() + eps)
-        if weight is not None:
-            scale = scale * weight.float()
-        shift = -running_mean.float() * scale
-        if bias is not None:
-            shift = shift + bias.float()
-        y = torch.addcmul(shift.view(shape), input, scale.view(shape)).to(input.dtype)
-        return _ACT_FNS[act](y) if activation else y
-    torch.nn.functional._verify_spatial_size(input.size())
+        # eval with running statistics: BatchNorm's one-pass apply (SiLU / GELU after it, by torch)
+        x, weight, bias = _autocast_fp32(input, weight, bias)
+        y = batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
+                       activation="relu" if act == "relu" else None)
+        return _act(y, act) if act in ("silu", "gelu") else y
+    if c == 0:  # no channels: an empty output, as torch
+        return input.clone()
     x, weight, bias = _autocast_fp32(input, weight, bias)
-    c = x.size(1)
-    if running_mean is None and running_var is None:
-        return group_norm(x, c, weight, bias, eps, activation=activation)
+    if _reference():
+        return _act(F.instance_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), act)
+    if running_mean is None:
+        return _group_norm(x, c, weight, bias, eps, act)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
         y, mean, rstd = InstanceNormStatsFunction.apply(x, weight, bias, float(eps), act)
     else:
         y, mean, rstd = _GN_FWD(x, c, weight, bias, float(eps), act)
-    with torch.no_grad():
-        n = x.numel() // max(1, x.size(0) * c)
-        if running_mean is not None:
+    n = x.numel() // max(1, x.size(0) * c)  # values per instance
+    if n > 0:  # no values: torch leaves the running statistics as they are
+        with torch.no_grad():
+            # the unbiased variance per instance, from x (1 / rstd^2 - eps would cancel where eps is
+            # not small next to the variance); half types reduced in fp32
+            dims = tuple(range(2, x.dim()))
+            var = (x.float() if x.dtype in _HALF else x).var(dims, correction=1)
             running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
-        if running_var is not None:
-            var = (1.0 / rstd.double() ** 2 - eps).clamp_min(0) * (n / (n - 1))  # unbiased, per instance
             running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
     return y
 
@@ -238,15 +318,19 @@ class InstanceNormStatsFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, activation):
         y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, x.size(1), weight, bias, eps, activation)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
-        ctx.activation = activation
+        ctx.activation, ctx.eps = activation, eps
         ctx.mark_non_differentiable(mean, rstd)
         return y, mean, rstd
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, _dmean, _drstd):
         x, mean, rstd, weight, bias = ctx.saved_tensors
         mask = _grad_mask(ctx, weight, bias, 1, 2)
+        if torch.is_grad_enabled():  # create_graph=True
+            eps, act = ctx.eps, ctx.activation
+            dx, dw, db = _double_backward(lambda a, w, b: _act(F.group_norm(a, a.size(1), w, b, eps), act), dy,
+                                          [x, weight, bias], mask)
+            return dx, dw, db, None, None
         dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, x.size(1), weight, bias, ctx.activation,
                                                        mask)
         return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2]), None, None
@@ -282,7 +366,6 @@ class BatchNormFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, mean, var, weight, y = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -304,7 +387,6 @@ class BatchNormTrainFunction(torch.autograd.Function):
         return y, mean, var
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy, _dmean, _dvar):
         x, mean, var, weight, y = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -317,6 +399,17 @@ class BatchNormTrainFunction(torch.autograd.Function):
 def _bn_backward(ctx, dy, x, mean, var, weight, y, want):
     """(dx, dweight, dbias, dresidual), None where not wanted."""
     relu = ctx.activation == "relu"
+    if torch.is_grad_enabled():  # create_graph=True: through torch's batch_norm (ReLU's mask is constant)
+        g = dy * (y > 0) if relu else dy
+        eps, training = ctx.eps, ctx.training
+
+        def fn(a, w):
+            stats = (None, None) if training else (mean.to(a.dtype), var.to(a.dtype))
+            return F.batch_norm(a, *stats, w, None, training, 0.0, eps)
+
+        dx, dw = _double_backward(fn, g, [x, weight], want[:2])
+        db = g.sum([0] + list(range(2, x.dim()))).to(ctx.bias_dtype) if want[2] else None
+        return dx, dw, db, g if want[3] else None
     dx, dw, db, dz = torch.ops.fusenorm.batch_norm_bwd(
         dy, x, mean, var, weight, y, ctx.eps, ctx.training, ctx.activation,
         [want[0], want[1], want[2], want[3] and relu],
@@ -328,9 +421,18 @@ def _bn_backward(ctx, dy, x, mean, var, weight, y, want):
     return tuple(_or_none(t, w) for t, w in zip((dx, dw, db, dz), want))
 
 
-def _check_running(name: str, t: Optional[torch.Tensor], c: int) -> None:
-    if t is not None and t.numel() != c:
+def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor) -> None:
+    """A running statistic: C values in one dim, of x's dtype (or fp32 for half x)."""
+    if t is None:
+        return
+    if t.numel() != c:
         raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+    if t.dim() != 1:
+        raise RuntimeError(f"{name} should be a 1-D tensor of {c} elements, got shape {tuple(t.shape)}")
+    if x.is_floating_point() and t.dtype != x.dtype and not (x.dtype in _HALF and t.dtype == torch.float32):
+        want = "Float" if x.dtype in _HALF else str(x.dtype).replace("torch.", "")
+        raise RuntimeError(f"mixed dtype: expected {name} of input's dtype or float, got {t.dtype} for {x.dtype} "
+                           f"input (expect parameter to have scalar type of {want})")
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum) -> None:
@@ -367,9 +469,15 @@ def batch_norm(
     if x.dim() < 2:
         raise RuntimeError(f"fusenorm.batch_norm: expected an input of at least 2 dimensions [N, C, *], got {x.dim()}D input")
     c = x.size(1)
-    _check_running("running_mean", running_mean, c)
-    _check_running("running_var", running_var, c)
+    _check_running("running_mean", running_mean, c, x)
+    _check_running("running_var", running_var, c, x)
+    if training and (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
     eps = float(eps)
+    if _reference():
+        m = float(momentum) if isinstance(momentum, torch.Tensor) else momentum
+        y = F.batch_norm(x, running_mean, running_var, weight, bias, training, m, eps)
+        return _act(y if residual is None else y + residual, act)
     grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias) or _need(residual))
     if training:
         torch.nn.functional._verify_batch_size(x.size())
@@ -449,6 +557,6 @@ def sync_batch_norm(
     """BatchNorm in training with statistics over every rank of the torch.distributed group
     (default: the world); updates the running buffers with the global statistics."""
     c = input.size(1)
-    _check_running("running_mean", running_mean, c)
-    _check_running("running_var", running_var, c)
+    _check_running("running_mean", running_mean, c, input)
+    _check_running("running_var", running_var, c, input)
     return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, float(eps), group)

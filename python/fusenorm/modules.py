@@ -98,7 +98,7 @@ class _BatchNormMixin:
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             if self.momentum is None:
-                momentum = 1.0 / self.num_batches_tracked
+                momentum = 1.0 / self.num_batches_tracked.double()  # fp64: exact for fp64 buffers
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         keep = not self.training or self.track_running_stats  # buffers passed only when used
         return self._normalize(input, residual, self.running_mean if keep else None,

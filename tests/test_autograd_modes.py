@@ -1,0 +1,124 @@
+"""Higher-order and forward-mode derivatives of every norm, against torch.nn's composites.
+
+The kernels' backward ops have no derivative of their own: a backward under create_graph=True
+computes its gradients from torch's composite of the same norm, and forward-mode AD and the
+torch.func transforms run that composite (functional.py). These tests check that the results are
+torch's: second-order gradients (gradgradcheck, a gradient penalty), jvp, torch.func.grad, vmap."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from conftest import DEVICES, channels_last
+
+import fusenorm
+
+
+def _bn_train(fn):
+    return lambda x, w, b: fn(x, None, None, w, b, True)
+
+
+# name -> (input shape, fusenorm(x, w, b), torch(x, w, b)); w and b have the shape of x.size(1)
+# (LayerNorm/RMSNorm: of the last dim)
+CASES = {
+    "layer_norm": ((3, 4, 6), lambda x, w, b: fusenorm.layer_norm(x, (6,), w, b),
+                   lambda x, w, b: F.layer_norm(x, (6,), w, b)),
+    "rms_norm": ((3, 4, 6), lambda x, w, b: fusenorm.rms_norm(x, (6,), w),
+                 lambda x, w, b: F.rms_norm(x, (6,), w)),
+    "group_norm_silu": ((2, 4, 5), lambda x, w, b: fusenorm.group_norm(x, 2, w, b, activation="silu"),
+                        lambda x, w, b: F.silu(F.group_norm(x, 2, w, b))),
+    "group_norm_cl": ((2, 4, 3, 3), lambda x, w, b: fusenorm.group_norm(channels_last(x), 2, w, b),
+                      lambda x, w, b: F.group_norm(x, 2, w, b)),
+    "instance_norm_gelu": ((2, 3, 5), lambda x, w, b: fusenorm.instance_norm(x, weight=w, bias=b, activation="gelu"),
+                           lambda x, w, b: F.gelu(F.instance_norm(x, weight=w, bias=b))),
+    "batch_norm_train": ((4, 3, 5), _bn_train(fusenorm.batch_norm), _bn_train(F.batch_norm)),
+    "batch_norm_train_relu": ((4, 3, 5),
+                              lambda x, w, b: fusenorm.batch_norm(x, None, None, w, b, True, activation="relu"),
+                              lambda x, w, b: F.relu(F.batch_norm(x, None, None, w, b, True))),
+    "batch_norm_eval": ((4, 3, 5),
+                        lambda x, w, b: fusenorm.batch_norm(x, torch.full((3,), 0.2, dtype=x.dtype, device=x.device),
+                                                            torch.full((3,), 1.5, dtype=x.dtype, device=x.device), w, b),
+                        lambda x, w, b: F.batch_norm(x, torch.full((3,), 0.2, dtype=x.dtype, device=x.device),
+                                                     torch.full((3,), 1.5, dtype=x.dtype, device=x.device), w, b)),
+}
+
+
+def _inputs(name, device, dtype=torch.float64):
+    shape = CASES[name][0]
+    n = shape[-1] if name in ("layer_norm", "rms_norm") else shape[1]
+    x = torch.randn(shape, device=device, dtype=dtype)
+    w = torch.randn(n, device=device, dtype=dtype)
+    b = torch.randn(n, device=device, dtype=dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_gradgradcheck(device, name):
+    _, ours, _ = CASES[name]
+    inputs = tuple(t.requires_grad_() for t in _inputs(name, device))
+    assert torch.autograd.gradgradcheck(ours, inputs, eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gradient_penalty_matches_torch(device, name, dtype):
+    """loss = |d(f(x) . r)/dx|^2, differentiated again with respect to x, w and b (WGAN-GP)."""
+    _, ours, theirs = CASES[name]
+    x0, w0, b0 = _inputs(name, device, dtype)
+    r = torch.randn_like(x0)
+    grads = []
+    for fn in (ours, theirs):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        (g,) = torch.autograd.grad((fn(x, w, b) * r).sum(), x, create_graph=True)
+        assert g.requires_grad
+        grads.append(torch.autograd.grad(g.float().pow(2).sum(), [x, w, b], allow_unused=True, materialize_grads=True))
+    tol = 1e-4 if dtype == torch.float32 else 0.1
+    for a, t in zip(*grads):
+        torch.testing.assert_close(a.float(), t.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_ad_matches_torch(device, name):
+    _, ours, theirs = CASES[name]
+    x, w, b = _inputs(name, device)
+    tx = torch.randn_like(x)
+    tangents = []
+    for fn in (ours, theirs):
+        with fwAD.dual_level():
+            out = fwAD.unpack_dual(fn(fwAD.make_dual(x, tx), w, b))
+            assert out.tangent is not None
+            tangents.append((out.primal, out.tangent))
+    torch.testing.assert_close(tangents[0][0], tangents[1][0])
+    torch.testing.assert_close(tangents[0][1], tangents[1][1])
+    # torch.func.jvp with respect to the weight
+    tw = torch.randn_like(w)
+    j_o = torch.func.jvp(lambda ww: ours(x, ww, b), (w,), (tw,))[1]
+    j_t = torch.func.jvp(lambda ww: theirs(x, ww, b), (w,), (tw,))[1]
+    torch.testing.assert_close(j_o, j_t)
+    assert j_o.abs().sum() > 0 or name == "batch_norm_train_relu"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_func_grad_and_vmap(name):
+    _, ours, theirs = CASES[name]
+    x, w, b = _inputs(name, "cpu")
+    g_o = torch.func.grad(lambda xx: ours(xx, w, b).pow(2).sum())(x)
+    g_t = torch.func.grad(lambda xx: theirs(xx, w, b).pow(2).sum())(x)
+    torch.testing.assert_close(g_o, g_t)
+    if not name.startswith("batch_norm"):  # vmap over the batch would change BatchNorm's statistics
+        xs = torch.stack([x, 2 * x + 1])
+        torch.testing.assert_close(torch.func.vmap(lambda xx: ours(xx, w, b))(xs),
+                                   torch.stack([theirs(xx, w, b) for xx in xs]))
+
+
+def test_first_order_backward_still_runs_the_kernels():
+    """Without create_graph the backward is the kernels' own (no composite recomputation)."""
+    x = torch.randn(4, 6, 5, requires_grad=True)
+    with torch.profiler.profile() as prof:
+        fusenorm.group_norm(x, 2).sum().backward()
+    names = {e.name for e in prof.events()}
+    assert "fusenorm::group_norm_bwd" in names and "aten::native_group_norm" not in names
