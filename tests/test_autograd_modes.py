@@ -122,3 +122,44 @@ def test_first_order_backward_still_runs_the_kernels():
         fusenorm.group_norm(x, 2).sum().backward()
     names = {e.name for e in prof.events()}
     assert "fusenorm::group_norm_bwd" in names and "aten::native_group_norm" not in names
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("act", [None, "relu"])
+def test_batch_norm_double_backward_bias_or_residual_only(training, act):
+    """create_graph=True when only the bias (or the residual) wants a gradient: no x or weight
+    gradient to take through the composite; the bias gradient is summed in fp32 for half types."""
+    x = torch.randn(4, 3, 5)
+    b = torch.zeros(3, requires_grad=True)
+    z = torch.randn(4, 3, 5, requires_grad=True)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    y = fusenorm.batch_norm(x, rm, rv, torch.ones(3), b, training, activation=act, residual=z)
+    yt = F.batch_norm(x, rm.clone(), rv.clone(), torch.ones(3), b, training) + z
+    yt = F.relu(yt) if act else yt
+    for a, t in zip(torch.autograd.grad(y.sum(), [b, z], create_graph=True),
+                    torch.autograd.grad(yt.sum(), [b, z], create_graph=True)):
+        torch.testing.assert_close(a, t)
+    xh = torch.randn(65536, 1, dtype=torch.float16)
+    bh = torch.zeros(1, requires_grad=True)
+    yh = fusenorm.batch_norm(xh, None, None, torch.ones(1), bh, True)
+    (db,) = torch.autograd.grad(yh, [bh], torch.full_like(xh, 1.5), create_graph=True)
+    torch.testing.assert_close(db, torch.tensor([98304.0]))
+
+
+def test_relu_gradient_passes_at_nan():
+    """torch's relu backward (threshold_backward) passes the gradient where the output is NaN."""
+    x = torch.randn(1, 2, 6)
+    x[0, 0, 1] = float("nan")
+    rm, rv = torch.zeros(2), torch.ones(2)
+    for ours, theirs in [
+        (lambda t, w, b: fusenorm.batch_norm(t, rm, rv, w, b, activation="relu"),
+         lambda t, w, b: F.relu(F.batch_norm(t, rm, rv, w, b))),
+        (lambda t, w, b: fusenorm.group_norm(channels_last(t), 2, w, b, activation="relu"),
+         lambda t, w, b: F.relu(F.group_norm(t, 2, w, b))),
+    ]:
+        got = []
+        for fn in (ours, theirs):
+            t, w, b = x.clone().requires_grad_(), torch.ones(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+            fn(t, w, b).sum().backward()
+            got.append(b.grad)
+        torch.testing.assert_close(got[0], got[1], equal_nan=True)

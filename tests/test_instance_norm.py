@@ -225,3 +225,15 @@ def test_relu_keeps_nan():
                          (fusenorm.instance_norm(x, rm, rv, use_input_stats=False, activation="relu"),
                           F.relu(F.instance_norm(x, rm, rv, use_input_stats=False)))]:
         torch.testing.assert_close(ours, theirs, equal_nan=True)
+
+
+def test_running_buffers_of_any_float_dtype():
+    """torch's instance_norm takes running statistics of any float dtype, in training and eval."""
+    x = torch.randn(2, 3, 6)
+    for dt in (torch.float16, torch.float64, torch.bfloat16):
+        for use_input_stats in (True, False):
+            ours = (torch.zeros(3, dtype=dt), torch.ones(3, dtype=dt))
+            theirs = (torch.zeros(3, dtype=dt), torch.ones(3, dtype=dt))
+            y = fusenorm.instance_norm(x, *ours, use_input_stats=use_input_stats)
+            torch.testing.assert_close(y, F.instance_norm(x, *theirs, use_input_stats=use_input_stats))
+            torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)

@@ -51,7 +51,7 @@ C10_HOST_DEVICE inline A activate_backward(Act act, A z, A d) {
     case Act::Gelu:
       return d * (A(0.5) * (A(1) + act_erf(z * A(0.70710678118654752440))) +
                   z * A(0.39894228040143267794) * act_exp(A(-0.5) * z * z));
-    case Act::Relu: return z > A(0) ? d : A(0);
+    case Act::Relu: return z <= A(0) ? A(0) : d;  // NaN z passes d, as torch's threshold_backward
     default: return d;
   }
 }

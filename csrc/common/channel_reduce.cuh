@@ -63,10 +63,10 @@ __device__ __forceinline__ ChanPart<A> chan_warp_reduce(ChanPart<A> p) {
   return p;
 }
 
-// g: dy, or 0 where the ReLU output y is not positive (never dy * 0).
+// g: dy, or 0 where the ReLU output y <= 0 (never dy * 0; NaN y passes dy, as torch's threshold_backward).
 template <typename A, typename T>
 __device__ __forceinline__ A grad_in_relu(T dy, const T* y, T yv) {
-  return (y && !(static_cast<A>(yv) > A(0))) ? A(0) : static_cast<A>(dy);
+  return (y && static_cast<A>(yv) <= A(0)) ? A(0) : static_cast<A>(dy);
 }
 
 // What the GRAD partials sum, per element: an Op gives a context for channel k of batch z (NCS:

@@ -185,10 +185,11 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
   }
 }
 
-// g = dy, or dy where y > 0 and 0 elsewhere (ReLU; never dy * 0, so a non-finite dy gives 0).
+// g = dy, or 0 where the ReLU output y <= 0 (never dy * 0, so a non-finite dy gives 0; NaN y passes
+// dy, as torch's threshold_backward).
 template <typename T, typename A>
 inline A grad_in(const T* dy, const T* y, int64_t i) {
-  if (y && !(static_cast<A>(y[i]) > A(0))) return A(0);
+  if (y && static_cast<A>(y[i]) <= A(0)) return A(0);
   return static_cast<A>(dy[i]);
 }
 
@@ -204,7 +205,7 @@ inline void grad_sums_run(const T* dy, const T* x, const T* y, int64_t n, const 
     for (; i + 8 <= n; i += 8) {
       const int64_t k = PerLane ? i : 0;
       V g = V::load(dy + i);
-      if (y) g = where_positive(V::load(y + i), g);
+      if (y) g = relu_pass(V::load(y + i), g);
       const V d = V::load(x + i) - coef<PerLane, V>(mu, k);
       if constexpr (PerLane) {
         (V::load(sg + k) + g).store(sg + k);
@@ -247,7 +248,7 @@ inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t 
       using V = decltype(t);
       const int64_t k = PerLane ? i : 0;
       V g = V::load(dy + i);
-      if (y) g = where_positive(V::load(y + i), g);
+      if (y) g = relu_pass(V::load(y + i), g);
       if (dz) g.store(dz + i);
       if (!dx) return;
       const V d = V::load(x + i) - coef<PerLane, V>(mu, k);

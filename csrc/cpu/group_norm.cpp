@@ -76,7 +76,7 @@ inline V activate_vec(ActC<A>, V z) {
 template <Act A, typename V>
 inline V activate_backward_vec(ActC<A>, V z, V d) {
   if constexpr (A == Act::Relu) {
-    return where_positive(z, d);
+    return relu_pass(z, d);
   } else if constexpr (A == Act::Silu) {
     const V one = V::set1(1.f);
     const V sg = one / (one + exp_vec(V::zero() - z));

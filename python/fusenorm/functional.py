@@ -277,14 +277,15 @@ def instance_norm(
     if (running_mean is None) != (running_var is None) and use_input_stats:
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     c = input.size(1)
-    _check_running("running_mean", running_mean, c, input)
-    _check_running("running_var", running_var, c, input)
+    _check_running("running_mean", running_mean, c, input, dtype=False)
+    _check_running("running_var", running_var, c, input, dtype=False)
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
         # eval with running statistics: BatchNorm's one-pass apply (SiLU / GELU after it, by torch)
         x, weight, bias = _autocast_fp32(input, weight, bias)
-        y = batch_norm(x, running_mean, running_var, weight, bias, False, momentum, eps,
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # any float buffers, as torch
+        y = batch_norm(x, running_mean.to(acc), running_var.to(acc), weight, bias, False, momentum, eps,
                        activation="relu" if act == "relu" else None)
         return _act(y, act) if act in ("silu", "gelu") else y
     if c == 0:  # no channels: an empty output, as torch
@@ -400,15 +401,16 @@ def _bn_backward(ctx, dy, x, mean, var, weight, y, want):
     """(dx, dweight, dbias, dresidual), None where not wanted."""
     relu = ctx.activation == "relu"
     if torch.is_grad_enabled():  # create_graph=True: through torch's batch_norm (ReLU's mask is constant)
-        g = dy * (y > 0) if relu else dy
+        g = dy * (y <= 0).logical_not() if relu else dy  # NaN y passes dy, as torch's threshold_backward
         eps, training = ctx.eps, ctx.training
 
         def fn(a, w):
             stats = (None, None) if training else (mean.to(a.dtype), var.to(a.dtype))
             return F.batch_norm(a, *stats, w, None, training, 0.0, eps)
 
-        dx, dw = _double_backward(fn, g, [x, weight], want[:2])
-        db = g.sum([0] + list(range(2, x.dim()))).to(ctx.bias_dtype) if want[2] else None
+        dx, dw = _double_backward(fn, g, [x, weight], want[:2]) if want[0] or want[1] else (None, None)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+        db = g.sum([0] + list(range(2, x.dim())), dtype=acc).to(ctx.bias_dtype) if want[2] else None
         return dx, dw, db, g if want[3] else None
     dx, dw, db, dz = torch.ops.fusenorm.batch_norm_bwd(
         dy, x, mean, var, weight, y, ctx.eps, ctx.training, ctx.activation,
@@ -421,15 +423,16 @@ def _bn_backward(ctx, dy, x, mean, var, weight, y, want):
     return tuple(_or_none(t, w) for t, w in zip((dx, dw, db, dz), want))
 
 
-def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor) -> None:
-    """A running statistic: C values in one dim, of x's dtype (or fp32 for half x)."""
+def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor, dtype: bool = True) -> None:
+    """A running statistic: C values in one dim, of x's dtype (or fp32 for half x) where dtype
+    (BatchNorm's rule; torch's instance_norm takes any float dtype)."""
     if t is None:
         return
     if t.numel() != c:
         raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
     if t.dim() != 1:
         raise RuntimeError(f"{name} should be a 1-D tensor of {c} elements, got shape {tuple(t.shape)}")
-    if x.is_floating_point() and t.dtype != x.dtype and not (x.dtype in _HALF and t.dtype == torch.float32):
+    if dtype and x.is_floating_point() and t.dtype != x.dtype and not (x.dtype in _HALF and t.dtype == torch.float32):
         want = "Float" if x.dtype in _HALF else str(x.dtype).replace("torch.", "")
         raise RuntimeError(f"mixed dtype: expected {name} of input's dtype or float, got {t.dtype} for {x.dtype} "
                            f"input (expect parameter to have scalar type of {want})")
