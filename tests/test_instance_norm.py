@@ -236,4 +236,5 @@ def test_running_buffers_of_any_float_dtype():
             theirs = (torch.zeros(3, dtype=dt), torch.ones(3, dtype=dt))
             y = fusenorm.instance_norm(x, *ours, use_input_stats=use_input_stats)
             torch.testing.assert_close(y, F.instance_norm(x, *theirs, use_input_stats=use_input_stats))
-            torch.testing.assert_close(ours, theirs, atol=1e-3, rtol=1e-3)
+            tol = 1e-2 if dt == torch.bfloat16 else 1e-3  # one rounding of the buffer's dtype
+            torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)

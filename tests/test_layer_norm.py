@@ -49,3 +49,25 @@ def test_weight_on_another_device_raises():
         with pytest.raises(RuntimeError, match="expected device"):
             call()
     assert fusenorm.layer_norm(x.to("meta"), [8], torch.ones(8, device="meta")).device.type == "meta"
+
+
+def test_backward_ops_check_saved_statistics():
+    """The raw backward ops check mean/rstd (shape, dtype): a wrong one used to be read out of bounds
+    (a crash for an empty one, garbage for a short one)."""
+    x = torch.randn(4, 8)
+    y, mean, rstd = torch.ops.fusenorm.layer_norm_fwd(x, [8], None, None, 1e-5)
+    bad = [(mean, torch.empty(0)), (mean[:1], rstd), (mean, rstd.view(2, 2)), (mean.double(), rstd)]
+    for m, r in bad:
+        with pytest.raises(RuntimeError, match="mean|rstd"):
+            torch.ops.fusenorm.layer_norm_bwd(x, x, m, r, [8], None, None, [True, False, False])
+    _, rs = torch.ops.fusenorm.rms_norm_fwd(x, [8], None, 1e-5)
+    for r in (torch.empty(0), rs[:1], torch.zeros(100)):
+        with pytest.raises(RuntimeError, match="rstd"):
+            torch.ops.fusenorm.rms_norm_bwd(x, x, r, [8], None, [True, False])
+    x3 = torch.randn(2, 6, 5)
+    _, m, r = torch.ops.fusenorm.group_norm_fwd(x3, 3, None, None, 1e-5, "none")
+    for mm, rr, g in [(torch.empty(0), torch.empty(0), 3), (m, r, 6), (m.t(), r.t(), 3)]:
+        with pytest.raises(RuntimeError, match="mean|rstd"):
+            torch.ops.fusenorm.group_norm_bwd(x3, x3, mm, rr, g, None, None, "none", [True, False, False])
+    with pytest.raises(RuntimeError, match="number of channels"):
+        torch.ops.fusenorm.group_norm_fwd(torch.randn(2, 0, 5), 1, None, None, 1e-5, "none")

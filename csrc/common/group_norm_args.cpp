@@ -27,6 +27,7 @@ GroupNormShape check_group_norm_args(const char* op, const at::Tensor& x, int64_
   check_input_dtype(op, x);
   TORCH_CHECK(num_groups > 0, "Expected num groups to be greater than 0, got ", std::to_string(num_groups));
   const int64_t C = x.size(1);
+  TORCH_CHECK(C > 0, "Expected number of channels to be greater than 0, got 0");
   TORCH_CHECK(C % num_groups == 0, "Expected number of channels in input to be divisible by num_groups, but got input "
               "of shape ", shape_str(x.sizes()), " and num_groups=", std::to_string(num_groups));
   for (int which = 0; which < 2; ++which) {

@@ -83,6 +83,8 @@ struct GroupNormOps {
     GroupNormShape s = check_group_norm_args(kOp, x, num_groups, weight, bias);
     TORCH_CHECK(dy.sizes() == x.sizes(), kOp, ": grad_output of size ", shape_str(dy.sizes()),
                 " does not match input of size ", shape_str(x.sizes()));
+    check_saved_stat(kOp, "mean", mean, {s.N, s.G}, x);
+    check_saved_stat(kOp, "rstd", rstd, {s.N, s.G}, x);
     const Act act = parse_activation(activation);
     typename Backend::Guard guard(x);
     const bool want_dx = mask[0];

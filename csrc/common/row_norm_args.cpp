@@ -14,6 +14,16 @@ std::string shape_str(at::IntArrayRef sizes) {
   return s + "]";
 }
 
+void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                      const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == shape, op, ": ", name, " of size ", shape_str(t.sizes()), " does not match the ",
+              shape_str(shape), " its forward returns for this input");
+  TORCH_CHECK(t.scalar_type() == stat_dtype(x.scalar_type()), op, ": ", name, " must be ",
+              c10::toString(stat_dtype(x.scalar_type())), ", got ", c10::toString(t.scalar_type()));
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device().str(), ", the input on ",
+              x.device().str());
+}
+
 void check_input_dtype(const char* op, const at::Tensor& x) {
   // torch.nn raises NotImplementedError for non-floating inputs; so do we.
   TORCH_CHECK_NOT_IMPLEMENTED(

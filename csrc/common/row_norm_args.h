@@ -17,6 +17,11 @@ struct RowShape {
 // "[4, 8]": for error messages (see row_norm_args.cpp for why not operator<<).
 std::string shape_str(at::IntArrayRef sizes);
 
+// A statistic a backward op reads (mean, rstd): exactly `shape`, in the statistics dtype of x, on
+// x's device; the kernels index it without bounds.
+void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
+                      const at::Tensor& x);
+
 // NotImplementedError, as torch.nn, for an input that is not fp32/fp64/fp16/bf16.
 void check_input_dtype(const char* op, const at::Tensor& x);
 

@@ -55,6 +55,8 @@ struct RowNormOps {
     RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
     TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output of size ", shape_str(dy.sizes()),
                 " does not match input of size ", shape_str(x.sizes()));
+    if (mean) check_saved_stat(op, "mean", *mean, s.stat_shape, x);
+    check_saved_stat(op, "rstd", rstd, s.stat_shape, x);
     typename Backend::Guard guard(x);
     want_dw = want_dw && opt_ptr(weight);
     want_db = want_db && opt_ptr(bias);
