@@ -447,3 +447,20 @@ def test_relu_keeps_nan(layout):
     y = fusenorm.batch_norm(x, rm, rv, activation="relu")
     torch.testing.assert_close(y, F.relu(F.batch_norm(x, rm, rv)), equal_nan=True)
     assert y.isnan().sum() == 1
+
+
+def test_raw_ops_check_grad_output_and_vectors():
+    """grad_output must be floating point (an integer one was cast silently) and the per-channel
+    vectors 1-D (a [C, 1] weight was taken by its element count)."""
+    x = torch.randn(4, 3, 5)
+    y, mean, var = torch.ops.fusenorm.batch_norm_fwd(x, None, None, None, 1e-5, "none")
+    dyi = torch.ones(4, 3, 5, dtype=torch.int64)
+    with pytest.raises(RuntimeError, match="floating"):
+        torch.ops.fusenorm.batch_norm_bwd(dyi, x, mean, var, None, None, 1e-5, True, "none", [True, False, False, False])
+    with pytest.raises(RuntimeError, match="floating"):
+        torch.ops.fusenorm.batch_norm_bwd_reduce(dyi, x, mean, var, 1e-5)
+    with pytest.raises(RuntimeError, match="floating"):
+        torch.ops.fusenorm.group_norm_bwd(dyi, x, *torch.ops.fusenorm.group_norm_fwd(x, 3, None, None, 1e-5, "none")[1:],
+                                          3, None, None, "none", [True, False, False])
+    with pytest.raises(RuntimeError, match="1-D"):
+        torch.ops.fusenorm.batch_norm_fwd(x, torch.ones(3, 1), None, None, 1e-5, "none")

@@ -27,6 +27,8 @@ BatchNormShape check_batch_norm_input(const char* op, const at::Tensor& x) {
 void check_channel_vector(const at::Tensor& v, const char* name, int64_t C, const at::Tensor& x) {
   TORCH_CHECK(v.numel() == C, name, " should contain ", std::to_string(C), " elements not ",
               std::to_string(v.numel()));
+  TORCH_CHECK(v.dim() == 1, name, " should be a 1-D tensor of ", std::to_string(C), " elements, got size ",
+              shape_str(v.sizes()));
   TORCH_CHECK(v.device() == x.device(), "fusenorm.batch_norm: expected ", name, " on ", x.device().str(),
               " like the input, got ", v.device().str());
 }

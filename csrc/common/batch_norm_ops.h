@@ -193,8 +193,7 @@ struct BatchNormOps {
     const BatchNormShape s = check_batch_norm_input(kOp, x);
     const Act act = parse_bn_activation(activation);
     check_bn_params(kOp, x, weight, std::nullopt, s.C);
-    TORCH_CHECK(dy.sizes() == x.sizes(), kOp, ": grad_output of size ", shape_str(dy.sizes()),
-                " does not match input of size ", shape_str(x.sizes()));
+    check_grad_output(kOp, dy, x);
     TORCH_CHECK(act == Act::None || opt_ptr(y), kOp, ": the ReLU backward needs the forward output y");
     typename Backend::Guard guard(x);
     Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
@@ -246,6 +245,7 @@ struct BatchNormOps {
   static std::tuple<Tensor, Tensor> batch_norm_bwd_reduce(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                                           const Tensor& var, double eps) {
     const BatchNormShape s = check_batch_norm_input(kOp, x);
+    check_grad_output(kOp, dy, x);
     typename Backend::Guard guard(x);
     Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
     Tensor xc = batch_norm_input(x, s);
@@ -258,6 +258,7 @@ struct BatchNormOps {
                                      double eps) {
     const BatchNormShape s = check_batch_norm_input(kOp, x);
     check_bn_params(kOp, x, weight, std::nullopt, s.C);
+    check_grad_output(kOp, dy, x);
     typename Backend::Guard guard(x);
     Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
     Tensor kg = acc_vector(mean_dy, x, "mean_dy", s.C), kgx = acc_vector(mean_dy_xhat, x, "mean_dy_xhat", s.C);

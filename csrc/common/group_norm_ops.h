@@ -81,8 +81,7 @@ struct GroupNormOps {
                                                            const OptTensor& weight, const OptTensor& bias,
                                                            const std::string& activation, std::array<bool, 3> mask) {
     GroupNormShape s = check_group_norm_args(kOp, x, num_groups, weight, bias);
-    TORCH_CHECK(dy.sizes() == x.sizes(), kOp, ": grad_output of size ", shape_str(dy.sizes()),
-                " does not match input of size ", shape_str(x.sizes()));
+    check_grad_output(kOp, dy, x);
     check_saved_stat(kOp, "mean", mean, {s.N, s.G}, x);
     check_saved_stat(kOp, "rstd", rstd, {s.N, s.G}, x);
     const Act act = parse_activation(activation);

@@ -14,6 +14,13 @@ std::string shape_str(at::IntArrayRef sizes) {
   return s + "]";
 }
 
+void check_grad_output(const char* op, const at::Tensor& dy, const at::Tensor& x) {
+  TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output of size ", shape_str(dy.sizes()),
+              " does not match input of size ", shape_str(x.sizes()));
+  TORCH_CHECK(dy.is_floating_point(), op, ": grad_output must be a floating-point tensor, got ",
+              c10::toString(dy.scalar_type()));
+}
+
 void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
                       const at::Tensor& x) {
   TORCH_CHECK(t.sizes() == shape, op, ": ", name, " of size ", shape_str(t.sizes()), " does not match the ",

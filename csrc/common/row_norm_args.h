@@ -19,6 +19,9 @@ std::string shape_str(at::IntArrayRef sizes);
 
 // A statistic a backward op reads (mean, rstd): exactly `shape`, in the statistics dtype of x, on
 // x's device; the kernels index it without bounds.
+// grad_output of a backward op: x's sizes, a floating dtype (converted to x's).
+void check_grad_output(const char* op, const at::Tensor& dy, const at::Tensor& x);
+
 void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
                       const at::Tensor& x);
 

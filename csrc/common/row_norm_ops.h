@@ -53,8 +53,7 @@ struct RowNormOps {
                                                      at::IntArrayRef normalized_shape, const OptTensor& weight,
                                                      const OptTensor& bias, bool want_dx, bool want_dw, bool want_db) {
     RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
-    TORCH_CHECK(dy.sizes() == x.sizes(), op, ": grad_output of size ", shape_str(dy.sizes()),
-                " does not match input of size ", shape_str(x.sizes()));
+    check_grad_output(op, dy, x);
     if (mean) check_saved_stat(op, "mean", *mean, s.stat_shape, x);
     check_saved_stat(op, "rstd", rstd, s.stat_shape, x);
     typename Backend::Guard guard(x);
