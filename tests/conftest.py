@@ -49,6 +49,15 @@ def _seed(request):
     yield
 
 
+def assert_raises_like(call, theirs, ours) -> None:
+    """call(theirs) and call(ours) both raise, the same exception type."""
+    with pytest.raises(Exception) as t:
+        call(theirs)
+    with pytest.raises(Exception) as o:
+        call(ours)
+    assert type(o.value) is type(t.value), (o.value, t.value)
+
+
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """x ([N, C, *], any rank) stored as [N, *, C]: channels_last / channels_last_3d, and the same
     for 3-D inputs."""
