@@ -17,11 +17,11 @@ struct RowShape {
 // "[4, 8]": for error messages (see row_norm_args.cpp for why not operator<<).
 std::string shape_str(at::IntArrayRef sizes);
 
-// A statistic a backward op reads (mean, rstd): exactly `shape`, in the statistics dtype of x, on
-// x's device; the kernels index it without bounds.
 // grad_output of a backward op: x's sizes, a floating dtype (converted to x's).
 void check_grad_output(const char* op, const at::Tensor& dy, const at::Tensor& x);
 
+// A statistic a backward op reads (mean, rstd): exactly `shape`, in the statistics dtype of x, on
+// x's device; the kernels index it without bounds.
 void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
                       const at::Tensor& x);
 

@@ -19,6 +19,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import _ops  # noqa: F401  (ops + fakes)
+from ._ops import _stat_dtype
 
 F = torch.nn.functional
 
@@ -162,14 +163,14 @@ def rms_norm(
     eps=None uses the machine epsilon of the computation type (fp32 for half types), as torch does."""
     x = input
     if eps is None:
-        eps = torch.finfo(torch.float64 if x.dtype == torch.float64 else torch.float32).eps
+        eps = torch.finfo(_stat_dtype(x)).eps
     shape = _as_shape(normalized_shape)
     if len(shape) > x.dim():
         raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {x.dim()}")
-    if weight is not None and weight.dtype != x.dtype and weight.is_floating_point() and x.is_floating_point():
+    if weight is not None and weight.is_floating_point() and x.is_floating_point():
         # torch accepts any weight dtype and returns x's; the kernels take x's, or fp32 for half x
-        if not (x.dtype in _HALF and weight.dtype == torch.float32):
-            weight = weight.to(torch.float32 if x.dtype in _HALF else x.dtype)
+        if weight.dtype not in (x.dtype, _stat_dtype(x)):
+            weight = weight.to(_stat_dtype(x))
     if _reference():
         return F.rms_norm(x, shape, weight, eps)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight)):
@@ -188,17 +189,21 @@ class GroupNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, mean, rstd, weight, bias = ctx.saved_tensors
-        mask = _grad_mask(ctx, weight, bias, 2, 3)
-        if torch.is_grad_enabled():  # create_graph=True
-            g, eps, act = ctx.num_groups, ctx.eps, ctx.activation
-            dx, dw, db = _double_backward(lambda a, w, b: _act(F.group_norm(a, g, w, b, eps), act), dy,
-                                          [x, weight, bias], mask)
-            return dx, None, dw, db, None, None
-        dx, dw, db = torch.ops.fusenorm.group_norm_bwd(
-            dy, x, mean, rstd, ctx.num_groups, weight, bias, ctx.activation, mask
-        )
-        return _or_none(dx, mask[0]), None, _or_none(dw, mask[1]), _or_none(db, mask[2]), None, None
+        dx, dw, db = _group_norm_backward(ctx, dy, 2, 3)
+        return dx, None, dw, db, None, None
+
+
+def _group_norm_backward(ctx, dy, w_index: int, b_index: int) -> tuple:
+    """(dx, dweight, dbias) of a GroupNorm forward (weight and bias its inputs w_index, b_index),
+    None where not wanted; under create_graph=True through torch's composite."""
+    x, mean, rstd, weight, bias = ctx.saved_tensors
+    mask = _grad_mask(ctx, weight, bias, w_index, b_index)
+    groups, eps, act = ctx.num_groups, ctx.eps, ctx.activation
+    if torch.is_grad_enabled():  # create_graph=True
+        return tuple(_double_backward(lambda a, w, b: _act(F.group_norm(a, groups, w, b, eps), act), dy,
+                                      [x, weight, bias], mask))
+    dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, groups, weight, bias, act, mask)
+    return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2])
 
 
 def _activation_name(activation: Optional[str]) -> str:
@@ -284,17 +289,17 @@ def instance_norm(
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
         # eval with running statistics: BatchNorm's one-pass apply (SiLU / GELU after it, by torch)
         x, weight, bias = _autocast_fp32(input, weight, bias)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # any float buffers, as torch
+        acc = _stat_dtype(x)  # any float buffers, as torch
         y = batch_norm(x, running_mean.to(acc), running_var.to(acc), weight, bias, False, momentum, eps,
                        activation="relu" if act == "relu" else None)
         return _act(y, act) if act in ("silu", "gelu") else y
     if c == 0:  # no channels: an empty output, as torch
         return input.clone()
+    if running_mean is None:
+        return _group_norm(input, c, weight, bias, eps, act)
     x, weight, bias = _autocast_fp32(input, weight, bias)
     if _reference():
         return _act(F.instance_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), act)
-    if running_mean is None:
-        return _group_norm(x, c, weight, bias, eps, act)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
         y, mean, rstd = InstanceNormStatsFunction.apply(x, weight, bias, float(eps), act)
     else:
@@ -319,22 +324,14 @@ class InstanceNormStatsFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, eps, activation):
         y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, x.size(1), weight, bias, eps, activation)
         ctx.save_for_backward(x, mean, rstd, weight, bias)
-        ctx.activation, ctx.eps = activation, eps
+        ctx.num_groups, ctx.activation, ctx.eps = x.size(1), activation, eps
         ctx.mark_non_differentiable(mean, rstd)
         return y, mean, rstd
 
     @staticmethod
     def backward(ctx, dy, _dmean, _drstd):
-        x, mean, rstd, weight, bias = ctx.saved_tensors
-        mask = _grad_mask(ctx, weight, bias, 1, 2)
-        if torch.is_grad_enabled():  # create_graph=True
-            eps, act = ctx.eps, ctx.activation
-            dx, dw, db = _double_backward(lambda a, w, b: _act(F.group_norm(a, a.size(1), w, b, eps), act), dy,
-                                          [x, weight, bias], mask)
-            return dx, dw, db, None, None
-        dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, x.size(1), weight, bias, ctx.activation,
-                                                       mask)
-        return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2]), None, None
+        dx, dw, db = _group_norm_backward(ctx, dy, 1, 2)
+        return dx, dw, db, None, None
 
 
 _BN_FWD = torch.ops.fusenorm.batch_norm_fwd.default
@@ -409,8 +406,7 @@ def _bn_backward(ctx, dy, x, mean, var, weight, y, want):
             return F.batch_norm(a, *stats, w, None, training, 0.0, eps)
 
         dx, dw = _double_backward(fn, g, [x, weight], want[:2]) if want[0] or want[1] else (None, None)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-        db = g.sum([0] + list(range(2, x.dim())), dtype=acc).to(ctx.bias_dtype) if want[2] else None
+        db = g.sum([0] + list(range(2, x.dim())), dtype=_stat_dtype(x)).to(ctx.bias_dtype) if want[2] else None
         return dx, dw, db, g if want[3] else None
     dx, dw, db, dz = torch.ops.fusenorm.batch_norm_bwd(
         dy, x, mean, var, weight, y, ctx.eps, ctx.training, ctx.activation,
@@ -432,10 +428,9 @@ def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor
         raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
     if t.dim() != 1:
         raise RuntimeError(f"{name} should be a 1-D tensor of {c} elements, got shape {tuple(t.shape)}")
-    if dtype and x.is_floating_point() and t.dtype != x.dtype and not (x.dtype in _HALF and t.dtype == torch.float32):
-        want = "Float" if x.dtype in _HALF else str(x.dtype).replace("torch.", "")
+    if dtype and x.is_floating_point() and t.dtype not in (x.dtype, _stat_dtype(x)):
         raise RuntimeError(f"mixed dtype: expected {name} of input's dtype or float, got {t.dtype} for {x.dtype} "
-                           f"input (expect parameter to have scalar type of {want})")
+                           f"input (expect parameter to have scalar type of {_stat_dtype(x)})")
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum) -> None:
