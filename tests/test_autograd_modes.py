@@ -117,6 +117,55 @@ def test_torch_func_grad_and_vmap(name):
                                    torch.stack([theirs(xx, w, b) for xx in xs]))
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_compiled_torch_func_transforms(name):
+    """torch.compile over torch.func.grad/jvp/vmap: while Dynamo traces, the functions see the
+    transform (torch._C._are_functorch_transforms_active) and trace torch's composite. They took
+    the kernels, which have no autograd kernel of their own: wrong gradients and only a warning."""
+    import warnings
+
+    _, ours, theirs = CASES[name]
+    x, w, b = _inputs(name, "cpu")
+    tx = torch.randn_like(x)
+    torch._dynamo.reset()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*autograd kernel was not registered.*")
+        g_o = torch.compile(torch.func.grad(lambda xx, ww: ours(xx, ww, b).pow(2).sum(), argnums=(0, 1)),
+                            backend="aot_eager", fullgraph=True)(x, w)
+    g_t = torch.func.grad(lambda xx, ww: theirs(xx, ww, b).pow(2).sum(), argnums=(0, 1))(x, w)
+    torch.testing.assert_close(g_o, g_t)
+
+    def compiled_jvp(fn):
+        return torch.compile(lambda xx, tt: torch.func.jvp(lambda a: fn(a, w, b), (xx,), (tt,))[1],
+                             backend="aot_eager", fullgraph=True)(x, tx)
+
+    try:  # torch's own compiled jvp fails for some norms (layer_norm with a weight, group_norm)
+        j_t = compiled_jvp(theirs)
+    except Exception:
+        with pytest.raises(Exception):  # then ours raises too, never a silently wrong tangent
+            compiled_jvp(ours)
+    else:
+        torch.testing.assert_close(compiled_jvp(ours), j_t)
+    if not name.startswith("batch_norm"):
+        xs = torch.stack([x, 2 * x + 1])
+        v_o = torch.compile(torch.func.vmap(lambda xx: ours(xx, w, b)), backend="aot_eager", fullgraph=True)(xs)
+        torch.testing.assert_close(v_o, torch.stack([theirs(xx, w, b) for xx in xs]))
+
+
+def test_compile_without_transforms_keeps_the_kernels():
+    """The transform query traced under compile is False without a transform: our ops stay in
+    the graph, forward and backward."""
+    from torch._dynamo.testing import AotEagerAndRecordGraphs
+
+    backend = AotEagerAndRecordGraphs()
+    x = torch.randn(4, 6, 5, requires_grad=True)
+    torch._dynamo.reset()
+    torch.compile(lambda a: fusenorm.group_norm(a, 2, activation="silu"), backend=backend, fullgraph=True)(x).sum().backward()
+    code = "".join(g.code for g in backend.fw_graphs + backend.bw_graphs)
+    assert "fusenorm.group_norm_fwd" in code and "fusenorm.group_norm_bwd" in code
+    assert "native_group_norm" not in code
+
+
 def test_first_order_backward_still_runs_the_kernels():
     """Without create_graph the backward is the kernels' own (no composite recomputation)."""
     x = torch.randn(4, 6, 5, requires_grad=True)
