@@ -119,9 +119,10 @@ def test_torch_func_grad_and_vmap(name):
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_compiled_torch_func_transforms(name):
-    """torch.compile over torch.func.grad/jvp/vmap: while Dynamo traces, the functions see the
-    transform (torch._C._are_functorch_transforms_active) and trace torch's composite. They took
-    the kernels, which have no autograd kernel of their own: wrong gradients and only a warning."""
+    """torch.compile over torch.func.grad/jvp/vmap and forward-mode AD: while Dynamo traces, the
+    functions see the transform (torch._C._are_functorch_transforms_active, the forward-AD level)
+    and trace torch's composite. They took the kernels, which have no autograd kernel of their own:
+    wrong gradients with only a warning, and no tangent at all."""
     import warnings
 
     _, ours, theirs = CASES[name]
@@ -146,6 +147,14 @@ def test_compiled_torch_func_transforms(name):
             compiled_jvp(ours)
     else:
         torch.testing.assert_close(compiled_jvp(ours), j_t)
+    # forward-mode AD through a compiled function (Dynamo falls back to eager for a dual input)
+    f_o = torch.compile(lambda a: ours(a, w, b), backend="aot_eager")
+    f_o(x)  # compiled first without a dual level: the guard must send the dual call elsewhere
+    with fwAD.dual_level():
+        t_o = fwAD.unpack_dual(f_o(fwAD.make_dual(x, tx))).tangent
+        t_t = fwAD.unpack_dual(theirs(fwAD.make_dual(x, tx), w, b)).tangent
+    assert t_o is not None
+    torch.testing.assert_close(t_o, t_t)
     if not name.startswith("batch_norm"):
         xs = torch.stack([x, 2 * x + 1])
         v_o = torch.compile(torch.func.vmap(lambda xx: ours(xx, w, b)), backend="aot_eager", fullgraph=True)(xs)

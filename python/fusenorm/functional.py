@@ -67,10 +67,13 @@ _HALF = (torch.float16, torch.bfloat16)
 
 def _reference() -> bool:
     """True under forward-mode AD or a torch.func transform (grad, jvp, vmap), which the kernels'
-    autograd Functions do not support: the caller then runs torch's composite of the same norm."""
-    if torch.compiler.is_compiling():  # Dynamo traces this query (not maybe_current_level) into the graph
+    autograd Functions do not support: the caller then runs torch's composite of the same norm.
+    Inside torch.compile too: Dynamo guards on the forward-AD level and traces the functorch query."""
+    if torch.autograd.forward_ad._current_level >= 0:
+        return True
+    if torch.compiler.is_compiling():  # Dynamo traces this query (not maybe_current_level)
         return torch._C._are_functorch_transforms_active()
-    return torch.autograd.forward_ad._current_level >= 0 or torch._C._functorch.maybe_current_level() is not None
+    return torch._C._functorch.maybe_current_level() is not None
 
 
 def _double_backward(fn, dy: torch.Tensor, inputs: list, want: list) -> list:
