@@ -43,3 +43,20 @@ def test_weight_of_another_dtype_and_rank_error():
         torch.testing.assert_close(y, ref, atol=tol, rtol=tol)
     with pytest.raises(ValueError, match="at least 3 dimensions"):
         fusenorm.rms_norm(torch.randn(2, 8), [2, 2, 8])
+
+
+def test_inference_mode_input_with_trainable_weight():
+    """An input made under torch.inference_mode, then a training step outside it: torch's RMSNorm
+    gives the weight's gradient (it saves only its normalized x); ours must too."""
+    with torch.inference_mode():
+        x = torch.randn(4, 8, 6)
+    ours, theirs = fusenorm.RMSNorm(6), torch.nn.RMSNorm(6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        theirs.weight.copy_(ours.weight)
+    dy = torch.randn(4, 8, 6)
+    y_o, y_t = ours(x), theirs(x)
+    (y_o * dy).sum().backward()
+    (y_t * dy).sum().backward()
+    torch.testing.assert_close(y_o, y_t)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)

@@ -177,6 +177,8 @@ def rms_norm(
     if _reference():
         return F.rms_norm(x, shape, weight, eps)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight)):
+        if x.is_inference():  # dweight needs x, and an inference tensor cannot be saved; torch's
+            x = x.clone()     # composite saves only its normalized x, so it works there
         return RMSNormFunction.apply(x, shape, weight, float(eps))
     return _RMS_FWD(x, shape, weight, float(eps))[0]
 
