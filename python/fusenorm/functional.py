@@ -177,8 +177,10 @@ def rms_norm(
     if _reference():
         return F.rms_norm(x, shape, weight, eps)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight)):
-        if x.is_inference():  # dweight needs x, and an inference tensor cannot be saved; torch's
-            x = x.clone()     # composite saves only its normalized x, so it works there
+        # dweight needs x, and an inference tensor cannot be saved (torch's composite saves only its
+        # normalized x, so it works there). Dynamo cannot trace is_inference().
+        if not torch.compiler.is_compiling() and x.is_inference():
+            x = x.clone()
         return RMSNormFunction.apply(x, shape, weight, float(eps))
     return _RMS_FWD(x, shape, weight, float(eps))[0]
 
