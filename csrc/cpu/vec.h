@@ -62,6 +62,8 @@ struct Vec<8> {
   friend Vec fnmadd(Vec a, Vec b, Vec c) { return {_mm256_fnmadd_ps(a.r, b.r, c.r)}; }  // c - a * b
   friend Vec vmax(Vec a, Vec b) { return {_mm256_max_ps(a.r, b.r)}; }
   friend Vec vmin(Vec a, Vec b) { return {_mm256_min_ps(a.r, b.r)}; }
+  // x where a < b, else y (NaN compares false)
+  friend Vec select_lt(Vec a, Vec b, Vec x, Vec y) { return {_mm256_blendv_ps(y.r, x.r, _mm256_cmp_ps(a.r, b.r, _CMP_LT_OQ))}; }
   // ReLU's gradient mask: g except where y <= 0 (+0 there); NaN y passes g, as torch's threshold_backward
   friend Vec relu_pass(Vec y, Vec g) {
     return {_mm256_and_ps(_mm256_cmp_ps(y.r, _mm256_setzero_ps(), _CMP_NLE_UQ), g.r)};
@@ -113,6 +115,9 @@ struct Vec<16> {
   friend Vec fnmadd(Vec a, Vec b, Vec c) { return {_mm512_fnmadd_ps(a.r, b.r, c.r)}; }
   friend Vec vmax(Vec a, Vec b) { return {_mm512_max_ps(a.r, b.r)}; }
   friend Vec vmin(Vec a, Vec b) { return {_mm512_min_ps(a.r, b.r)}; }
+  friend Vec select_lt(Vec a, Vec b, Vec x, Vec y) {
+    return {_mm512_mask_mov_ps(y.r, _mm512_cmp_ps_mask(a.r, b.r, _CMP_LT_OQ), x.r)};
+  }
   friend Vec relu_pass(Vec y, Vec g) {
     return {_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(y.r, _mm512_setzero_ps(), _CMP_NLE_UQ), g.r)};
   }
@@ -196,6 +201,7 @@ struct Vec2 {
   friend Vec2 fnmadd(Vec2 x, Vec2 y, Vec2 z) { return {fnmadd(x.a, y.a, z.a), fnmadd(x.b, y.b, z.b)}; }
   friend Vec2 vmax(Vec2 x, Vec2 y) { return {vmax(x.a, y.a), vmax(x.b, y.b)}; }
   friend Vec2 vmin(Vec2 x, Vec2 y) { return {vmin(x.a, y.a), vmin(x.b, y.b)}; }
+  friend Vec2 select_lt(Vec2 p, Vec2 q, Vec2 x, Vec2 y) { return {select_lt(p.a, q.a, x.a, y.a), select_lt(p.b, q.b, x.b, y.b)}; }
   friend Vec2 relu_pass(Vec2 y, Vec2 g) { return {relu_pass(y.a, g.a), relu_pass(y.b, g.b)}; }
   friend Vec2 add_to_exponent(Vec2 e, Vec2 k) { return {add_to_exponent(e.a, k.a), add_to_exponent(e.b, k.b)}; }
 };
