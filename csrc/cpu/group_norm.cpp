@@ -402,6 +402,11 @@ struct GroupNormBackend {
 #endif
               const int64_t rest = C - c0;
               if (rest == 0) continue;
+              if (rest < 8) {  // the last C % 8 channels after the vectors (or C < 8): scalar, in place
+                for (int64_t c = c0; c < C; ++c)
+                  ys[c] = static_cast<T>(activate(act, ((static_cast<A>(xs[c]) - piv[c]) - mu_c[c]) * scale[c] + b[c]));
+                continue;
+              }
               to_acc(xs + c0, v.data(), rest);
               for (int64_t c = 0; c < rest; ++c)
                 v[c] = ((v[c] - piv[c0 + c]) - mu_c[c0 + c]) * scale[c0 + c] + b[c0 + c];
@@ -520,7 +525,8 @@ struct GroupNormBackend {
                       Buf<A>& part_b) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
-    const bool simd_channels = C % 8 == 0;  // SIMD fp32: 16 or 8 channels at a time
+    // SIMD fp32: 16 then 8 channels at a time, the last C % 8 channels of each site scalar
+    const bool simd_channels = C >= 8;
     auto samples = [&](int64_t nb, int64_t ne) {
       Buf<A> pw(chunks * C), pb(chunks * C), mu_c(C), rs_c(C), a_c(C), cc_c(C);
       // dz and xhat for one site, along the channels
@@ -561,7 +567,7 @@ struct GroupNormBackend {
                   for (int64_t site = s0; site < s1; ++site) {
                     const T *xs = xn + site * C, *ds = dn + site * C;
                     float* zs = dz_keep ? dz_keep + site * C : nullptr;
-                    simd_for(C, [&](auto t, int64_t c) {
+                    const int64_t c0 = simd_for(C, [&](auto t, int64_t c) {
                       using V = decltype(t);
                       const V xv = (V::load(xs + c) - V::load(mup + c)) * V::load(rsp + c);
                       V dv = V::load(ds + c);
@@ -572,6 +578,16 @@ struct GroupNormBackend {
                       fmadd(dv, xv, V::load(qw + c)).store(qw + c);
                       (V::load(qb + c) + dv).store(qb + c);
                     });
+                    for (int64_t c = c0; c < C; ++c) {
+                      const float xh = (static_cast<float>(xs[c]) - mup[c]) * rsp[c];
+                      float dv = static_cast<float>(ds[c]);
+                      if (act != Act::None) {
+                        dv = activate_backward(act, xh * wp[c] + bp[c], dv);
+                        if (zs) zs[c] = dv;
+                      }
+                      qw[c] += dv * xh;
+                      qb[c] += dv;
+                    }
                   }
                 });
                 continue;
@@ -616,13 +632,17 @@ struct GroupNormBackend {
                   const T* xs = xn + site * C;
                   const auto* ds = src + site * C;
                   T* dxs = dxn + site * C;
-                  simd_for(C, [&](auto t, int64_t c) {
+                  const int64_t c0 = simd_for(C, [&](auto t, int64_t c) {
                     using V = decltype(t);
                     const V rsv = V::load(rsp + c);
                     const V xv = (V::load(xs + c) - V::load(mup + c)) * rsv;
                     const V g = fmsub(V::load(ds + c), V::load(wp + c), V::load(ap + c));
                     (rsv * (g - xv * V::load(ccp + c))).store(dxs + c);
                   });
+                  for (int64_t c = c0; c < C; ++c) {
+                    const float xh = (static_cast<float>(xs[c]) - mup[c]) * rsp[c];
+                    dxs[c] = static_cast<T>(rsp[c] * ((static_cast<float>(ds[c]) * wp[c] - ap[c]) - xh * ccp[c]));
+                  }
                 }
               };
               if (dz_keep) {
