@@ -445,6 +445,14 @@ def _update_running(running_mean, running_var, mean, var, count, momentum) -> No
     batch variance. momentum may be a 0-d tensor (the cumulative average 1 / num_batches_tracked,
     kept on the device: no host sync)."""
     with torch.no_grad():
+        if isinstance(momentum, (int, float)) and isinstance(count, int):
+            # the usual case, two in-place ops per buffer and no temporaries: on CPU each small op
+            # costs microseconds, and the general form below took ~140 us of a 2x16x8x8 training step
+            if running_mean is not None:
+                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
+            if running_var is not None:
+                running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
+            return
         if running_mean is not None:
             running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
         if running_var is not None:
