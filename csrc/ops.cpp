@@ -34,6 +34,12 @@ TORCH_LIBRARY(fusenorm, m) {
   m.def("batch_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, Tensor? residual, float eps,"
         " str activation=\"none\") -> (Tensor y, Tensor mean, Tensor var)");
   m.def("batch_norm_stats(Tensor x) -> (Tensor mean, Tensor var)");
+  // torch.nn's running-statistics rule in place, after a training forward: running_mean =
+  // (1 - momentum) running_mean + momentum mean, running_var the same with unbias * var (unbias =
+  // n / (n - 1)). CPU only: small CPU ops cost microseconds each, and the four of the Python form
+  // were most of a small BatchNorm's training step.
+  m.def("batch_norm_update_running(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
+        " float momentum, float unbias) -> ()");
   m.def("batch_norm_apply(Tensor x, Tensor mean, Tensor var, Tensor? weight, Tensor? bias, Tensor? residual,"
         " float eps, str activation=\"none\") -> Tensor");
   // training: mean/var are the batch's (dx through them); else constants. y: the forward output (ReLU).

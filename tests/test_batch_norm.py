@@ -308,6 +308,25 @@ def test_opcheck(device):
         torch.library.opcheck(ops.batch_norm_bwd_elemt, (dy, t, mean, var, w, mean, var, 1e-5))
 
 
+@pytest.mark.parametrize("buf_dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+def test_update_running_op(buf_dtype):
+    """The CPU op behind the running-statistics update: torch.nn's rule in fp64, into buffers of any
+    float dtype and stride; opcheck; mismatched sizes raise."""
+    ops = torch.ops.fusenorm
+    stat_dtype = torch.float64 if buf_dtype == torch.float64 else torch.float32
+    rm = torch.randn(12).to(buf_dtype)[::2]  # a strided buffer
+    rv = torch.rand(6).to(buf_dtype)
+    mean, var = torch.randn(6, dtype=stat_dtype), torch.rand(6, dtype=stat_dtype)
+    want_m = (0.7 * rm.double() + 0.3 * mean.double()).to(buf_dtype)
+    want_v = (0.7 * rv.double() + 0.3 * (10 / 9) * var.double()).to(buf_dtype)
+    ops.batch_norm_update_running(rm, rv, mean, var, 0.3, 10 / 9)
+    torch.testing.assert_close(rm, want_m, atol=0, rtol=0)
+    torch.testing.assert_close(rv, want_v, atol=0, rtol=0)
+    torch.library.opcheck(ops.batch_norm_update_running, (rm.clone(), rv.clone(), mean, var, 0.1, 2.0))
+    with pytest.raises(RuntimeError, match="running statistic"):
+        ops.batch_norm_update_running(torch.zeros(5, dtype=buf_dtype), rv, mean, var, 0.1, 2.0)
+
+
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_compile_fullgraph(layout, momentum):

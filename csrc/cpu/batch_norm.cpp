@@ -579,9 +579,41 @@ struct BatchNormBackend {
   }
 };
 
+// buf <- (1 - momentum) buf + momentum * scale * stat, in fp64, over two 1-D tensors of C values
+// (any float dtypes, any stride).
+inline void update_running(const at::Tensor& buf, const at::Tensor& stat, double momentum, double scale) {
+  TORCH_CHECK(buf.dim() == 1 && stat.dim() == 1 && buf.numel() == stat.numel(),
+              "fusenorm: running statistic of ", buf.numel(), " values for ", stat.numel(), " channels");
+  TORCH_CHECK(buf.device() == stat.device(), "fusenorm: running statistic on ", buf.device(),
+              ", batch statistics on ", stat.device());
+  TORCH_CHECK(stat.scalar_type() == at::kFloat || stat.scalar_type() == at::kDouble,
+              "fusenorm: batch statistics must be float or double, got ", stat.scalar_type());
+  const int64_t C = buf.numel(), bs = buf.stride(0), ss = stat.stride(0);
+  FUSENORM_DISPATCH(buf.scalar_type(), buf.scalar_type(), "batch_norm_update_running", [&] {
+    scalar_t* b = buf.data_ptr<scalar_t>();
+    auto run = [&](const auto* s) {
+      for (int64_t c = 0; c < C; ++c)
+        b[c * bs] = static_cast<scalar_t>((1.0 - momentum) * static_cast<double>(b[c * bs]) +
+                                          momentum * scale * static_cast<double>(s[c * ss]));
+    };
+    if (stat.scalar_type() == at::kFloat) {
+      run(stat.data_ptr<float>());
+    } else {
+      run(stat.data_ptr<double>());
+    }
+  });
+}
+
+void batch_norm_update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
+                               const at::Tensor& var, double momentum, double unbias) {
+  update_running(running_mean, mean, momentum, 1.0);
+  update_running(running_var, var, momentum, unbias);
+}
+
 }  // namespace fusenorm::cpu
 
 TORCH_LIBRARY_IMPL(fusenorm, CPU, m) {
+  m.impl("batch_norm_update_running", &fusenorm::cpu::batch_norm_update_running);
   using Ops = fusenorm::BatchNormOps<fusenorm::cpu::BatchNormBackend>;
   m.impl("batch_norm_fwd", &Ops::batch_norm_fwd);
   m.impl("batch_norm_stats", &Ops::batch_norm_stats);

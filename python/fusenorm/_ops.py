@@ -100,6 +100,11 @@ def _batch_norm_stats_fake(x):
     return stat, stat.clone()
 
 
+@torch.library.register_fake("fusenorm::batch_norm_update_running")
+def _batch_norm_update_running_fake(running_mean, running_var, mean, var, momentum, unbias):
+    _same_device(running_mean, running_var, mean, var)
+
+
 @torch.library.register_fake("fusenorm::batch_norm_apply")
 def _batch_norm_apply_fake(x, mean, var, weight, bias, residual, eps, activation="none"):
     _same_device(x, mean, var, weight, bias, residual)
