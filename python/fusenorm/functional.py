@@ -433,11 +433,11 @@ def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor
     (BatchNorm's rule; torch's instance_norm takes any float dtype)."""
     if t is None:
         return
-    if t.numel() != c:
-        raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
-    if t.dim() != 1:
+    if t.dim() != 1 or t.size(0) != c:
+        if t.numel() != c:
+            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
         raise RuntimeError(f"{name} should be a 1-D tensor of {c} elements, got shape {tuple(t.shape)}")
-    if dtype and x.is_floating_point() and t.dtype not in (x.dtype, _stat_dtype(x)):
+    if dtype and t.dtype != x.dtype and x.is_floating_point() and t.dtype != _stat_dtype(x):
         raise RuntimeError(f"mixed dtype: expected {name} of input's dtype or float, got {t.dtype} for {x.dtype} "
                            f"input (expect parameter to have scalar type of {_stat_dtype(x)})")
 
