@@ -323,8 +323,10 @@ def test_update_running_op(buf_dtype):
     torch.testing.assert_close(rm, want_m, atol=0, rtol=0)
     torch.testing.assert_close(rv, want_v, atol=0, rtol=0)
     torch.library.opcheck(ops.batch_norm_update_running, (rm.clone(), rv.clone(), mean, var, 0.1, 2.0))
-    with pytest.raises(RuntimeError, match="running statistic"):
-        ops.batch_norm_update_running(torch.zeros(5, dtype=buf_dtype), rv, mean, var, 0.1, 2.0)
+    before = rm.clone()
+    with pytest.raises(RuntimeError, match="running statistic"):  # the second pair checked before the first is written
+        ops.batch_norm_update_running(rm, torch.zeros(5, dtype=buf_dtype), mean, var, 0.1, 2.0)
+    assert torch.equal(rm, before)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])

@@ -181,6 +181,16 @@ def test_gelu_over_its_whole_range(device, layout):
     ref = F.gelu(z)
     err = (y - ref).abs()
     assert err.max() <= 1e-6 and (err / ref.abs())[ref.abs() > 1e-6].max() <= 2e-6, err.max()
+    # |z| up to 1e37 (a huge bias): y = 0 and z for negative and positive z, gradients 0 and 1
+    big = torch.tensor([-1e37, -1e30, 1e30, 1e37], device=device)
+    xb = _layout(torch.randn(4, 16, 4, 4, device=device), layout)
+    for v in big:
+        yb = fusenorm.group_norm(xb, 2, None, torch.full((16,), v.item(), device=device), activation="gelu")
+        torch.testing.assert_close(yb, F.gelu(F.group_norm(xb, 2, None, torch.full((16,), v.item(), device=device))))
+    bb = torch.full((16,), -1e37, device=device, requires_grad=True)
+    xg = xb.clone().requires_grad_()
+    fusenorm.group_norm(xg, 2, None, bb, activation="gelu").sum().backward()
+    assert xg.grad.abs().max() == 0 and bb.grad.abs().max() == 0
     dy = torch.randn_like(x)
     grads = {}
     for name, fn, dt in [("ours", lambda *a: fusenorm.group_norm(*a, eps=0.0, activation="gelu"), torch.float32),

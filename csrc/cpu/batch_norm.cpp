@@ -579,15 +579,19 @@ struct BatchNormBackend {
   }
 };
 
-// buf <- (1 - momentum) buf + momentum * scale * stat, in fp64, over two 1-D tensors of C values
-// (any float dtypes, any stride).
-inline void update_running(const at::Tensor& buf, const at::Tensor& stat, double momentum, double scale) {
+// A running statistic and its batch statistic: 1-D, C values each, on one device, the batch one fp32/fp64.
+inline void check_running_pair(const at::Tensor& buf, const at::Tensor& stat) {
   TORCH_CHECK(buf.dim() == 1 && stat.dim() == 1 && buf.numel() == stat.numel(),
-              "fusenorm: running statistic of ", buf.numel(), " values for ", stat.numel(), " channels");
+              "fusenorm: a running statistic of shape ", buf.sizes(), " for batch statistics of shape ", stat.sizes(),
+              " (both must be 1-D, of the same size)");
   TORCH_CHECK(buf.device() == stat.device(), "fusenorm: running statistic on ", buf.device(),
               ", batch statistics on ", stat.device());
   TORCH_CHECK(stat.scalar_type() == at::kFloat || stat.scalar_type() == at::kDouble,
               "fusenorm: batch statistics must be float or double, got ", stat.scalar_type());
+}
+
+// buf <- (1 - momentum) buf + momentum * scale * stat, in fp64 (any float dtypes, any stride).
+inline void update_running(const at::Tensor& buf, const at::Tensor& stat, double momentum, double scale) {
   const int64_t C = buf.numel(), bs = buf.stride(0), ss = stat.stride(0);
   FUSENORM_DISPATCH(buf.scalar_type(), buf.scalar_type(), "batch_norm_update_running", [&] {
     scalar_t* b = buf.data_ptr<scalar_t>();
@@ -606,6 +610,8 @@ inline void update_running(const at::Tensor& buf, const at::Tensor& stat, double
 
 void batch_norm_update_running(const at::Tensor& running_mean, const at::Tensor& running_var, const at::Tensor& mean,
                                const at::Tensor& var, double momentum, double unbias) {
+  check_running_pair(running_mean, mean);  // both checked before either buffer changes
+  check_running_pair(running_var, var);
   update_running(running_mean, mean, momentum, 1.0);
   update_running(running_var, var, momentum, unbias);
 }

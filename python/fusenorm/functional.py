@@ -450,7 +450,8 @@ def _update_running(running_mean, running_var, mean, var, count, momentum) -> No
         if isinstance(momentum, (int, float)) and isinstance(count, int):
             # the usual case. On CPU each small op costs 10-20 us, and the general form below took
             # ~140 us of a 2x16x8x8 training step: one op there, two in-place ops per buffer elsewhere
-            if running_mean is not None and running_var is not None and running_mean.device.type == "cpu":
+            if (running_mean is not None and running_var is not None and mean.device.type == "cpu"
+                    and running_mean.device.type == "cpu" and running_var.device.type == "cpu"):
                 _BN_UPDATE(running_mean, running_var, mean, var, float(momentum), count / (count - 1))
                 return
             if running_mean is not None:
