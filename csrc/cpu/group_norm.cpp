@@ -12,6 +12,8 @@
 // second pass.
 // Backward: dz = dy * act'(z) (z recomputed from x), per-channel sums of dz and dz * xhat give
 // dweight/dbias (per-sample partials summed over n in order) and the group sums for dx.
+// Activations: SIMD in fp32 accumulation (ReLU, SiLU, GELU: activate_vec); fp64 SiLU/GELU use torch's
+// vectorized activation and its backward around the passes (fwd/bwd), other fp64 work is scalar.
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/gelu.h>
