@@ -405,7 +405,6 @@ struct GroupNormBackend {
         });
         // pass 3: y along the channel axis, site by site
         at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
-          Buf<A> v(C);
           const A *pv = piv.data(), *mv = mu_c.data(), *sc = scale.data(), *sh = b.data();
           auto sites = [&](auto ac) {
             for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
@@ -422,18 +421,9 @@ struct GroupNormBackend {
                 });
               }
 #endif
-              const int64_t rest = C - c0;
-              if (rest == 0) continue;
-              if (rest < 8) {  // the last C % 8 channels after the vectors (or C < 8): scalar, in place
-                for (int64_t c = c0; c < C; ++c)
-                  ys[c] = static_cast<T>(activate(act, ((static_cast<A>(xs[c]) - piv[c]) - mu_c[c]) * scale[c] + b[c]));
-                continue;
-              }
-              to_acc(xs + c0, v.data(), rest);
-              for (int64_t c = 0; c < rest; ++c)
-                v[c] = ((v[c] - piv[c0 + c]) - mu_c[c0 + c]) * scale[c0 + c] + b[c0 + c];
-              activate_inplace(act, v.data(), rest);
-              from_acc(v.data(), ys + c0, rest);
+              // the channels after the vectors (the last C % 8, or all where there is no SIMD path)
+              for (int64_t c = c0; c < C; ++c)
+                ys[c] = static_cast<T>(activate(act, ((static_cast<A>(xs[c]) - piv[c]) - mu_c[c]) * scale[c] + b[c]));
             }
           };
           with_act(act, sites);

@@ -315,12 +315,12 @@ def instance_norm(
     n = x.numel() // max(1, x.size(0) * c)  # values per instance
     if n > 0:  # no values: torch leaves the running statistics as they are
         with torch.no_grad():
-            # the unbiased variance per instance, from x (1 / rstd^2 - eps would cancel where eps is
-            # not small next to the variance); half types reduced in fp32
+            # the biased variance per instance, from x (1 / rstd^2 - eps would cancel where eps is
+            # not small next to the variance); half types reduced in fp32. BatchNorm's update rule
+            # (unbiased by n / (n - 1)) on the means over the batch.
             dims = tuple(range(2, x.dim()))
-            var = (x.float() if x.dtype in _HALF else x).var(dims, correction=1)
-            running_mean.mul_(1 - momentum).add_(mean.mean(0).to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var.mean(0).to(running_var.dtype), alpha=momentum)
+            var = (x.float() if x.dtype in _HALF else x).var(dims, correction=0)
+            _update_running(running_mean, running_var, mean.mean(0), var.mean(0), n, momentum)
     return y
 
 
@@ -447,17 +447,12 @@ def _update_running(running_mean, running_var, mean, var, count, momentum) -> No
     batch variance. momentum may be a 0-d tensor (the cumulative average 1 / num_batches_tracked,
     kept on the device: no host sync)."""
     with torch.no_grad():
-        if isinstance(momentum, (int, float)) and isinstance(count, int):
-            # the usual case. On CPU each small op costs 10-20 us, and the general form below took
-            # ~140 us of a 2x16x8x8 training step: one op there, two in-place ops per buffer elsewhere
-            if (running_mean is not None and running_var is not None and mean.device.type == "cpu"
-                    and running_mean.device.type == "cpu" and running_var.device.type == "cpu"):
-                _BN_UPDATE(running_mean, running_var, mean, var, float(momentum), count / (count - 1))
-                return
-            if running_mean is not None:
-                running_mean.mul_(1 - momentum).add_(mean, alpha=momentum)
-            if running_var is not None:
-                running_var.mul_(1 - momentum).add_(var, alpha=momentum * count / (count - 1))
+        # the usual case on CPU, where each small op costs 10-20 us (the form below took ~140 us of a
+        # 2x16x8x8 training step): one op
+        if (isinstance(momentum, (int, float)) and isinstance(count, int) and running_mean is not None
+                and running_var is not None and mean.device.type == "cpu"
+                and running_mean.device.type == "cpu" and running_var.device.type == "cpu"):
+            _BN_UPDATE(running_mean, running_var, mean, var, float(momentum), count / (count - 1))
             return
         if running_mean is not None:
             running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
