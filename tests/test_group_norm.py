@@ -156,8 +156,8 @@ def test_large_mean_tiny_variance(device, layout, budget, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("act", ["silu", "gelu", "relu"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("channels", [12, 16])  # CPU: scalar channels, and the 8-channel vector path
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("channels", [12, 16])  # CPU: 8 vector + 4 scalar channels, and vectors only
 def test_fused_activation(device, act, layout, dtype, channels):
     _check(device, dtype, (2, channels, 6, 7), 4, layout, act)
 
