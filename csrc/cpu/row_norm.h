@@ -237,16 +237,24 @@ inline float sq_dev_vec(const S* v, int64_t n, float c, float m, const T* next) 
   return s;
 }
 
-// y_i = ((v_i - c) - mu) * rs * w_i + b_i, converted and stored straight into the output row.
-template <typename T>
+// y_i = ((v_i - c) - mu) * rs * w_i + b_i (RMS: y_i = v_i * rs * w_i), converted and stored
+// straight into the output row, prefetching the row `next` (of the same length) when given: the
+// RMSNorm forward has no second pass over the row to prefetch in, and without it the next row's
+// first read waits on memory (bf16 4096x4096 on the EPYC VM: 2.4-2.8 -> 1.5-2.2 ms).
+template <bool RMS, typename T>
 inline void normalize_store(const float* v, const float* w, const float* b, T* y, int64_t n, float c, float mu,
-                            float rs) {
+                            float rs, const T* next) {
   int64_t i = simd_for(n, [&](auto z, int64_t i) {
     using V = decltype(z);
-    const V h = ((V::load(v + i) - V::set1(c)) - V::set1(mu)) * V::set1(rs);
-    fmadd(h, V::load(w + i), V::load(b + i)).store(y + i);
+    if (next) __builtin_prefetch(next + i, 0, 2);
+    if constexpr (RMS) {
+      (V::load(v + i) * V::set1(rs) * V::load(w + i)).store(y + i);
+    } else {
+      const V h = ((V::load(v + i) - V::set1(c)) - V::set1(mu)) * V::set1(rs);
+      fmadd(h, V::load(w + i), V::load(b + i)).store(y + i);
+    }
   });
-  for (; i < n; ++i) y[i] = static_cast<T>(((v[i] - c) - mu) * rs * w[i] + b[i]);
+  for (; i < n; ++i) y[i] = static_cast<T>(RMS ? v[i] * rs * w[i] : ((v[i] - c) - mu) * rs * w[i] + b[i]);
 }
 
 // Backward, first read of a row: x and dy converted into xb/gb (half types) while summing
@@ -470,7 +478,7 @@ void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at
         const T* next = r + 1 < end ? xr + N : nullptr;
         const float var = (RMS ? s : sq_dev_vec(v, N, c, mu, next)) / float(N);
         const float rs = 1.f / std::sqrt(var + static_cast<float>(eps));
-        normalize_store(v, wp, bp, Y + r * N, N, c, mu, rs);
+        normalize_store<RMS>(v, wp, bp, Y + r * N, N, c, mu, rs, RMS ? next : nullptr);
         if (MEAN) MEAN[r] = c + mu;
         RSTD[r] = rs;
         continue;
