@@ -86,19 +86,21 @@ def shape_str(shape: Sequence[int]) -> str:
     return "x".join(str(int(s)) for s in shape)
 
 
-def parse_shapes(text: str) -> List[Tuple[int, int]]:
-    """'64x256,128x512' -> [(64, 256), (128, 512)]."""
-    out = []
-    for item in text.split(","):
-        rows, hidden = item.lower().strip().split("x")
-        out.append((int(rows), int(hidden)))
-    return out
+def parse_shapes(text: str) -> List[Tuple[int, ...]]:
+    """'64x256,16x320x64x64' -> [(64, 256), (16, 320, 64, 64)]."""
+    return [tuple(int(d) for d in item.lower().strip().split("x")) for item in text.split(",")]
+
+
+def pick_shapes(shapes: Optional[Sequence[Tuple[int, ...]]], rank: int, default: List[Tuple[int, ...]]):
+    """A suite's shapes: those of --shapes with `rank` dims (2: the row norms, 4: the channel
+    norms), or the suite's defaults without --shapes."""
+    return default if shapes is None else [tuple(s) for s in shapes if len(s) == rank]
 
 
 def default_shapes(device: str, full: bool) -> List[Tuple[int, int]]:
     """(tokens, hidden) shapes from real models; DRAM-sized on CPU, HBM-sized on GPU."""
     if device == "cpu":
-        shapes = [(4096, 4096), (8192, 1024)]  # LLaMA-7B hidden, BERT/ViT-L hidden: 64 MB / 32 MB fp32
+        shapes = [(4096, 4096), (16384, 1024)]  # LLaMA-7B hidden, BERT/ViT-L hidden: 64 MB fp32 each
         if full:
             shapes += [(8192, 768), (4096, 2048), (2048, 8192), (8192, 4096)]
         return shapes

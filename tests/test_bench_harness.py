@@ -57,6 +57,17 @@ def test_suites_param_counts() -> None:
     assert len(ln.make_inputs("cpu")[1]) == 2 and len(rms.make_inputs("cpu")[1]) == 1
 
 
+def test_shapes_option_goes_to_the_suites_of_its_rank() -> None:
+    shapes = harness.parse_shapes("64x256, 2x8x4x4")
+    assert shapes == [(64, 256), (2, 8, 4, 4)]
+    f32 = [torch.float32]
+    assert {c.shape for c in SUITES["layer_norm"].cases("cpu", False, f32, shapes)} == {(64, 256)}
+    for norm in ("group_norm", "instance_norm", "batch_norm"):
+        assert {c.shape for c in SUITES[norm].cases("cpu", False, f32, shapes)} == {(2, 8, 4, 4)}, norm
+    # without --shapes each suite keeps its defaults
+    assert {c.shape for c in SUITES["batch_norm"].cases("cpu", False, f32)} == {(16, 256, 56, 56), (64, 1024, 14, 14)}
+
+
 def test_group_norm_suite_layouts_and_bytes() -> None:
     cases = SUITES["group_norm"].cases("cpu", False, [torch.bfloat16])
     names = {c.norm for c in cases}

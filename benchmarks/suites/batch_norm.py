@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..harness import Case
+from ..harness import Case, pick_shapes
 from .group_norm import channel_cases
 
 NORM = "batch_norm"
@@ -19,9 +19,9 @@ EPS = 1e-5
 
 
 def default_shapes(device: str, full: bool) -> List[Tuple[int, int, int, int]]:
-    """(N, C, H, W) of ResNet-50's BatchNorm inputs; DRAM-sized on CPU (26 MB in fp32)."""
+    """(N, C, H, W) of ResNet-50's BatchNorm inputs; DRAM-sized on CPU (51 MB in fp32)."""
     if device == "cpu":
-        shapes = [(8, 256, 56, 56), (32, 1024, 14, 14)]
+        shapes = [(16, 256, 56, 56), (64, 1024, 14, 14)]
         if full:
             shapes += [(16, 64, 112, 112), (64, 2048, 7, 7)]
         return shapes
@@ -54,11 +54,11 @@ def peers():
 
 def cases(device: str, full: bool, dtypes: Sequence[torch.dtype],
           shapes: Optional[Sequence[Tuple[int, ...]]] = None) -> List[Case]:
-    """Training and eval BatchNorm2d cases, NCHW and channels_last (--shapes applies to the row norms only)."""
+    """Training and eval BatchNorm2d cases, NCHW and channels_last (4-D --shapes replace the defaults)."""
     import fusenorm
 
     stats = _running_stats()
-    all_shapes = default_shapes(device, full)
+    all_shapes = pick_shapes(shapes, 4, default_shapes(device, full))
     train = channel_cases(NORM, all_shapes, dtypes,
                           lambda x, w, b: fusenorm.batch_norm(x, None, None, w, b, True, 0.1, EPS),
                           lambda x, w, b: F.batch_norm(x, None, None, w, b, True, 0.1, EPS))

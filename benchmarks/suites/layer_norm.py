@@ -6,7 +6,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..harness import Case, NormFn, Peer, default_shapes
+from ..harness import Case, NormFn, Peer, default_shapes, pick_shapes
 
 NORM = "layer_norm"
 EPS = 1e-5
@@ -60,7 +60,7 @@ def cases(device: str, full: bool, dtypes: Sequence[torch.dtype],
     import fusenorm
 
     out = []
-    for shape in shapes or default_shapes(device, full):
+    for shape in pick_shapes(shapes, 2, default_shapes(device, full)):
         ns = (shape[-1],)
         for dtype in dtypes:
             out.append(Case(
