@@ -163,7 +163,8 @@ inline V coef(const float* p, int64_t k) {
 // out[i] = act((x[i] - mu) * sc + sh + z[i]) over a run of n values; mu/sc/sh are scalars (PerLane =
 // false) or arrays indexed like x (PerLane = true, channels last).
 template <bool PerLane, typename T, typename A>
-inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, const A* sc, const A* sh, bool relu) {
+inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, const A* sc, const A* sh, bool relu,
+                       bool nt) {
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
@@ -173,7 +174,7 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
       V v = fmadd(V::load(x + i) - coef<PerLane, V>(mu, k), coef<PerLane, V>(sc, k), coef<PerLane, V>(sh, k));
       if (z) v = v + V::load(z + i);
       if (relu) v = vmax(V::zero(), v);  // NaN (the second operand) stays NaN
-      v.store(y + i);
+      store_out(v, y + i, nt);
     });
 #endif
   for (; i < n; ++i) {
@@ -240,7 +241,7 @@ inline void grad_sums_run(const T* dy, const T* x, const T* y, int64_t n, const 
 // dx = a * (g - kg) - (x - mu) * e over a run (eval: kg = e = 0); dz = g.
 template <bool PerLane, typename T, typename A>
 inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t n, const A* mu, const A* a,
-                     const A* kg, const A* e) {
+                     const A* kg, const A* e, bool nt) {
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
@@ -249,10 +250,10 @@ inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t 
       const int64_t k = PerLane ? i : 0;
       V g = V::load(dy + i);
       if (y) g = relu_pass(V::load(y + i), g);
-      if (dz) g.store(dz + i);
+      if (dz) store_out(g, dz + i, nt);
       if (!dx) return;
       const V d = V::load(x + i) - coef<PerLane, V>(mu, k);
-      fnmadd(d, coef<PerLane, V>(e, k), coef<PerLane, V>(a, k) * (g - coef<PerLane, V>(kg, k))).store(dx + i);
+      store_out(fnmadd(d, coef<PerLane, V>(e, k), coef<PerLane, V>(a, k) * (g - coef<PerLane, V>(kg, k))), dx + i, nt);
     });
 #endif
   for (; i < n; ++i) {
@@ -293,6 +294,7 @@ struct BatchNormBackend {
     if (!fuse_channels(s, sizeof(T)))
       return compose_fwd_train<BatchNormBackend, T, W>(s, xc, x, w, b, z, eps, act, y, mean, var);
     const int64_t C = s.C, S = s.S, cb_max = channel_block(s, sizeof(T));
+    const bool nt = stream_output(s.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
       // per channel of the block: 32 lanes + a tail, for the sums of d = x - pivot, then of (d - mean)^2
       Buf<A> lanes(cb_max * kLanes), tails(cb_max), mrel(cb_max), scale(cb_max), shift(cb_max);
@@ -333,9 +335,10 @@ struct BatchNormBackend {
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t o = (n * C + c) * S;
             affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mean[c], &scale[c - c0], &shift[c - c0],
-                              act == Act::Relu);
+                              act == Act::Relu, nt);
           }
       }
+      stream_fence();
     });
   }
 
@@ -346,6 +349,7 @@ struct BatchNormBackend {
     using A = acc_t<T>;
     const A k = A(1) / static_cast<A>(s.count());
     const bool fused = fuse_channels(s, 2 * sizeof(T));
+    const bool nt = stream_output(s.numel() * int64_t(sizeof(T)));
     if (!training && sum_g && (dx || dz) && !fused) {
       // Eval: dx = rstd * w * g does not wait for the sums, so each row's (NSC) or run's (NCS) dx
       // is written right after its sums, from cache: x and dy are read from memory once.
@@ -355,9 +359,11 @@ struct BatchNormBackend {
         const int64_t o = r * len, c = s.channels_last ? 0 : r % s.C;
         T *dxr = dx ? dx + o : nullptr, *dzr = dz ? dz + o : nullptr;
         if (s.channels_last)
-          grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c]);
+          grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c],
+                         nt);
         else
-          grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c]);
+          grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c],
+                          nt);
       });
     }
     if (!sum_g || !fused)
@@ -384,7 +390,7 @@ struct BatchNormBackend {
             if (eval_dx) {
               const GradCoef<A> g = grad_coef<A>(var, w, eps, c, nullptr, nullptr, k);
               grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
-                              &mean[c], &g.a, &g.kg, &g.e);
+                              &mean[c], &g.a, &g.kg, &g.e, nt);
             }
           }
         }
@@ -395,9 +401,10 @@ struct BatchNormBackend {
             const GradCoef<A> g = grad_coef(var, w, eps, c, training ? sum_g : nullptr, sum_gx, k);
             const int64_t o = (n * C + c) * S;
             grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
-                            &mean[c], &g.a, &g.kg, &g.e);
+                            &mean[c], &g.a, &g.kg, &g.e, nt);
           }
       }
+      stream_fence();
     });
   }
 
@@ -466,23 +473,26 @@ struct BatchNormBackend {
                     const W* b, const T* z, acc_t<T> eps, Act act, T* y) {
     using A = acc_t<T>;
     const Coefs<A, W> k(s.C, mean, var, w, b, eps);
-    const bool relu = act == Act::Relu;
+    const bool relu = act == Act::Relu, nt = stream_output(s.numel() * int64_t(sizeof(T)));
     const int64_t C = s.C;
     if (!s.channels_last) {
       const int64_t S = s.S;
       at::parallel_for(0, s.N * C, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const int64_t c = p % C, o = p * S;
-          affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &k.mu[c], &k.scale[c], &k.shift[c], relu);
+          affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &k.mu[c], &k.scale[c], &k.shift[c], relu, nt);
         }
+        stream_fence();
       });
       return;
     }
     at::parallel_for(0, s.count(), std::max<int64_t>(1, kBnChunk / C), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t o = r * C;
-        affine_run<true>(x + o, z ? z + o : nullptr, y + o, C, k.mu.data(), k.scale.data(), k.shift.data(), relu);
+        affine_run<true>(x + o, z ? z + o : nullptr, y + o, C, k.mu.data(), k.scale.data(), k.shift.data(), relu,
+                         nt);
       }
+      stream_fence();
     });
   }
 
@@ -503,6 +513,7 @@ struct BatchNormBackend {
           grad_sums_run<false>(dy + o, x + o, y ? y + o : nullptr, S, &mean[p % C], &pg[p], &pgx[p]);
           if constexpr (!std::is_same_v<RowDone, std::nullptr_t>) row_done(p);
         }
+        stream_fence();  // row_done's streamed stores
       });
       for (int64_t c = 0; c < C; ++c) {
         A a = 0, ax = 0;
@@ -538,6 +549,7 @@ struct BatchNormBackend {
           }
         }
       }
+      stream_fence();  // row_done's streamed stores
     });
     for (int64_t c = 0; c < C; ++c) {
       A a = 0, ax = 0;
@@ -558,14 +570,16 @@ struct BatchNormBackend {
     const int64_t C = s.C;
     const GradCoefs<A> gc(C, mean, var, w, eps, k_g, k_gx, k);
     const Buf<A> &mu = gc.mu, &a = gc.a, &kg = gc.kg, &e = gc.e;
+    const bool nt = stream_output(s.numel() * int64_t(sizeof(T)));
     if (!s.channels_last) {
       const int64_t S = s.S;
       at::parallel_for(0, s.N * C, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const int64_t c = p % C, o = p * S;
           grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
-                          &mu[c], &a[c], &kg[c], &e[c]);
+                          &mu[c], &a[c], &kg[c], &e[c], nt);
         }
+        stream_fence();
       });
       return;
     }
@@ -573,8 +587,9 @@ struct BatchNormBackend {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t o = r * C;
         grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, C,
-                       mu.data(), a.data(), kg.data(), e.data());
+                       mu.data(), a.data(), kg.data(), e.data(), nt);
       }
+      stream_fence();
     });
   }
 };

@@ -180,13 +180,13 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
 // dx = rs (dz w - a - xhat cc) for one channel's run, straight from x and dy (or the kept dz) into dx.
 template <typename T>
 inline void channel_dx(const T* x, const T* dy, const float* dz, T* dx, int64_t S, float mu, float rs, float w,
-                       float a, float cc) {
+                       float a, float cc, bool nt) {
   auto step = [&](auto z, int64_t i) {
     using V = decltype(z);
     const V rsv = V::set1(rs);
     const V xv = (V::load(x + i) - V::set1(mu)) * rsv;
     const V dv = dz ? V::load(dz + i) : V::load(dy + i);
-    (rsv * (fmsub(dv, V::set1(w), V::set1(a)) - xv * V::set1(cc))).store(dx + i);
+    store_out(rsv * (fmsub(dv, V::set1(w), V::set1(a)) - xv * V::set1(cc)), dx + i, nt);
   };
   int64_t i = dz ? simd_for(S, step) : simd_for<T>(S, step);  // the kept dz is fp32, in order
   for (; i < S; ++i) {
@@ -199,12 +199,12 @@ inline void channel_dx(const T* x, const T* dy, const float* dz, T* dx, int64_t 
 // y_i = act(((v_i - c) - mu) * a + sh) for a run with one scale a and shift sh, converted and
 // stored straight into y.
 template <typename S, typename T>
-inline void affine_act_store(const S* v, T* y, int64_t n, float c, float mu, float a, float sh, Act act) {
+inline void affine_act_store(const S* v, T* y, int64_t n, float c, float mu, float a, float sh, Act act, bool nt) {
   int64_t i = with_act(act, [&](auto ac) {
     return simd_for<T>(n, [&](auto t, int64_t i) {
       using V = decltype(t);
       const V z = fmadd((V::load(v + i) - V::set1(c)) - V::set1(mu), V::set1(a), V::set1(sh));
-      activate_vec(ac, z).store(y + i);
+      store_out(activate_vec(ac, z), y + i, nt);
     });
   });
   for (; i < n; ++i) y[i] = static_cast<T>(activate(act, ((static_cast<float>(v[i]) - c) - mu) * a + sh));
@@ -305,6 +305,7 @@ struct GroupNormBackend {
     A* MEAN = mean.data_ptr<A>();
     A* RSTD = rstd.data_ptr<A>();
     constexpr bool direct = reads_direct<T>;  // every pass reads x itself, without a conversion copy
+    const bool nt = stream_output(x.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, s.N * s.G, row_grain(L), [&](int64_t begin, int64_t end) {
       Buf<A> buf(direct ? 0 : L), zbuf(std::is_same_v<T, A> ? 0 : S);
       for (int64_t ng = begin; ng < end; ++ng) {
@@ -331,7 +332,7 @@ struct GroupNormBackend {
           const A a = rs * w[ch], sh = b[ch];
 #ifdef FUSENORM_CPU_AVX2
           if constexpr (std::is_same_v<A, float>) {
-            affine_act_store(xg + j * S, yg + j * S, S, c, mu, a, sh, act);
+            affine_act_store(xg + j * S, yg + j * S, S, c, mu, a, sh, act, nt);
             continue;
           }
 #endif
@@ -350,6 +351,7 @@ struct GroupNormBackend {
         MEAN[ng] = c + mu;
         RSTD[ng] = rs;
       }
+      stream_fence();
     });
   }
 
@@ -358,6 +360,7 @@ struct GroupNormBackend {
                       Act act, T* Y, A* MEAN, A* RSTD) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
+    const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
     over_samples(s.N, [&](int64_t nb, int64_t ne) {
       Buf<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C);
       for (int64_t n = nb; n < ne; ++n) {
@@ -417,7 +420,7 @@ struct GroupNormBackend {
                 c0 = simd_for(C, [&](auto t, int64_t c) {
                   using V = decltype(t);
                   const V d = (V::load(xs + c) - V::load(pv + c)) - V::load(mv + c);
-                  activate_vec(ac, fmadd(d, V::load(sc + c), V::load(sh + c))).store(ys + c);
+                  store_out(activate_vec(ac, fmadd(d, V::load(sc + c), V::load(sh + c))), ys + c, nt);
                 });
               }
 #endif
@@ -427,6 +430,7 @@ struct GroupNormBackend {
             }
           };
           with_act(act, sites);
+          stream_fence();
         });
       }
     });
@@ -498,6 +502,7 @@ struct GroupNormBackend {
 #ifdef FUSENORM_CPU_AVX2
     if constexpr (std::is_same_v<A, float>) {
       // each channel's run read twice (the second time from cache), no copies
+      const bool nt = stream_output(s.N * s.C * S * int64_t(sizeof(T)));
       at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
         Buf<float> dz(act != Act::None ? L : 0);
         for (int64_t ng = begin; ng < end; ++ng) {
@@ -518,9 +523,10 @@ struct GroupNormBackend {
           for (int64_t j = 0; j < cpg; ++j) {
             const int64_t ch = g * cpg + j, o = ng * L + j * S;
             channel_dx(X + o, DY + o, dz.empty() ? nullptr : dz.data() + j * S, DX + o, S, mu, rs, w[ch],
-                       s_g / float(L), s_gx / float(L));
+                       s_g / float(L), s_gx / float(L), nt);
           }
         }
+        stream_fence();
       });
       return;
     }
@@ -569,6 +575,7 @@ struct GroupNormBackend {
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
     // SIMD fp32: 16 then 8 channels at a time, the last C % 8 channels of each site scalar
     const bool simd_channels = C >= 8;
+    const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
     auto samples = [&](int64_t nb, int64_t ne) {
       Buf<A> pw(chunks * C), pb(chunks * C), mu_c(C), rs_c(C), a_c(C), cc_c(C);
       // dz and xhat for one site, along the channels
@@ -679,7 +686,7 @@ struct GroupNormBackend {
                     const V rsv = V::load(rsp + c);
                     const V xv = (V::load(xs + c) - V::load(mup + c)) * rsv;
                     const V g = fmsub(V::load(ds + c), V::load(wp + c), V::load(ap + c));
-                    (rsv * (g - xv * V::load(ccp + c))).store(dxs + c);
+                    store_out(rsv * (g - xv * V::load(ccp + c)), dxs + c, nt);
                   });
                   for (int64_t c = c0; c < C; ++c) {
                     const float xh = (static_cast<float>(xs[c]) - mup[c]) * rsp[c];
@@ -692,6 +699,7 @@ struct GroupNormBackend {
               } else {
                 sites(dn);
               }
+              stream_fence();
               return;
             }
           }
