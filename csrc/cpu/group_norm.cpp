@@ -413,6 +413,11 @@ struct GroupNormBackend {
         at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
           const A *pv = piv.data(), *mv = mu_c.data(), *sc = scale.data(), *sh = b.data();
           auto sites = [&](auto ac) {
+            // copies local to this loop: the stores through ys may alias anything the loop reads
+            // by reference, which then reloaded the pointers (and nt) at every vector
+            const A *pv_ = pv, *mv_ = mv, *sc_ = sc, *sh_ = sh;
+            const bool nt_ = nt;
+            const int64_t C_ = C;
             for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
               const T* xs = xn + site * C;
               T* ys = yn + site * C;
@@ -420,10 +425,10 @@ struct GroupNormBackend {
 #ifdef FUSENORM_CPU_AVX2
               if constexpr (std::is_same_v<A, float>) {
                 // straight from x to y, 16 then 8 channels at a time
-                c0 = simd_for(C, [&](auto t, int64_t c) {
+                c0 = simd_for(C_, [&](auto t, int64_t c) {
                   using V = decltype(t);
-                  const V d = (V::load(xs + c) - V::load(pv + c)) - V::load(mv + c);
-                  store_out(activate_vec(ac, fmadd(d, V::load(sc + c), V::load(sh + c))), ys + c, nt);
+                  const V d = (V::load(xs + c) - V::load(pv_ + c)) - V::load(mv_ + c);
+                  store_out(activate_vec(ac, fmadd(d, V::load(sc_ + c), V::load(sh_ + c))), ys + c, nt_);
                 });
               }
 #endif
