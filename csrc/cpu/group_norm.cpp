@@ -308,7 +308,7 @@ struct GroupNormBackend {
     A* MEAN = mean.data_ptr<A>();
     A* RSTD = rstd.data_ptr<A>();
     constexpr bool direct = reads_direct<T>;  // every pass reads x itself, without a conversion copy
-    const bool nt = stream_output(x.numel() * int64_t(sizeof(T)));
+    [[maybe_unused]] const bool nt = stream_output(x.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, s.N * s.G, row_grain(L), [&](int64_t begin, int64_t end) {
       Buf<A> buf(direct ? 0 : L), zbuf(std::is_same_v<T, A> ? 0 : S);
       for (int64_t ng = begin; ng < end; ++ng) {
@@ -363,7 +363,7 @@ struct GroupNormBackend {
                       Act act, T* Y, A* MEAN, A* RSTD) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
-    const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
+    [[maybe_unused]] const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
     over_samples(s.N, [&](int64_t nb, int64_t ne) {
       Buf<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C);
       for (int64_t n = nb; n < ne; ++n) {
@@ -416,8 +416,8 @@ struct GroupNormBackend {
             // copies local to this loop: the stores through ys may alias anything the loop reads
             // by reference, which then reloaded the pointers (and nt) at every vector
             const A *pv_ = pv, *mv_ = mv, *sc_ = sc, *sh_ = sh;
-            const bool nt_ = nt;
-            const int64_t C_ = C;
+            [[maybe_unused]] const bool nt_ = nt;
+            [[maybe_unused]] const int64_t C_ = C;
             for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
               const T* xs = xn + site * C;
               T* ys = yn + site * C;
@@ -432,9 +432,11 @@ struct GroupNormBackend {
                 });
               }
 #endif
-              // the channels after the vectors (the last C % 8, or all where there is no SIMD path)
+              // the channels after the vectors (the last C % 8, or all where there is no SIMD path),
+              // the activation a constant here too (a switch per value kept fp64 from vectorizing)
               for (int64_t c = c0; c < C; ++c)
-                ys[c] = static_cast<T>(activate(act, ((static_cast<A>(xs[c]) - piv[c]) - mu_c[c]) * scale[c] + b[c]));
+                ys[c] = static_cast<T>(activate(decltype(ac)::value,
+                                                ((static_cast<A>(xs[c]) - pv_[c]) - mv_[c]) * sc_[c] + sh_[c]));
             }
           };
           with_act(act, sites);
@@ -583,7 +585,7 @@ struct GroupNormBackend {
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
     // SIMD fp32: 16 then 8 channels at a time, the last C % 8 channels of each site scalar
     const bool simd_channels = C >= 8;
-    const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
+    [[maybe_unused]] const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
     auto samples = [&](int64_t nb, int64_t ne) {
       Buf<A> pw(chunks * C), pb(chunks * C), mu_c(C), rs_c(C), a_c(C), cc_c(C);
       // dz and xhat for one site, along the channels

@@ -293,8 +293,12 @@ namespace fusenorm::cpu {
 inline bool stream_output(int64_t bytes) {
 #ifdef FUSENORM_CPU_AVX2
   static const int64_t threshold = [] {
+    const int64_t fallback = int64_t(16) << 20;
     const char* e = std::getenv("FUSENORM_STREAM_BYTES");
-    return e && *e ? std::strtoll(e, nullptr, 10) : int64_t(16) << 20;
+    if (!e || !*e) return fallback;
+    char* end = nullptr;
+    const long long v = std::strtoll(e, &end, 10);
+    return *end == '\0' && v >= 0 ? int64_t(v) : fallback;  // not a byte count: the default
   }();
   return bytes >= threshold;
 #else
