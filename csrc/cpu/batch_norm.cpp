@@ -8,8 +8,8 @@
 //        chunk at C = 1024, a bf16 pass spent much of its time merging each chunk's C partials: 64
 //        took BatchNorm2d channels-last 64x1024x14x14 bf16 from 2.4-3.1 to 1.5-2.3 ms); each chunk
 //        gets exact two-pass per-channel moments relative to a pivot (the first row), a block of
-//        channels at a time from L1; a fixed set of tasks merges its chunks in order (Chan), then the tasks are
-//        merged in order, in parallel over channels.
+//        channels at a time from L1; a fixed set of tasks merges its chunks in order (Chan), then
+//        the tasks are merged in order, in parallel over channels.
 // Training forward and backward in NCS fuse both passes per channel when a channel fits in L2 (see
 // fuse_channels). Elementwise passes (apply, dx) run along the contiguous axis: per (n, c) run with scalar
 // coefficients (NCS), or per row with per-channel coefficient arrays (NSC), SIMD (cpu/vec.h) for

@@ -621,7 +621,8 @@ struct GroupNormBackend {
                       Buf<A>& part_b) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
-    // SIMD fp32: 16 then 8 channels at a time, the last C % 8 channels of each site scalar
+    // SIMD fp32: 16 then 8 channels at a time, the last C % 8 channels of each site scalar (with
+    // GELU, one short vector: see activate_short)
     const bool simd_channels = C >= 8;
     [[maybe_unused]] const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
     auto samples = [&](int64_t nb, int64_t ne) {
