@@ -47,10 +47,18 @@ CASES = {
 def _inputs(name, device, dtype=torch.float64):
     shape = CASES[name][0]
     n = shape[-1] if name in ("layer_norm", "rms_norm") else shape[1]
-    x = torch.randn(shape, device=device, dtype=dtype)
-    w = torch.randn(n, device=device, dtype=dtype)
-    b = torch.randn(n, device=device, dtype=dtype)
-    return x, w, b
+    while True:
+        x = torch.randn(shape, device=device, dtype=dtype)
+        w = torch.randn(n, device=device, dtype=dtype)
+        b = torch.randn(n, device=device, dtype=dtype)
+        if name != "batch_norm_train_relu":
+            return x, w, b
+        # ReLU's input at least 0.05 from its kink: where bf16 rounding moves a value across 0, ours
+        # and torch's take different branches, and the gradient penalty's bf16 comparison failed
+        # for about 1 seed in 750 (the same with the kernels of b0478ec)
+        z = F.batch_norm(x.double(), None, None, w.double(), b.double(), True)
+        if z.abs().min() >= 0.05:
+            return x, w, b
 
 
 @pytest.mark.parametrize("device", DEVICES)
