@@ -94,7 +94,11 @@ inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
 
 // Prefetches the first 4 KiB of a run: in the per-channel (NCS) loops consecutive runs are C * S
 // values apart, a jump the hardware prefetcher does not follow, and short runs (7x7, 14x14) would
-// otherwise start each with a full memory latency.
+// otherwise start each with a full memory latency. The fused passes prefetch each run of the next
+// sample as they start the same run of this one, which spreads the prefetches over the span: the
+// first 4 KiB of the next sample's whole span, prefetched at once, left the rest of it to memory
+// latency (64x1024x14x14 bf16 training forward 2.5-2.8 -> 1.8-2.4 ms, backward 3.3-4.2 -> 2.9-3.2
+// ms; 64x2048x7x7 fp32 forward 2.7-3.0 -> 2.3-2.6 ms).
 template <typename T>
 inline void prefetch_run(const T* p, int64_t n) {
   const char* c = reinterpret_cast<const char*>(p);
@@ -307,8 +311,8 @@ struct BatchNormBackend {
           std::fill(tails.begin(), tails.end(), A(0));
           for (int64_t n = 0; n < s.N; ++n) {
             const T* p = x + (n * C + c0) * S;  // the block's runs: one contiguous span
-            if (pass == 0 && n + 1 < s.N) prefetch_run(p + C * S, (c1 - c0) * S);
             for (int64_t c = c0; c < c1; ++c, p += S) {
+              if (pass == 0 && n + 1 < s.N) prefetch_run(p + C * S, S);  // this run of the next sample
               const A piv = static_cast<A>(x[c * S]);
               A* l = lanes.data() + (c - c0) * kLanes;
               if (pass == 0) {
@@ -378,13 +382,12 @@ struct BatchNormBackend {
         const int64_t c1 = std::min(ce, c0 + cb_max);
         for (int64_t c = c0; c < c1; ++c) sum_g[c] = sum_gx[c] = A(0);
         for (int64_t n = 0; n < s.N; ++n) {
-          const int64_t o0 = (n * C + c0) * S;
-          if (n + 1 < s.N) {
-            prefetch_run(x + o0 + C * S, (c1 - c0) * S);
-            prefetch_run(dy + o0 + C * S, (c1 - c0) * S);
-          }
           for (int64_t c = c0; c < c1; ++c) {
             const int64_t o = (n * C + c) * S;
+            if (n + 1 < s.N) {  // this run of the next sample, as in fwd_train
+              prefetch_run(x + o + C * S, S);
+              prefetch_run(dy + o + C * S, S);
+            }
             A pg = 0, pgx = 0;
             grad_sums_run<false>(dy + o, x + o, y ? y + o : nullptr, S, &mean[c], &pg, &pgx);
             sum_g[c] += pg;
