@@ -210,32 +210,12 @@ inline void affine_act_store(const S* v, T* y, int64_t n, float c, float mu, flo
   for (; i < n; ++i) y[i] = static_cast<T>(activate(act, ((static_cast<float>(v[i]) - c) - mu) * a + sh));
 }
 
-// GELU of the n < 8 values after a channels-last site's vectors, in place, through one zero-padded
-// 8-wide vector: with libm's erf per value, those channels cost about as much as all the others
-// (GroupNorm+GELU at C = 60 took twice the time of C = 64). SiLU's libm exp is cheap enough: its
-// vector here was slower.
-template <Act K>
-inline void activate_short(ActC<K> ac, float* z, int64_t n) {
-  alignas(32) float v[8] = {};
-  for (int64_t j = 0; j < n; ++j) v[j] = z[j];
-  activate_vec(ac, Vec<8>::load(v)).store(v);
-  for (int64_t j = 0; j < n; ++j) z[j] = v[j];
-}
-
-// d <- d * GELU'(z) for such n < 8 values, the same way.
-template <Act K>
-inline void activate_backward_short(ActC<K> ac, const float* z, float* d, int64_t n) {
-  alignas(32) float zv[8] = {}, dv[8] = {};
-  for (int64_t j = 0; j < n; ++j) {
-    zv[j] = z[j];
-    dv[j] = d[j];
-  }
-  activate_backward_vec(ac, Vec<8>::load(zv), Vec<8>::load(dv)).store(dv);
-  for (int64_t j = 0; j < n; ++j) d[j] = dv[j];
-}
 #endif
 
-// z <- act(z), in place.
+// z <- act(z), in place. With GELU, the n mod 8 values after the vectors go through one
+// zero-padded 8-wide vector: libm's erf per value cost about as much as all the vectors of a
+// channels-last site (GroupNorm+GELU at C = 60 took twice the time of C = 64). SiLU keeps libm's
+// exp there (its short vector was slower). The same in activate_backward_inplace.
 template <typename A>
 inline void activate_inplace(Act act, A* z, int64_t n) {
   if (act == Act::None) return;
@@ -243,7 +223,17 @@ inline void activate_inplace(Act act, A* z, int64_t n) {
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
     i = with_act(act, [&](auto ac) {
-      return simd_for(n, [&](auto t, int64_t i) { activate_vec(ac, decltype(t)::load(z + i)).store(z + i); });
+      int64_t j = simd_for(n, [&](auto t, int64_t i) { activate_vec(ac, decltype(t)::load(z + i)).store(z + i); });
+      if constexpr (decltype(ac)::value == Act::Gelu) {
+        if (j < n) {
+          alignas(32) float v[8] = {};
+          for (int64_t k = j; k < n; ++k) v[k - j] = z[k];
+          activate_vec(ac, Vec<8>::load(v)).store(v);
+          for (int64_t k = j; k < n; ++k) z[k] = v[k - j];
+          j = n;
+        }
+      }
+      return j;
     });
 #endif
   for (; i < n; ++i) z[i] = activate(act, z[i]);
@@ -257,10 +247,23 @@ inline void activate_backward_inplace(Act act, const A* z, A* d, int64_t n) {
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>)
     i = with_act(act, [&](auto ac) {
-      return simd_for(n, [&](auto t, int64_t i) {
+      int64_t j = simd_for(n, [&](auto t, int64_t i) {
         using V = decltype(t);
         activate_backward_vec(ac, V::load(z + i), V::load(d + i)).store(d + i);
       });
+      if constexpr (decltype(ac)::value == Act::Gelu) {
+        if (j < n) {
+          alignas(32) float zv[8] = {}, dv[8] = {};
+          for (int64_t k = j; k < n; ++k) {
+            zv[k - j] = z[k];
+            dv[k - j] = d[k];
+          }
+          activate_backward_vec(ac, Vec<8>::load(zv), Vec<8>::load(dv)).store(dv);
+          for (int64_t k = j; k < n; ++k) d[k] = dv[k - j];
+          j = n;
+        }
+      }
+      return j;
     });
 #endif
   for (; i < n; ++i) d[i] = activate_backward(act, z[i], d[i]);
@@ -441,7 +444,6 @@ struct GroupNormBackend {
             // by reference, which then reloaded the pointers (and nt) at every vector
             const A *pv_ = pv, *mv_ = mv, *sc_ = sc, *sh_ = sh;
             [[maybe_unused]] const bool nt_ = nt;
-            [[maybe_unused]] const int64_t C_ = C;
             for (int64_t site = cb * chunk; site < std::min(S, ce * chunk); ++site) {
               const T* xs = xn + site * C;
               T* ys = yn + site * C;
@@ -449,7 +451,7 @@ struct GroupNormBackend {
 #ifdef FUSENORM_CPU_AVX2
               if constexpr (std::is_same_v<A, float>) {
                 // straight from x to y, 16 then 8 channels at a time
-                c0 = simd_for(C_, [&](auto t, int64_t c) {
+                c0 = simd_for(C, [&](auto t, int64_t c) {
                   using V = decltype(t);
                   const V d = (V::load(xs + c) - V::load(pv_ + c)) - V::load(mv_ + c);
                   store_out(activate_vec(ac, fmadd(d, V::load(sc_ + c), V::load(sh_ + c))), ys + c, nt_);
@@ -457,7 +459,7 @@ struct GroupNormBackend {
               }
 #endif
               // the channels after the vectors (the last C % 8, or all where there is no SIMD path):
-              // GELU through one short vector (activate_short), else scalar code with the
+              // GELU through activate_inplace's short vector, else scalar code with the
               // activation a constant here too (a switch per value kept fp64 from vectorizing)
 #ifdef FUSENORM_CPU_AVX2
               constexpr Act K = decltype(ac)::value;
@@ -466,7 +468,7 @@ struct GroupNormBackend {
                   float z[8];
                   for (int64_t c = c0; c < C; ++c)
                     z[c - c0] = ((static_cast<A>(xs[c]) - pv_[c]) - mv_[c]) * sc_[c] + sh_[c];
-                  activate_short(ac, z, C - c0);
+                  activate_inplace(K, z, C - c0);
                   for (int64_t c = c0; c < C; ++c) ys[c] = static_cast<T>(z[c - c0]);
                 }
                 continue;
@@ -622,7 +624,7 @@ struct GroupNormBackend {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
     // SIMD fp32: 16 then 8 channels at a time, the last C % 8 channels of each site scalar (with
-    // GELU, one short vector: see activate_short)
+    // GELU, one short vector: see activate_inplace)
     const bool simd_channels = C >= 8;
     [[maybe_unused]] const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
     auto samples = [&](int64_t nb, int64_t ne) {
@@ -676,7 +678,7 @@ struct GroupNormBackend {
                       fmadd(dv, xv, V::load(qw + c)).store(qw + c);
                       (V::load(qb + c) + dv).store(qb + c);
                     });
-                    if constexpr (decltype(ac)::value == Act::Gelu) {  // see activate_short
+                    if constexpr (decltype(ac)::value == Act::Gelu) {  // see activate_inplace
                       if (c0 < C) {
                         float xh[8], z[8], dv[8];
                         for (int64_t c = c0; c < C; ++c) {
@@ -684,7 +686,7 @@ struct GroupNormBackend {
                           z[c - c0] = xh[c - c0] * wp[c] + bp[c];
                           dv[c - c0] = static_cast<float>(ds[c]);
                         }
-                        activate_backward_short(ac, z, dv, C - c0);
+                        activate_backward_inplace(Act::Gelu, z, dv, C - c0);
                         for (int64_t c = c0; c < C; ++c) {
                           if (zs) zs[c] = dv[c - c0];
                           qw[c] += dv[c - c0] * xh[c - c0];

@@ -103,16 +103,14 @@ struct Vec<16> {
   void store(c10::Half* p) const {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  void store(c10::BFloat16* p) const {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(), 16)));
-  }
+  void store(c10::BFloat16* p) const { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), bf16_packed()); }
   void stream(float* p) const { _mm512_stream_ps(p, r); }
   void stream(c10::Half* p) const {
     _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(r, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  void stream(c10::BFloat16* p) const {
-    _mm256_stream_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(), 16)));
-  }
+  void stream(c10::BFloat16* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_packed()); }
+  // the 16 lanes rounded to bfloat16, packed
+  __m256i bf16_packed() const { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(), 16)); }
   // Each lane rounded to bfloat16 (nearest even, NaN to 0x7fc0), in the high 16 bits of its lane.
   __m512i bf16_high() const {
     const __m512i b = _mm512_castps_si512(r);
