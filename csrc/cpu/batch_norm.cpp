@@ -192,6 +192,32 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
   }
 }
 
+// affine_run over a span of whole runs of S values, run r with channel (c + r) mod C: one pass with
+// every vector store aligned (runs_for), where short runs do not fill whole vectors and lines.
+template <typename T, typename A>
+inline void affine_span(const T* x, const T* z, T* y, int64_t len, int64_t S, int64_t c, int64_t C, const A* mu,
+                        const A* sc, const A* sh, bool relu, bool nt) {
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    runs_for(
+        y, len, S, c, C, {mu, sc, sh},
+        [&](auto t, int64_t i, const auto& k) {
+          using V = decltype(t);
+          V v = fmadd(V::load(x + i) - k[0], k[1], k[2]);
+          if (z) v = v + V::load(z + i);
+          if (relu) v = vmax(V::zero(), v);
+          store_out(v, y + i, nt);
+        },
+        [&](int64_t i, int64_t ch) {
+          affine_run<false>(x + i, z ? z + i : nullptr, y + i, 1, &mu[ch], &sc[ch], &sh[ch], relu, false);
+        });
+    return;
+  }
+#endif
+  for (int64_t o = 0; o < len; o += S, c = c + 1 == C ? 0 : c + 1)
+    affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mu[c], &sc[c], &sh[c], relu, nt);
+}
+
 // g = dy, or 0 where the ReLU output y <= 0 (never dy * 0, so a non-finite dy gives 0; NaN y passes
 // dy, as torch's threshold_backward).
 template <typename T, typename A>
@@ -270,6 +296,35 @@ inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t 
   }
 }
 
+// grad_run over a span of whole runs, as affine_span.
+template <typename T, typename A>
+inline void grad_span(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t len, int64_t S, int64_t c,
+                      int64_t C, const A* mu, const A* a, const A* kg, const A* e, bool nt) {
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    runs_for(
+        dx ? dx : dz, len, S, c, C, {mu, a, kg, e},
+        [&](auto t, int64_t i, const auto& k) {
+          using V = decltype(t);
+          V g = V::load(dy + i);
+          if (y) g = relu_pass(V::load(y + i), g);
+          if (dz) store_out(g, dz + i, nt);
+          if (!dx) return;
+          const V d = V::load(x + i) - k[0];
+          store_out(fnmadd(d, k[3], k[1] * (g - k[2])), dx + i, nt);
+        },
+        [&](int64_t i, int64_t ch) {
+          grad_run<false>(dy + i, x + i, y ? y + i : nullptr, dx ? dx + i : nullptr, dz ? dz + i : nullptr, 1, &mu[ch],
+                          &a[ch], &kg[ch], &e[ch], false);
+        });
+    return;
+  }
+#endif
+  for (int64_t o = 0; o < len; o += S, c = c + 1 == C ? 0 : c + 1)
+    grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S, &mu[c], &a[c],
+                    &kg[c], &e[c], nt);
+}
+
 struct BatchNormBackend {
   struct Guard {
     explicit Guard(const at::Tensor&) {}
@@ -337,12 +392,11 @@ struct BatchNormBackend {
           scale[c - c0] = fwd_scale(var, w, eps, c);
           shift[c - c0] = b ? static_cast<A>(b[c]) : A(0);
         }
-        for (int64_t n = 0; n < s.N; ++n)
-          for (int64_t c = c0; c < c1; ++c) {
-            const int64_t o = (n * C + c) * S;
-            affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mean[c], &scale[c - c0], &shift[c - c0],
-                              act == Act::Relu, nt);
-          }
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t o = (n * C + c0) * S;  // the block's runs of sample n: one span
+          affine_span(x + o, z ? z + o : nullptr, y + o, (c1 - c0) * S, S, 0, c1 - c0, mean + c0, scale.data(),
+                      shift.data(), act == Act::Relu, nt);
+        }
       }
       stream_fence();
     });
@@ -378,6 +432,7 @@ struct BatchNormBackend {
     const int64_t C = s.C, S = s.S, cb_max = channel_block(s, 2 * sizeof(T));
     const bool eval_dx = !training && (dx || dz);  // eval: each run's dx right after its sums, from cache
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+      Buf<A> ga(cb_max), gkg(cb_max), ge(cb_max);  // the block's dx coefficients
       for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
         const int64_t c1 = std::min(ce, c0 + cb_max);
         for (int64_t c = c0; c < c1; ++c) sum_g[c] = sum_gx[c] = A(0);
@@ -401,13 +456,17 @@ struct BatchNormBackend {
         }
         for (int64_t c = c0; c < c1; ++c) sum_gx[c] /= std::sqrt(var[c] + eps);
         if (eval_dx || (!dx && !dz)) continue;
-        for (int64_t n = 0; n < s.N; ++n)
-          for (int64_t c = c0; c < c1; ++c) {
-            const GradCoef<A> g = grad_coef(var, w, eps, c, training ? sum_g : nullptr, sum_gx, k);
-            const int64_t o = (n * C + c) * S;
-            grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
-                            &mean[c], &g.a, &g.kg, &g.e, nt);
-          }
+        for (int64_t c = c0; c < c1; ++c) {
+          const GradCoef<A> g = grad_coef(var, w, eps, c, training ? sum_g : nullptr, sum_gx, k);
+          ga[c - c0] = g.a;
+          gkg[c - c0] = g.kg;
+          ge[c - c0] = g.e;
+        }
+        for (int64_t n = 0; n < s.N; ++n) {
+          const int64_t o = (n * C + c0) * S;  // the block's runs of sample n: one span
+          grad_span(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, (c1 - c0) * S, S,
+                    0, c1 - c0, mean + c0, ga.data(), gkg.data(), ge.data(), nt);
+        }
       }
       stream_fence();
     });
@@ -483,10 +542,9 @@ struct BatchNormBackend {
     if (!s.channels_last) {
       const int64_t S = s.S;
       at::parallel_for(0, s.N * C, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t c = p % C, o = p * S;
-          affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &k.mu[c], &k.scale[c], &k.shift[c], relu, nt);
-        }
+        const int64_t o = begin * S;  // runs [begin, end): one span
+        affine_span(x + o, z ? z + o : nullptr, y + o, (end - begin) * S, S, begin % C, C, k.mu.data(), k.scale.data(),
+                    k.shift.data(), relu, nt);
         stream_fence();
       });
       return;
@@ -579,11 +637,9 @@ struct BatchNormBackend {
     if (!s.channels_last) {
       const int64_t S = s.S;
       at::parallel_for(0, s.N * C, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t c = p % C, o = p * S;
-          grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
-                          &mu[c], &a[c], &kg[c], &e[c], nt);
-        }
+        const int64_t o = begin * S;  // runs [begin, end): one span
+        grad_span(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, (end - begin) * S,
+                  S, begin % C, C, mu.data(), a.data(), kg.data(), e.data(), nt);
         stream_fence();
       });
       return;
