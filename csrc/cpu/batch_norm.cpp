@@ -129,32 +129,44 @@ inline GradCoef<A> grad_coef(const A* var, const W* w, A eps, int64_t c, const A
   return {a, k_g[c] * k, a * rs * k_gx[c] * k};
 }
 
-// grad_run's coefficients for all C channels, as arrays (the NSC rows index them by channel).
+// Fills v[C, C + kRowsPad) with v[0, C) repeated: the padding rows_for reads past a row's end.
+template <typename A>
+inline void pad_rows(Buf<A>& v, int64_t C) {
+  for (int64_t j = C; j < C + kRowsPad; ++j) v[j] = v[j % C];
+}
+
+// grad_run's coefficients for all C channels, as arrays (the NSC rows index them by channel),
+// padded for rows_for.
 template <typename A>
 struct GradCoefs {
   Buf<A> mu, a, kg, e;
   template <typename W>
   GradCoefs(int64_t C, const A* mean, const A* var, const W* w, A eps, const A* k_g, const A* k_gx, A k)
-      : mu(mean, mean + C), a(C), kg(C), e(C) {
+      : mu(C + kRowsPad), a(C + kRowsPad), kg(C + kRowsPad), e(C + kRowsPad) {
     for (int64_t c = 0; c < C; ++c) {
       const GradCoef<A> g = grad_coef(var, w, eps, c, k_g, k_gx, k);
+      mu[c] = mean[c];
       a[c] = g.a;
       kg[c] = g.kg;
       e[c] = g.e;
     }
+    for (Buf<A>* v : {&mu, &a, &kg, &e}) pad_rows(*v, C);
   }
 };
 
-// Per-channel coefficients of the forward's elementwise pass, in the accumulation type.
+// Per-channel coefficients of the forward's elementwise pass, in the accumulation type, padded
+// for rows_for.
 template <typename A, typename W>
 struct Coefs {
   Buf<A> mu, scale, shift;  // y = (x - mu) * scale + shift
-  Coefs(int64_t C, const A* mean, const A* var, const W* w, const W* b, A eps) : mu(C), scale(C), shift(C) {
+  Coefs(int64_t C, const A* mean, const A* var, const W* w, const W* b, A eps)
+      : mu(C + kRowsPad), scale(C + kRowsPad), shift(C + kRowsPad) {
     for (int64_t c = 0; c < C; ++c) {
       mu[c] = mean[c];
       scale[c] = fwd_scale(var, w, eps, c);
       shift[c] = b ? static_cast<A>(b[c]) : A(0);
     }
+    for (Buf<A>* v : {&mu, &scale, &shift}) pad_rows(*v, C);
   }
 };
 
@@ -216,6 +228,31 @@ inline void affine_span(const T* x, const T* z, T* y, int64_t len, int64_t S, in
 #endif
   for (int64_t o = 0; o < len; o += S, c = c + 1 == C ? 0 : c + 1)
     affine_run<false>(x + o, z ? z + o : nullptr, y + o, S, &mu[c], &sc[c], &sh[c], relu, nt);
+}
+
+// affine_run<true> over a span of whole rows of C values (channels last), with coefficient arrays
+// padded as rows_for reads them: one pass whose streamed lines are whole at any C.
+template <typename T, typename A>
+inline void affine_rows(const T* x, const T* z, T* y, int64_t len, int64_t C, const A* mu, const A* sc, const A* sh,
+                        bool relu, bool nt) {
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    rows_for(
+        y, len, C, {mu, sc, sh},
+        [&](auto t, int64_t i, const auto& k) {
+          using V = decltype(t);
+          V v = fmadd(V::load(x + i) - k[0], k[1], k[2]);
+          if (z) v = v + V::load(z + i);
+          if (relu) v = vmax(V::zero(), v);
+          store_out(v, y + i, nt);
+        },
+        [&](int64_t i, int64_t ch) {
+          affine_run<false>(x + i, z ? z + i : nullptr, y + i, 1, &mu[ch], &sc[ch], &sh[ch], relu, false);
+        });
+    return;
+  }
+#endif
+  for (int64_t o = 0; o < len; o += C) affine_run<true>(x + o, z ? z + o : nullptr, y + o, C, mu, sc, sh, relu, nt);
 }
 
 // g = dy, or 0 where the ReLU output y <= 0 (never dy * 0, so a non-finite dy gives 0; NaN y passes
@@ -325,6 +362,35 @@ inline void grad_span(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t
                     &kg[c], &e[c], nt);
 }
 
+// grad_run<true> over a span of whole rows, as affine_rows.
+template <typename T, typename A>
+inline void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t len, int64_t C, const A* mu,
+                      const A* a, const A* kg, const A* e, bool nt) {
+#ifdef FUSENORM_CPU_AVX2
+  if constexpr (std::is_same_v<A, float>) {
+    rows_for(
+        dx ? dx : dz, len, C, {mu, a, kg, e},
+        [&](auto t, int64_t i, const auto& k) {
+          using V = decltype(t);
+          V g = V::load(dy + i);
+          if (y) g = relu_pass(V::load(y + i), g);
+          if (dz) store_out(g, dz + i, nt);
+          if (!dx) return;
+          const V d = V::load(x + i) - k[0];
+          store_out(fnmadd(d, k[3], k[1] * (g - k[2])), dx + i, nt);
+        },
+        [&](int64_t i, int64_t ch) {
+          grad_run<false>(dy + i, x + i, y ? y + i : nullptr, dx ? dx + i : nullptr, dz ? dz + i : nullptr, 1, &mu[ch],
+                          &a[ch], &kg[ch], &e[ch], false);
+        });
+    return;
+  }
+#endif
+  for (int64_t o = 0; o < len; o += C)
+    grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, C, mu, a, kg, e,
+                   nt);
+}
+
 struct BatchNormBackend {
   struct Guard {
     explicit Guard(const at::Tensor&) {}
@@ -409,7 +475,10 @@ struct BatchNormBackend {
     using A = acc_t<T>;
     const A k = A(1) / static_cast<A>(s.count());
     const bool fused = fuse_channels(s, 2 * sizeof(T));
-    const bool nt = stream_output(s.numel() * int64_t(sizeof(T)));
+    const int64_t bytes = s.numel() * int64_t(sizeof(T));
+    const bool nt = stream_output(bytes);  // for grad_span
+    // for grad_run per run (eval)
+    const bool nt_runs = stream_rows(bytes, dx ? dx : dz, (s.channels_last ? s.C : s.S) * int64_t(sizeof(T)));
     if (!training && sum_g && (dx || dz) && !fused) {
       // Eval: dx = rstd * w * g does not wait for the sums, so each row's (NSC) or run's (NCS) dx
       // is written right after its sums, from cache: x and dy are read from memory once.
@@ -420,10 +489,10 @@ struct BatchNormBackend {
         T *dxr = dx ? dx + o : nullptr, *dzr = dz ? dz + o : nullptr;
         if (s.channels_last)
           grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c],
-                         nt);
+                         nt_runs);
         else
           grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c],
-                          nt);
+                          nt_runs);
       });
     }
     if (!sum_g || !fused)
@@ -450,7 +519,7 @@ struct BatchNormBackend {
             if (eval_dx) {
               const GradCoef<A> g = grad_coef<A>(var, w, eps, c, nullptr, nullptr, k);
               grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
-                              &mean[c], &g.a, &g.kg, &g.e, nt);
+                              &mean[c], &g.a, &g.kg, &g.e, nt_runs);
             }
           }
         }
@@ -550,11 +619,9 @@ struct BatchNormBackend {
       return;
     }
     at::parallel_for(0, s.count(), std::max<int64_t>(1, kBnChunk / C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t o = r * C;
-        affine_run<true>(x + o, z ? z + o : nullptr, y + o, C, k.mu.data(), k.scale.data(), k.shift.data(), relu,
-                         nt);
-      }
+      const int64_t o = begin * C;  // rows [begin, end): one span
+      affine_rows(x + o, z ? z + o : nullptr, y + o, (end - begin) * C, C, k.mu.data(), k.scale.data(),
+                  k.shift.data(), relu, nt);
       stream_fence();
     });
   }
@@ -645,11 +712,9 @@ struct BatchNormBackend {
       return;
     }
     at::parallel_for(0, s.count(), std::max<int64_t>(1, kBnChunk / C), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const int64_t o = r * C;
-        grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, C,
-                       mu.data(), a.data(), kg.data(), e.data(), nt);
-      }
+      const int64_t o = begin * C;  // rows [begin, end): one span
+      grad_rows(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, (end - begin) * C,
+                C, mu.data(), a.data(), kg.data(), e.data(), nt);
       stream_fence();
     });
   }

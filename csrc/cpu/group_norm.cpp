@@ -335,7 +335,7 @@ struct GroupNormBackend {
     A* MEAN = mean.data_ptr<A>();
     A* RSTD = rstd.data_ptr<A>();
     constexpr bool direct = reads_direct<T>;  // every pass reads x itself, without a conversion copy
-    [[maybe_unused]] const bool nt = stream_output(x.numel() * int64_t(sizeof(T)));
+    [[maybe_unused]] const bool nt = stream_rows(x.numel() * int64_t(sizeof(T)), Y, S * int64_t(sizeof(T)));
     at::parallel_for(0, s.N * s.G, row_grain(L), [&](int64_t begin, int64_t end) {
       Buf<A> buf(direct ? 0 : L), zbuf(std::is_same_v<T, A> ? 0 : S);
       for (int64_t ng = begin; ng < end; ++ng) {
@@ -390,7 +390,7 @@ struct GroupNormBackend {
                       Act act, T* Y, A* MEAN, A* RSTD) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
-    [[maybe_unused]] const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
+    [[maybe_unused]] const bool nt = stream_rows(s.N * S * C * int64_t(sizeof(T)), Y, C * int64_t(sizeof(T)));
     over_samples(s.N, [&](int64_t nb, int64_t ne) {
       Buf<A> part(chunks * C), part2(chunks * C), piv(C), mu_c(C), scale(C);
       for (int64_t n = nb; n < ne; ++n) {
@@ -552,7 +552,7 @@ struct GroupNormBackend {
 #ifdef FUSENORM_CPU_AVX2
     if constexpr (std::is_same_v<A, float>) {
       // each channel's run read twice (the second time from cache), no copies
-      const bool nt = stream_output(s.N * s.C * S * int64_t(sizeof(T)));
+      const bool nt = stream_rows(s.N * s.C * S * int64_t(sizeof(T)), DX, S * int64_t(sizeof(T)));
       at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
         Buf<float> dz(act != Act::None ? L : 0);
         for (int64_t ng = begin; ng < end; ++ng) {
@@ -626,7 +626,7 @@ struct GroupNormBackend {
     // SIMD fp32: 16 then 8 channels at a time, the last C % 8 channels of each site scalar (with
     // GELU, one short vector: see activate_inplace)
     const bool simd_channels = C >= 8;
-    [[maybe_unused]] const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));
+    [[maybe_unused]] const bool nt = stream_rows(s.N * S * C * int64_t(sizeof(T)), DX, C * int64_t(sizeof(T)));
     auto samples = [&](int64_t nb, int64_t ne) {
       Buf<A> pw(chunks * C), pb(chunks * C), mu_c(C), rs_c(C), a_c(C), cc_c(C);
       // dz and xhat for one site, along the channels

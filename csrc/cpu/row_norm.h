@@ -476,7 +476,7 @@ void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at
   A* RSTD = rstd.data_ptr<A>();
   const A* wp = w.data();
   const A* bp = b.data();
-  [[maybe_unused]] const bool nt = stream_output(M * N * int64_t(sizeof(T)));
+  [[maybe_unused]] const bool nt = stream_rows(M * N * int64_t(sizeof(T)), Y, N * int64_t(sizeof(T)));
   at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
     Buf<A> buf(std::is_same_v<T, A> ? 0 : N), obuf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t r = begin; r < end; ++r) {
@@ -531,7 +531,7 @@ void row_norm_bwd_kernel(const at::Tensor& dy, const at::Tensor& x, const at::Te
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(M, at::get_num_threads()));
   Buf<A> part_w(want_dw ? chunks * N : 0, A(0)), part_b(want_db ? chunks * N : 0, A(0));
   const A* wp = w.data();
-  [[maybe_unused]] const bool nt = want_dx && stream_output(M * N * int64_t(sizeof(T)));
+  [[maybe_unused]] const bool nt = want_dx && stream_rows(M * N * int64_t(sizeof(T)), DX, N * int64_t(sizeof(T)));
   at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
     Buf<A> xbuf(std::is_same_v<T, A> ? 0 : N), dybuf(std::is_same_v<T, A> ? 0 : N),
         obuf(std::is_same_v<T, A> ? 0 : N);

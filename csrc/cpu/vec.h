@@ -290,15 +290,26 @@ template <typename T>
 using StepVec = Vec<8>;
 #endif
 
+// The first line-aligned value of a span at out and the end of its whole lines, [head, body_end):
+// the span walkers below put their vectors there, so that a streamed line is written by streamed
+// stores only. A line written partly streamed and partly through the cache (by the scalar tail of
+// one row and the first vector of the next) is the slow case of streaming: BatchNorm2d
+// channels-last 32x24x112x112 fp32, rows of 96 bytes, ran eval 7x slower than without streaming.
+template <typename T>
+inline void line_body(const T* out, int64_t len, int64_t& head, int64_t& body_end) {
+  constexpr int64_t per_line = 64 / int64_t(sizeof(T));
+  head = std::min<int64_t>(len, int64_t((-reinterpret_cast<uintptr_t>(out)) & 63) / int64_t(sizeof(T)));
+  body_end = head + (len - head) / per_line * per_line;
+}
+
 // An elementwise pass over a span of consecutive runs of S values, with NC coefficients per run:
 // run r of the span takes channel (c + r) mod C, and coefficient j of channel ch is coefs[j][ch].
-// step(V{}, i, k) covers values [i, i + W) for every i where out + i is 64-byte aligned and the W
-// values lie in the span; k[j] is the vector whose lane l holds coefficient j of value i + l's
-// channel (a broadcast, kept in registers over a run, unless the vector crosses a run boundary).
-// The values before the first aligned vector and after the last whole one go to scalar(i, channel).
-// Looping over each run with simd_for instead starts every run's vectors at its own address: a run
-// of 14x14 bfloat16 values is 392 bytes, so most runs had no vector aligned for a streamed store,
-// and the lines two runs share were written partly streamed and partly through the cache.
+// step(V{}, i, k) covers values [i, i + W) for the vectors of the span's whole 64-byte lines of
+// out (line_body); k[j] is the vector whose lane l holds coefficient j of value i + l's channel (a
+// broadcast, kept in registers over a run, unless the vector crosses a run boundary). The values
+// before and after those lines go to scalar(i, channel). Looping over each run with simd_for
+// instead starts every run's vectors at its own address: a run of 14x14 bfloat16 values is 392
+// bytes, so most runs had no vector aligned for a streamed store.
 template <typename T, int NC, typename Step, typename Scalar>
 inline void runs_for(const T* out, int64_t len, int64_t S, int64_t c, int64_t C, const float* const (&coefs)[NC],
                      Step&& step, Scalar&& scalar) {
@@ -307,14 +318,15 @@ inline void runs_for(const T* out, int64_t len, int64_t S, int64_t c, int64_t C,
   alignas(64) static constexpr float kIota[32] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
                                                   16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31};
   const auto next_channel = [C](int64_t ch) { return ch + 1 == C ? int64_t(0) : ch + 1; };
-  const int64_t head = std::min<int64_t>(len, int64_t((-reinterpret_cast<uintptr_t>(out)) & 63) / int64_t(sizeof(T)));
+  int64_t head, end;
+  line_body(out, len, head, end);
   for (int64_t i = 0; i < head; ++i) scalar(i, (c + i / S) % C);
   int64_t i = head, run_end = (head / S + 1) * S, ch = (c + head / S) % C;
   V k[NC];
-  while (i + W <= len) {
+  while (i < end) {
     for (int j = 0; j < NC; ++j) k[j] = V::set1(coefs[j][ch]);
-    for (const int64_t stop = std::min(run_end, len); i + W <= stop; i += W) step(V{}, i, k);  // inside the run
-    if (i + W > len) break;
+    for (const int64_t stop = std::min(run_end, end); i + W <= stop; i += W) step(V{}, i, k);  // inside the run
+    if (i >= end) break;
     // the vector crossing from this run into the next one(s)
     const V iota = V::load(kIota);
     for (int64_t b = run_end - i, cb = ch; b < W; b += S) {
@@ -332,6 +344,30 @@ inline void runs_for(const T* out, int64_t len, int64_t S, int64_t c, int64_t C,
   for (; i < len; ++i) scalar(i, (c + i / S) % C);
 }
 
+// An elementwise pass over a span of whole rows of C values (channels last) with per-channel
+// coefficients: step(V{}, i, k) covers values [i, i + W) for the vectors of the span's whole
+// 64-byte lines (line_body), where k[j] holds coefs[j][(i + l) mod C] in lane l, one load from
+// coefs[j] + i mod C (each array padded as kRowsPad says); the values before and after those lines
+// go to scalar(i, channel). fp32 lanes for every T (Vec<16> loads bfloat16 without a permutation).
+template <typename T, int NC, typename Step, typename Scalar>
+inline void rows_for(const T* out, int64_t len, int64_t C, const float* const (&coefs)[NC], Step&& step,
+                     Scalar&& scalar) {
+  using V = StepVec<float>;
+  constexpr int64_t W = V::kWidth;
+  int64_t head, end;
+  line_body(out, len, head, end);
+  for (int64_t i = 0; i < head; ++i) scalar(i, i % C);
+  int64_t i = head, k = head % C;
+  V kv[NC];
+  for (; i < end; i += W) {
+    for (int j = 0; j < NC; ++j) kv[j] = V::load(coefs[j] + k);
+    step(V{}, i, kv);
+    k += W;
+    if (k >= C) k = C >= W ? k - C : k % C;
+  }
+  for (; i < len; ++i) scalar(i, i % C);
+}
+
 }  // namespace fusenorm::cpu
 #endif
 
@@ -339,7 +375,8 @@ namespace fusenorm::cpu {
 
 // Whether a pass writing `bytes` of output streams it (store_out): from 16 MiB, about where
 // streaming stopped costing in the measurements above (FUSENORM_STREAM_BYTES overrides it; 0
-// streams every output, as the tests do to cover the path).
+// streams every output, as the tests do to cover the path). For the span walkers (runs_for,
+// rows_for), which keep streamed lines whole themselves.
 inline bool stream_output(int64_t bytes) {
 #ifdef FUSENORM_CPU_AVX2
   static const int64_t threshold = [] {
@@ -355,6 +392,18 @@ inline bool stream_output(int64_t bytes) {
   (void)bytes;
   return false;
 #endif
+}
+
+// Padding of the coefficient arrays of rows_for (below): each holds its C values, then its first
+// kRowsPad values again (wrapping around as often as C < kRowsPad needs).
+constexpr int64_t kRowsPad = 32;
+
+// stream_output for a pass that writes its output as rows (or runs) of row_bytes each from base,
+// one simd_for per row: only when every row is whole 64-byte lines from an aligned base, so that
+// no line is written partly streamed and partly through the cache (see line_body: up to 7x
+// slower than not streaming at all).
+inline bool stream_rows(int64_t bytes, const void* base, int64_t row_bytes) {
+  return row_bytes % 64 == 0 && (reinterpret_cast<uintptr_t>(base) & 63) == 0 && stream_output(bytes);
 }
 
 // Orders this thread's streamed stores before whatever it does next.
