@@ -52,9 +52,10 @@ Welford<A> run_moments(const T* p, int64_t n, A* buf, A c) {
 }
 
 // acc[0, 32) += the 32-lane partial sums of one run of n values (lane j: values j mod 32) of
-// v - c, or with SQ of ((v - c) - m)^2; *tail += the last n mod 32. A run starts its lanes at
-// zero and adds them to acc, so the fused per-channel statistics carry lanes across a channel's
-// runs: no reduction or merge per run (a 7x7 run is 49 values).
+// v - c, or with SQ of ((v - c) - m)^2; then (SIMD) acc[0, 8) += the rest 8 at a time; *tail +=
+// the last values. A run starts its lanes at zero and adds them to acc, so the fused per-channel
+// statistics carry lanes across a channel's runs: no reduction or merge per run (a 7x7 run is 49
+// values).
 template <bool SQ, typename T, typename A>
 inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
   int64_t i = 0;
@@ -75,6 +76,20 @@ inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
         }
       }
     for (int k = 0; k < K; ++k) (V::load(acc + V::kWidth * k) + t[k]).store(acc + V::kWidth * k);
+    if (i + 8 <= n) {  // then 8 at a time, into lanes [0, 8) (a 7x7 run: 32 + 16 + 1)
+      using U = Vec<8>;
+      const U cu = U::set1(c), mu = U::set1(m);
+      U a = U::load(acc);
+      for (; i + 8 <= n; i += 8) {
+        const U d = U::load(p + i) - cu;
+        if constexpr (SQ) {
+          a = fmadd(d - mu, d - mu, a);
+        } else {
+          a = a + d;
+        }
+      }
+      a.store(acc);
+    }
   } else
 #endif
   {

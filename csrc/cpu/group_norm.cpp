@@ -166,8 +166,26 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
         aw[k] = fmadd(dv, xv, aw[k]);
       }
   });
-  sb = sum_vec_lanes(ab);
-  sw = sum_vec_lanes(aw);
+  sb = i ? sum_vec_lanes(ab) : 0.f;
+  sw = i ? sum_vec_lanes(aw) : 0.f;
+  if (i + kTailLanes <= S) {  // as the row reductions (row_norm.h): 8 lanes, then one at a time
+    using U = Vec<8>;
+    U tb = U::zero(), tw = U::zero();
+    with_act(act, [&](auto ac) {
+      for (; i + kTailLanes <= S; i += kTailLanes) {
+        const U xv = (U::load(x + i) - U::set1(mu)) * U::set1(rs);
+        U dv = U::load(dy + i);
+        if constexpr (decltype(ac)::value != Act::None) {
+          dv = activate_backward_vec(ac, fmadd(xv, U::set1(w), U::set1(b)), dv);
+          dv.store(dz_out + i);
+        }
+        tb = tb + dv;
+        tw = fmadd(dv, xv, tw);
+      }
+    });
+    sb += sum_tail_lanes(tb);
+    sw += sum_tail_lanes(tw);
+  }
   for (; i < S; ++i) {
     const float xh = (static_cast<float>(x[i]) - mu) * rs;
     const float d = activate_backward(act, xh * w + b, static_cast<float>(dy[i]));
