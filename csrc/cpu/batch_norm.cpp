@@ -75,7 +75,16 @@ inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
           t[k] = t[k] + d;
         }
       }
-    for (int k = 0; k < K; ++k) (V::load(acc + V::kWidth * k) + t[k]).store(acc + V::kWidth * k);
+    if (i)  // acc holds the lanes as the registers do (Vec2: its halves, unpermuted): only sums read it
+      for (int k = 0; k < K; ++k) {
+        float* a = acc + V::kWidth * k;
+        if constexpr (V::kWidth == 32) {
+          (Vec<16>::load(a) + t[k].a).store(a);
+          (Vec<16>::load(a + 16) + t[k].b).store(a + 16);
+        } else {
+          (V::load(a) + t[k]).store(a);
+        }
+      }
     if (i + 8 <= n) {  // then 8 at a time, into lanes [0, 8) (a 7x7 run: 32 + 16 + 1)
       using U = Vec<8>;
       const U cu = U::set1(c), mu = U::set1(m);
@@ -193,6 +202,15 @@ inline V coef(const float* p, int64_t k) {
 }
 #endif
 
+// act((x[i] - mu) * sc + sh + z[i]) for one value (the scalar tails of the passes below).
+template <typename T, typename A>
+inline T affine_one(const T* x, const T* z, int64_t i, A mu, A sc, A sh, bool relu) {
+  A v = (static_cast<A>(x[i]) - mu) * sc + sh;
+  if (z) v += static_cast<A>(z[i]);
+  if (relu) v = v < A(0) ? A(0) : v;
+  return static_cast<T>(v);
+}
+
 // out[i] = act((x[i] - mu) * sc + sh + z[i]) over a run of n values; mu/sc/sh are scalars (PerLane =
 // false) or arrays indexed like x (PerLane = true, channels last).
 template <bool PerLane, typename T, typename A>
@@ -212,10 +230,7 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
 #endif
   for (; i < n; ++i) {
     const int64_t k = PerLane ? i : 0;
-    A v = (static_cast<A>(x[i]) - mu[k]) * sc[k] + sh[k];
-    if (z) v += static_cast<A>(z[i]);
-    if (relu) v = v < A(0) ? A(0) : v;
-    y[i] = static_cast<T>(v);
+    y[i] = affine_one(x, z, i, mu[k], sc[k], sh[k], relu);
   }
 }
 
@@ -235,9 +250,7 @@ inline void affine_span(const T* x, const T* z, T* y, int64_t len, int64_t S, in
           if (relu) v = vmax(V::zero(), v);
           store_out(v, y + i, nt);
         },
-        [&](int64_t i, int64_t ch) {
-          affine_run<false>(x + i, z ? z + i : nullptr, y + i, 1, &mu[ch], &sc[ch], &sh[ch], relu, false);
-        });
+        [&](int64_t i, int64_t ch) { y[i] = affine_one(x, z, i, mu[ch], sc[ch], sh[ch], relu); });
     return;
   }
 #endif
@@ -261,9 +274,7 @@ inline void affine_rows(const T* x, const T* z, T* y, int64_t len, int64_t C, co
           if (relu) v = vmax(V::zero(), v);
           store_out(v, y + i, nt);
         },
-        [&](int64_t i, int64_t ch) {
-          affine_run<false>(x + i, z ? z + i : nullptr, y + i, 1, &mu[ch], &sc[ch], &sh[ch], relu, false);
-        });
+        [&](int64_t i, int64_t ch) { y[i] = affine_one(x, z, i, mu[ch], sc[ch], sh[ch], relu); });
     return;
   }
 #endif
@@ -322,6 +333,14 @@ inline void grad_sums_run(const T* dy, const T* x, const T* y, int64_t n, const 
   }
 }
 
+// dx = a * (g - kg) - (x - mu) * e and dz = g for one value (the scalar tails below).
+template <typename T, typename A>
+inline void grad_one(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t i, A mu, A a, A kg, A e) {
+  const A g = grad_in<T, A>(dy, y, i);
+  if (dz) dz[i] = static_cast<T>(g);
+  if (dx) dx[i] = static_cast<T>(a * (g - kg) - (static_cast<A>(x[i]) - mu) * e);
+}
+
 // dx = a * (g - kg) - (x - mu) * e over a run (eval: kg = e = 0); dz = g.
 template <bool PerLane, typename T, typename A>
 inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t n, const A* mu, const A* a,
@@ -342,9 +361,7 @@ inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t 
 #endif
   for (; i < n; ++i) {
     const int64_t k = PerLane ? i : 0;
-    const A g = grad_in<T, A>(dy, y, i);
-    if (dz) dz[i] = static_cast<T>(g);
-    if (dx) dx[i] = static_cast<T>(a[k] * (g - kg[k]) - (static_cast<A>(x[i]) - mu[k]) * e[k]);
+    grad_one(dy, x, y, dx, dz, i, mu[k], a[k], kg[k], e[k]);
   }
 }
 
@@ -365,10 +382,7 @@ inline void grad_span(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t
           const V d = V::load(x + i) - k[0];
           store_out(fnmadd(d, k[3], k[1] * (g - k[2])), dx + i, nt);
         },
-        [&](int64_t i, int64_t ch) {
-          grad_run<false>(dy + i, x + i, y ? y + i : nullptr, dx ? dx + i : nullptr, dz ? dz + i : nullptr, 1, &mu[ch],
-                          &a[ch], &kg[ch], &e[ch], false);
-        });
+        [&](int64_t i, int64_t ch) { grad_one(dy, x, y, dx, dz, i, mu[ch], a[ch], kg[ch], e[ch]); });
     return;
   }
 #endif
@@ -394,10 +408,7 @@ inline void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t
           const V d = V::load(x + i) - k[0];
           store_out(fnmadd(d, k[3], k[1] * (g - k[2])), dx + i, nt);
         },
-        [&](int64_t i, int64_t ch) {
-          grad_run<false>(dy + i, x + i, y ? y + i : nullptr, dx ? dx + i : nullptr, dz ? dz + i : nullptr, 1, &mu[ch],
-                          &a[ch], &kg[ch], &e[ch], false);
-        });
+        [&](int64_t i, int64_t ch) { grad_one(dy, x, y, dx, dz, i, mu[ch], a[ch], kg[ch], e[ch]); });
     return;
   }
 #endif
