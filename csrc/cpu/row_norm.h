@@ -183,30 +183,45 @@ inline void to_acc(const c10::BFloat16* s, float* d, int64_t n) { cvt_in(s, d, n
 inline void from_acc(const float* s, c10::Half* d, int64_t n) { cvt_out(s, d, n); }
 inline void from_acc(const float* s, c10::BFloat16* d, int64_t n) { cvt_out(s, d, n); }
 
+// Lane sums in registers, in sum_lanes' order (acc[j] += acc[j + w] for w = L/2, ..., 1: each step
+// adds the upper half of the lanes to the lower half), so bitwise its values; through memory, the
+// partial loads after full stores stalled on store forwarding, several times per row or run
+// (GroupNorm 32x64x7x7 backward spent a third of its time there).
+inline float fold_lanes(Vec<8> v) {
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v.r), _mm256_extractf128_ps(v.r, 1));  // w = 4
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                             // w = 2
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));                            // w = 1
+}
+#ifdef FUSENORM_CPU_AVX512
+inline float fold_lanes(Vec<16> v) {  // w = 8, then as above
+  return fold_lanes(Vec<8>{_mm256_add_ps(_mm512_castps512_ps256(v.r),
+                                         _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v.r), 1)))});
+}
+#endif
+
 // The 32 lanes of K accumulators of width W (lane W k + j = acc[k][j]), summed as sum_lanes does.
 template <int W, int K>
 inline float sum_vec_lanes(const Vec<W> (&acc)[K]) {
   static_assert(W * K == kLanes, "32 lanes");
-  alignas(64) float lanes[kLanes];
-  for (int k = 0; k < K; ++k) acc[k].store(lanes + W * k);
-  return sum_lanes(lanes);
+  if constexpr (K == 2) {
+    return fold_lanes(acc[0] + acc[1]);  // w = 16
+  } else {
+    static_assert(K == 4, "8-wide accumulators");
+    return fold_lanes((acc[0] + acc[2]) + (acc[1] + acc[3]));  // w = 16, 8
+  }
 }
 
 #ifdef FUSENORM_CPU_AVX512
 template <bool Split>
 inline float sum_vec_lanes(const Vec2<Split> (&acc)[1]) {
-  alignas(64) float lanes[kLanes];
-  acc[0].lanes(lanes);
-  return sum_lanes(lanes);
+  Vec<16> lo, hi;
+  acc[0].ordered(lo, hi);
+  return fold_lanes(lo + hi);
 }
 #endif
 
 // The 8 tail lanes of a reduction (kTailLanes), summed as sum_lanes<8> does.
-inline float sum_tail_lanes(Vec<8> t) {
-  alignas(32) float lanes[kTailLanes];
-  t.store(lanes);
-  return sum_lanes<kTailLanes>(lanes);
-}
+inline float sum_tail_lanes(Vec<8> t) { return fold_lanes(t); }
 
 // Reads a row once and returns sum_i (v_i - c), or with SQ sum_i v_i^2 (RMSNorm), in the lanes of
 // sum_of. With Keep, half types are also converted into buf on the way (in order); without, the
