@@ -51,13 +51,35 @@ Welford<A> run_moments(const T* p, int64_t n, A* buf, A c) {
   return w;
 }
 
-// acc[0, 32) += the 32-lane partial sums of one run of n values (lane j: values j mod 32) of
-// v - c, or with SQ of ((v - c) - m)^2; then (SIMD) acc[0, 8) += the rest 8 at a time; *tail +=
-// the last values. A run starts its lanes at zero and adds them to acc, so the fused per-channel
-// statistics carry lanes across a channel's runs: no reduction or merge per run (a 7x7 run is 49
-// values).
+// A channel's partial sums over its runs in the fused statistics: 32 lanes (lane j: values j mod
+// 32 of each run), 8 lanes for the values after a run's groups of 32, 8 at a time (a 7x7 run:
+// 32 + 16 + 1), and a scalar for the rest. A run starts its lanes at zero and adds them to these,
+// so a channel has no reduction or merge per run. The 32 lanes are kept as the registers hold them
+// (a bfloat16 Vec2: its even and odd halves, not permuted per run); total() puts them in order
+// first, so the sum is the same in AVX2 and AVX-512 builds.
+template <typename A>
+struct RunLanes {
+  A* lanes;  // kLanes
+  A* tail8;  // kTailLanes
+  A* tail;   // 1
+
+  template <typename T>
+  A total() const {
+#if defined(FUSENORM_CPU_AVX512)
+    if constexpr (std::is_same_v<A, float> && LaneVec<T>::kWidth == 32) {
+      alignas(64) float ordered[kLanes];
+      LaneVec<T>{Vec<16>::load(lanes), Vec<16>::load(lanes + 16)}.lanes(ordered);
+      return sum_lanes(ordered) + sum_lanes<kTailLanes>(tail8) + *tail;
+    }
+#endif
+    return sum_lanes(lanes) + sum_lanes<kTailLanes>(tail8) + *tail;
+  }
+};
+
+// Adds one run of n values to a channel's RunLanes: the sums of v - c, or with SQ of
+// ((v - c) - m)^2. (The plain path: 32 lanes, then the scalar.)
 template <bool SQ, typename T, typename A>
-inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
+inline void lanes_add_run(const T* p, int64_t n, A c, A m, const RunLanes<A>& acc) {
   int64_t i = 0;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
@@ -75,21 +97,23 @@ inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
           t[k] = t[k] + d;
         }
       }
-    if (i)  // acc holds the lanes as the registers do (Vec2: its halves, unpermuted): only sums read it
+    if (i)
       for (int k = 0; k < K; ++k) {
-        float* a = acc + V::kWidth * k;
+        float* l = acc.lanes + V::kWidth * k;
+#ifdef FUSENORM_CPU_AVX512
         if constexpr (V::kWidth == 32) {
-          (Vec<16>::load(a) + t[k].a).store(a);
-          (Vec<16>::load(a + 16) + t[k].b).store(a + 16);
-        } else {
-          (V::load(a) + t[k]).store(a);
+          (Vec<16>::load(l) + t[k].a).store(l);
+          (Vec<16>::load(l + 16) + t[k].b).store(l + 16);
+          continue;
         }
+#endif
+        (V::load(l) + t[k]).store(l);
       }
-    if (i + 8 <= n) {  // then 8 at a time, into lanes [0, 8) (a 7x7 run: 32 + 16 + 1)
+    if (i + kTailLanes <= n) {
       using U = Vec<8>;
       const U cu = U::set1(c), mu = U::set1(m);
-      U a = U::load(acc);
-      for (; i + 8 <= n; i += 8) {
+      U a = U::load(acc.tail8);
+      for (; i + kTailLanes <= n; i += kTailLanes) {
         const U d = U::load(p + i) - cu;
         if constexpr (SQ) {
           a = fmadd(d - mu, d - mu, a);
@@ -97,7 +121,7 @@ inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
           a = a + d;
         }
       }
-      a.store(acc);
+      a.store(acc.tail8);
     }
   } else
 #endif
@@ -108,11 +132,11 @@ inline void lanes_add_run(const T* p, int64_t n, A c, A m, A* acc, A* tail) {
         const A d = static_cast<A>(p[i + j]) - c;
         t[j] += SQ ? (d - m) * (d - m) : d;
       }
-    for (int j = 0; j < kLanes; ++j) acc[j] += t[j];
+    for (int j = 0; j < kLanes; ++j) acc.lanes[j] += t[j];
   }
   for (; i < n; ++i) {
     const A d = static_cast<A>(p[i]) - c;
-    *tail += SQ ? (d - m) * (d - m) : d;
+    *acc.tail += SQ ? (d - m) * (d - m) : d;
   }
 }
 
@@ -450,28 +474,33 @@ struct BatchNormBackend {
     const bool nt = stream_output(s.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
       // per channel of the block: 32 lanes + a tail, for the sums of d = x - pivot, then of (d - mean)^2
-      Buf<A> lanes(cb_max * kLanes), tails(cb_max), mrel(cb_max), scale(cb_max), shift(cb_max);
+      Buf<A> lanes(cb_max * kLanes), tails8(cb_max * kTailLanes), tails(cb_max), mrel(cb_max), scale(cb_max),
+          shift(cb_max);
       for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
         const int64_t c1 = std::min(ce, c0 + cb_max);
         for (int pass = 0; pass < 2; ++pass) {
           std::fill(lanes.begin(), lanes.end(), A(0));
+          std::fill(tails8.begin(), tails8.end(), A(0));
           std::fill(tails.begin(), tails.end(), A(0));
+          const auto channel = [&](int64_t c) {  // the block's channel c: its partial sums
+            const int64_t j = c - c0;
+            return RunLanes<A>{lanes.data() + j * kLanes, tails8.data() + j * kTailLanes, tails.data() + j};
+          };
           for (int64_t n = 0; n < s.N; ++n) {
             const T* p = x + (n * C + c0) * S;  // the block's runs: one contiguous span
             for (int64_t c = c0; c < c1; ++c, p += S) {
               if (pass == 0 && n + 1 < s.N) prefetch_run(p + C * S, S);  // this run of the next sample
               const A piv = static_cast<A>(x[c * S]);
-              A* l = lanes.data() + (c - c0) * kLanes;
               if (pass == 0) {
-                lanes_add_run<false>(p, S, piv, A(0), l, &tails[c - c0]);
+                lanes_add_run<false>(p, S, piv, A(0), channel(c));
               } else {
-                lanes_add_run<true>(p, S, piv, mrel[c - c0], l, &tails[c - c0]);
+                lanes_add_run<true>(p, S, piv, mrel[c - c0], channel(c));
               }
             }
           }
           const A count = static_cast<A>(s.count());
           for (int64_t c = c0; c < c1; ++c) {
-            const A total = sum_lanes(lanes.data() + (c - c0) * kLanes) + tails[c - c0];
+            const A total = channel(c).template total<T>();
             if (pass == 0) {
               mrel[c - c0] = total / count;
             } else {
