@@ -53,10 +53,10 @@ Welford<A> run_moments(const T* p, int64_t n, A* buf, A c) {
 
 // A channel's partial sums over its runs in the fused statistics: 32 lanes (lane j: values j mod
 // 32 of each run), 8 lanes for the values after a run's groups of 32, 8 at a time (a 7x7 run:
-// 32 + 16 + 1), and a scalar for the rest. A run starts its lanes at zero and adds them to these,
-// so a channel has no reduction or merge per run. The 32 lanes are kept as the registers hold them
-// (a bfloat16 Vec2: its even and odd halves, not permuted per run); total() puts them in order
-// first, so the sum is the same in AVX2 and AVX-512 builds.
+// 32 + 16 + 1), and a scalar for the rest; lanes_add_runs adds runs to them, so a channel has no
+// reduction or merge per run. The 32 lanes are kept as the registers hold them (a bfloat16 Vec2:
+// its even and odd halves, not permuted per call); total() puts them in order first, so the sum
+// is the same in AVX2 and AVX-512 builds.
 template <typename A>
 struct RunLanes {
   A* lanes;  // kLanes
@@ -76,67 +76,85 @@ struct RunLanes {
   }
 };
 
-// Adds one run of n values to a channel's RunLanes: the sums of v - c, or with SQ of
-// ((v - c) - m)^2. (The plain path: 32 lanes, then the scalar.)
+// Adds `runs` runs of n values, `stride` values apart, to a channel's RunLanes: the sums of v - c,
+// or with SQ of ((v - c) - m)^2. The lanes stay in registers over the runs (a fused block's
+// second pass takes a channel's N runs in one call; its first pass reads the block sample by
+// sample, one run per call). (The plain path: 32 lanes, then the scalar.)
 template <bool SQ, typename T, typename A>
-inline void lanes_add_run(const T* p, int64_t n, A c, A m, const RunLanes<A>& acc) {
-  int64_t i = 0;
+inline void lanes_add_runs(const T* p, int64_t n, int64_t stride, int64_t runs, A c, A m, const RunLanes<A>& acc) {
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
     using V = LaneVec<T>;
+    using U = Vec<8>;
     constexpr int K = kLanes / V::kWidth;
     const V cv = V::set1(c), mv = V::set1(m);
+    const U cu = U::set1(c), mu = U::set1(m);
     V t[K];
-    for (int k = 0; k < K; ++k) t[k] = V::zero();
-    for (; i + kLanes <= n; i += kLanes)
-      for (int k = 0; k < K; ++k) {
-        const V d = V::load(p + i + V::kWidth * k) - cv;
-        if constexpr (SQ) {
-          t[k] = fmadd(d - mv, d - mv, t[k]);
-        } else {
-          t[k] = t[k] + d;
-        }
-      }
-    if (i)
-      for (int k = 0; k < K; ++k) {
-        float* l = acc.lanes + V::kWidth * k;
+    for (int k = 0; k < K; ++k) {
+      const float* l = acc.lanes + V::kWidth * k;
 #ifdef FUSENORM_CPU_AVX512
-        if constexpr (V::kWidth == 32) {
-          (Vec<16>::load(l) + t[k].a).store(l);
-          (Vec<16>::load(l + 16) + t[k].b).store(l + 16);
-          continue;
-        }
+      if constexpr (V::kWidth == 32) {  // as the registers hold them: no permutation
+        t[k] = {Vec<16>::load(l), Vec<16>::load(l + 16)};
+        continue;
+      }
 #endif
-        (V::load(l) + t[k]).store(l);
-      }
-    if (i + kTailLanes <= n) {
-      using U = Vec<8>;
-      const U cu = U::set1(c), mu = U::set1(m);
-      U a = U::load(acc.tail8);
-      for (; i + kTailLanes <= n; i += kTailLanes) {
-        const U d = U::load(p + i) - cu;
-        if constexpr (SQ) {
-          a = fmadd(d - mu, d - mu, a);
-        } else {
-          a = a + d;
-        }
-      }
-      a.store(acc.tail8);
+      t[k] = V::load(l);
     }
-  } else
+    U t8 = U::load(acc.tail8);
+    float tail = *acc.tail;
+    for (int64_t r = 0; r < runs; ++r) {
+      const T* q = p + r * stride;
+      int64_t i = 0;
+      for (; i + kLanes <= n; i += kLanes)
+        for (int k = 0; k < K; ++k) {
+          const V d = V::load(q + i + V::kWidth * k) - cv;
+          if constexpr (SQ) {
+            t[k] = fmadd(d - mv, d - mv, t[k]);
+          } else {
+            t[k] = t[k] + d;
+          }
+        }
+      for (; i + kTailLanes <= n; i += kTailLanes) {
+        const U d = U::load(q + i) - cu;
+        if constexpr (SQ) {
+          t8 = fmadd(d - mu, d - mu, t8);
+        } else {
+          t8 = t8 + d;
+        }
+      }
+      for (; i < n; ++i) {
+        const float d = static_cast<float>(q[i]) - c;
+        tail += SQ ? (d - m) * (d - m) : d;
+      }
+    }
+    for (int k = 0; k < K; ++k) {
+      float* l = acc.lanes + V::kWidth * k;
+#ifdef FUSENORM_CPU_AVX512
+      if constexpr (V::kWidth == 32) {
+        t[k].a.store(l);
+        t[k].b.store(l + 16);
+        continue;
+      }
 #endif
-  {
-    A t[kLanes] = {};
+      t[k].store(l);
+    }
+    t8.store(acc.tail8);
+    *acc.tail = tail;
+    return;
+  }
+#endif
+  for (int64_t r = 0; r < runs; ++r) {
+    const T* q = p + r * stride;
+    int64_t i = 0;
     for (; i + kLanes <= n; i += kLanes)
       for (int j = 0; j < kLanes; ++j) {
-        const A d = static_cast<A>(p[i + j]) - c;
-        t[j] += SQ ? (d - m) * (d - m) : d;
+        const A d = static_cast<A>(q[i + j]) - c;
+        acc.lanes[j] += SQ ? (d - m) * (d - m) : d;
       }
-    for (int j = 0; j < kLanes; ++j) acc.lanes[j] += t[j];
-  }
-  for (; i < n; ++i) {
-    const A d = static_cast<A>(p[i]) - c;
-    *acc.tail += SQ ? (d - m) * (d - m) : d;
+    for (; i < n; ++i) {
+      const A d = static_cast<A>(q[i]) - c;
+      *acc.tail += SQ ? (d - m) * (d - m) : d;
+    }
   }
 }
 
@@ -486,17 +504,17 @@ struct BatchNormBackend {
             const int64_t j = c - c0;
             return RunLanes<A>{lanes.data() + j * kLanes, tails8.data() + j * kTailLanes, tails.data() + j};
           };
-          for (int64_t n = 0; n < s.N; ++n) {
-            const T* p = x + (n * C + c0) * S;  // the block's runs: one contiguous span
-            for (int64_t c = c0; c < c1; ++c, p += S) {
-              if (pass == 0 && n + 1 < s.N) prefetch_run(p + C * S, S);  // this run of the next sample
-              const A piv = static_cast<A>(x[c * S]);
-              if (pass == 0) {
-                lanes_add_run<false>(p, S, piv, A(0), channel(c));
-              } else {
-                lanes_add_run<true>(p, S, piv, mrel[c - c0], channel(c));
+          if (pass == 0) {
+            for (int64_t n = 0; n < s.N; ++n) {
+              const T* p = x + (n * C + c0) * S;  // the block's runs of sample n: one contiguous span
+              for (int64_t c = c0; c < c1; ++c, p += S) {
+                if (n + 1 < s.N) prefetch_run(p + C * S, S);  // this run of the next sample
+                lanes_add_runs<false>(p, S, C * S, 1, static_cast<A>(x[c * S]), A(0), channel(c));
               }
             }
+          } else {  // from cache: channel by channel, its lanes in registers over its N runs
+            for (int64_t c = c0; c < c1; ++c)
+              lanes_add_runs<true>(x + c * S, S, C * S, s.N, static_cast<A>(x[c * S]), mrel[c - c0], channel(c));
           }
           const A count = static_cast<A>(s.count());
           for (int64_t c = c0; c < c1; ++c) {
