@@ -679,14 +679,62 @@ struct GroupNormBackend {
             const int64_t s0 = k * chunk, s1 = std::min(S, (k + 1) * chunk);
 #ifdef FUSENORM_CPU_AVX2
             if constexpr (std::is_same_v<A, float>) {
-              if (simd_channels) {  // site by site (dz is stored in order), 16 then 8 channels at a time
+              if (simd_channels) {
                 const float *mup = mu_c.data(), *rsp = rs_c.data(), *wp = w.data(), *bp = b.data();
                 with_act(act, [&](auto ac) {
+                  // Blocks of 32 channels over the chunk's sites, their coefficients and sums in
+                  // registers (the same operations per channel as the site loop below, so the same
+                  // values): site by site, the sums went through memory at every vector, and
+                  // 32x64x7x7 took 44 us against torch.nn's 19.
+                  using VB = VecWide;
+                  constexpr int KB = kLanes / VB::kWidth;
+                  int64_t cb0 = 0;
+                  for (; cb0 + kLanes <= C; cb0 += kLanes) {
+                    VB mu[KB], rs[KB], wv[KB], bv[KB], aw[KB], ab[KB];
+                    for (int k = 0; k < KB; ++k) {
+                      const int64_t c = cb0 + VB::kWidth * k;
+                      mu[k] = VB::load(mup + c);
+                      rs[k] = VB::load(rsp + c);
+                      wv[k] = VB::load(wp + c);
+                      bv[k] = VB::load(bp + c);
+                      aw[k] = VB::load(qw + c);
+                      ab[k] = VB::load(qb + c);
+                    }
+                    const bool ahead = cb0 + 2 * kLanes <= C;  // the next block's lines, as nsc_block_moments
+                    for (int64_t site = s0; site < s1; ++site) {
+                      const T *xs = xn + site * C + cb0, *ds = dn + site * C + cb0;
+                      float* zs = dz_keep ? dz_keep + site * C + cb0 : nullptr;
+                      if (ahead) {
+                        __builtin_prefetch(xs + kLanes, 0, 3);
+                        __builtin_prefetch(xs + 2 * kLanes - 1, 0, 3);
+                        __builtin_prefetch(ds + kLanes, 0, 3);
+                        __builtin_prefetch(ds + 2 * kLanes - 1, 0, 3);
+                      }
+                      for (int k = 0; k < KB; ++k) {
+                        const VB xv = (VB::load(xs + VB::kWidth * k) - mu[k]) * rs[k];
+                        VB dv = VB::load(ds + VB::kWidth * k);
+                        if constexpr (decltype(ac)::value != Act::None) {
+                          dv = activate_backward_vec(ac, fmadd(xv, wv[k], bv[k]), dv);
+                          if (zs) dv.store(zs + VB::kWidth * k);
+                        }
+                        aw[k] = fmadd(dv, xv, aw[k]);
+                        ab[k] = ab[k] + dv;
+                      }
+                    }
+                    for (int k = 0; k < KB; ++k) {
+                      aw[k].store(qw + cb0 + VB::kWidth * k);
+                      ab[k].store(qb + cb0 + VB::kWidth * k);
+                    }
+                  }
+                  if (cb0 == C) return;
+                  // the channels after the blocks: site by site (dz is stored in order), 16 then 8
+                  // channels at a time
                   for (int64_t site = s0; site < s1; ++site) {
                     const T *xs = xn + site * C, *ds = dn + site * C;
                     float* zs = dz_keep ? dz_keep + site * C : nullptr;
-                    const int64_t c0 = simd_for(C, [&](auto t, int64_t c) {
+                    const int64_t c0 = cb0 + simd_for(C - cb0, [&](auto t, int64_t j) {
                       using V = decltype(t);
+                      const int64_t c = cb0 + j;
                       const V xv = (V::load(xs + c) - V::load(mup + c)) * V::load(rsp + c);
                       V dv = V::load(ds + c);
                       if constexpr (decltype(ac)::value != Act::None) {
