@@ -276,6 +276,20 @@ inline void affine_run(const T* x, const T* z, T* y, int64_t n, const A* mu, con
   }
 }
 
+#ifdef FUSENORM_CPU_AVX2
+// The vector step of affine_span and affine_rows (runs_for/rows_for): k = {mu, scale, shift}.
+template <typename T>
+inline auto affine_step(const T* x, const T* z, T* y, bool relu, bool nt) {
+  return [=](auto t, int64_t i, const auto& k) {
+    using V = decltype(t);
+    V v = fmadd(V::load(x + i) - k[0], k[1], k[2]);
+    if (z) v = v + V::load(z + i);
+    if (relu) v = vmax(V::zero(), v);  // NaN (the second operand) stays NaN
+    store_out(v, y + i, nt);
+  };
+}
+#endif
+
 // affine_run over a span of whole runs of S values, run r with channel (c + r) mod C: one pass with
 // every vector store aligned (runs_for), where short runs do not fill whole vectors and lines.
 template <typename T, typename A>
@@ -285,13 +299,7 @@ inline void affine_span(const T* x, const T* z, T* y, int64_t len, int64_t S, in
   if constexpr (std::is_same_v<A, float>) {
     runs_for(
         y, len, S, c, C, {mu, sc, sh},
-        [&](auto t, int64_t i, const auto& k) {
-          using V = decltype(t);
-          V v = fmadd(V::load(x + i) - k[0], k[1], k[2]);
-          if (z) v = v + V::load(z + i);
-          if (relu) v = vmax(V::zero(), v);
-          store_out(v, y + i, nt);
-        },
+        affine_step(x, z, y, relu, nt),
         [&](int64_t i, int64_t ch) { y[i] = affine_one(x, z, i, mu[ch], sc[ch], sh[ch], relu); });
     return;
   }
@@ -309,13 +317,7 @@ inline void affine_rows(const T* x, const T* z, T* y, int64_t len, int64_t C, co
   if constexpr (std::is_same_v<A, float>) {
     rows_for(
         y, len, C, {mu, sc, sh},
-        [&](auto t, int64_t i, const auto& k) {
-          using V = decltype(t);
-          V v = fmadd(V::load(x + i) - k[0], k[1], k[2]);
-          if (z) v = v + V::load(z + i);
-          if (relu) v = vmax(V::zero(), v);
-          store_out(v, y + i, nt);
-        },
+        affine_step(x, z, y, relu, nt),
         [&](int64_t i, int64_t ch) { y[i] = affine_one(x, z, i, mu[ch], sc[ch], sh[ch], relu); });
     return;
   }
@@ -407,6 +409,22 @@ inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t 
   }
 }
 
+#ifdef FUSENORM_CPU_AVX2
+// The vector step of grad_span and grad_rows: k = {mu, a, kg, e}, as grad_run.
+template <typename T>
+inline auto grad_step(const T* dy, const T* x, const T* y, T* dx, T* dz, bool nt) {
+  return [=](auto t, int64_t i, const auto& k) {
+    using V = decltype(t);
+    V g = V::load(dy + i);
+    if (y) g = relu_pass(V::load(y + i), g);
+    if (dz) store_out(g, dz + i, nt);
+    if (!dx) return;
+    const V d = V::load(x + i) - k[0];
+    store_out(fnmadd(d, k[3], k[1] * (g - k[2])), dx + i, nt);
+  };
+}
+#endif
+
 // grad_run over a span of whole runs, as affine_span.
 template <typename T, typename A>
 inline void grad_span(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t len, int64_t S, int64_t c,
@@ -415,15 +433,7 @@ inline void grad_span(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t
   if constexpr (std::is_same_v<A, float>) {
     runs_for(
         dx ? dx : dz, len, S, c, C, {mu, a, kg, e},
-        [&](auto t, int64_t i, const auto& k) {
-          using V = decltype(t);
-          V g = V::load(dy + i);
-          if (y) g = relu_pass(V::load(y + i), g);
-          if (dz) store_out(g, dz + i, nt);
-          if (!dx) return;
-          const V d = V::load(x + i) - k[0];
-          store_out(fnmadd(d, k[3], k[1] * (g - k[2])), dx + i, nt);
-        },
+        grad_step(dy, x, y, dx, dz, nt),
         [&](int64_t i, int64_t ch) { grad_one(dy, x, y, dx, dz, i, mu[ch], a[ch], kg[ch], e[ch]); });
     return;
   }
@@ -441,15 +451,7 @@ inline void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t
   if constexpr (std::is_same_v<A, float>) {
     rows_for(
         dx ? dx : dz, len, C, {mu, a, kg, e},
-        [&](auto t, int64_t i, const auto& k) {
-          using V = decltype(t);
-          V g = V::load(dy + i);
-          if (y) g = relu_pass(V::load(y + i), g);
-          if (dz) store_out(g, dz + i, nt);
-          if (!dx) return;
-          const V d = V::load(x + i) - k[0];
-          store_out(fnmadd(d, k[3], k[1] * (g - k[2])), dx + i, nt);
-        },
+        grad_step(dy, x, y, dx, dz, nt),
         [&](int64_t i, int64_t ch) { grad_one(dy, x, y, dx, dz, i, mu[ch], a[ch], kg[ch], e[ch]); });
     return;
   }
