@@ -11,10 +11,11 @@
 //        channels at a time from L1; a fixed set of tasks merges its chunks in order (Chan), then
 //        the tasks are merged in order, in parallel over channels.
 // Training forward and backward in NCS fuse both passes per channel when a channel fits in L2 (see
-// fuse_channels). Elementwise passes (apply, dx) run along the contiguous axis: per (n, c) run with scalar
-// coefficients (NCS), or per row with per-channel coefficient arrays (NSC), SIMD (cpu/vec.h) for
-// fp32 accumulation. y = act((x - mean) * (rstd * w) + b + z): subtracting the mean first keeps
-// large-mean inputs exact, where x * scale + (b - mean * scale) would cancel.
+// fuse_channels). Elementwise passes (apply, dx) run along the contiguous axis over whole spans of
+// runs (NCS, per-run coefficients: runs_for) or of rows (NSC, per-channel coefficient arrays:
+// rows_for), SIMD (cpu/vec.h) for fp32 accumulation. y = act((x - mean) * (rstd * w) + b + z):
+// subtracting the mean first keeps large-mean inputs exact, where x * scale + (b - mean * scale)
+// would cancel.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -68,7 +69,7 @@ struct RunLanes {
 #if defined(FUSENORM_CPU_AVX512)
     if constexpr (std::is_same_v<A, float> && LaneVec<T>::kWidth == 32) {
       alignas(64) float ordered[kLanes];
-      LaneVec<T>{Vec<16>::load(lanes), Vec<16>::load(lanes + 16)}.lanes(ordered);
+      load_held<LaneVec<T>>(lanes).lanes(ordered);
       return sum_lanes(ordered) + sum_lanes<kTailLanes>(tail8) + *tail;
     }
 #endif
@@ -90,16 +91,7 @@ inline void lanes_add_runs(const T* p, int64_t n, int64_t stride, int64_t runs, 
     const V cv = V::set1(c), mv = V::set1(m);
     const U cu = U::set1(c), mu = U::set1(m);
     V t[K];
-    for (int k = 0; k < K; ++k) {
-      const float* l = acc.lanes + V::kWidth * k;
-#ifdef FUSENORM_CPU_AVX512
-      if constexpr (V::kWidth == 32) {  // as the registers hold them: no permutation
-        t[k] = {Vec<16>::load(l), Vec<16>::load(l + 16)};
-        continue;
-      }
-#endif
-      t[k] = V::load(l);
-    }
+    for (int k = 0; k < K; ++k) t[k] = load_held<V>(acc.lanes + V::kWidth * k);  // no permutation
     U t8 = U::load(acc.tail8);
     float tail = *acc.tail;
     for (int64_t r = 0; r < runs; ++r) {
@@ -127,17 +119,7 @@ inline void lanes_add_runs(const T* p, int64_t n, int64_t stride, int64_t runs, 
         tail += SQ ? (d - m) * (d - m) : d;
       }
     }
-    for (int k = 0; k < K; ++k) {
-      float* l = acc.lanes + V::kWidth * k;
-#ifdef FUSENORM_CPU_AVX512
-      if constexpr (V::kWidth == 32) {
-        t[k].a.store(l);
-        t[k].b.store(l + 16);
-        continue;
-      }
-#endif
-      t[k].store(l);
-    }
+    for (int k = 0; k < K; ++k) store_held(t[k], acc.lanes + V::kWidth * k);
     t8.store(acc.tail8);
     *acc.tail = tail;
     return;
@@ -493,7 +475,7 @@ struct BatchNormBackend {
     const int64_t C = s.C, S = s.S, cb_max = channel_block(s, sizeof(T));
     const bool nt = stream_output(s.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
-      // per channel of the block: 32 lanes + a tail, for the sums of d = x - pivot, then of (d - mean)^2
+      // per channel of the block (RunLanes): the sums of d = x - pivot, then of (d - mean)^2
       Buf<A> lanes(cb_max * kLanes), tails8(cb_max * kTailLanes), tails(cb_max), mrel(cb_max), scale(cb_max),
           shift(cb_max);
       for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {

@@ -183,8 +183,8 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
         tw = fmadd(dv, xv, tw);
       }
     });
-    sb += sum_tail_lanes(tb);
-    sw += sum_tail_lanes(tw);
+    sb += fold_lanes(tb);
+    sw += fold_lanes(tw);
   }
   for (; i < S; ++i) {
     const float xh = (static_cast<float>(x[i]) - mu) * rs;
@@ -682,6 +682,14 @@ struct GroupNormBackend {
               if (simd_channels) {
                 const float *mup = mu_c.data(), *rsp = rs_c.data(), *wp = w.data(), *bp = b.data();
                 with_act(act, [&](auto ac) {
+                  // dz = act'(xhat w + b) dy for one vector of channels (kept in zs when given)
+                  const auto dz_vec = [&](auto xv, auto dv, auto wv, auto bv, float* zs) {
+                    if constexpr (decltype(ac)::value != Act::None) {
+                      dv = activate_backward_vec(ac, fmadd(xv, wv, bv), dv);
+                      if (zs) dv.store(zs);
+                    }
+                    return dv;
+                  };
                   // Blocks of 32 channels over the chunk's sites, their coefficients and sums in
                   // registers (the same operations per channel as the site loop below, so the same
                   // values): site by site, the sums went through memory at every vector, and
@@ -712,11 +720,8 @@ struct GroupNormBackend {
                       }
                       for (int k = 0; k < KB; ++k) {
                         const VB xv = (VB::load(xs + VB::kWidth * k) - mu[k]) * rs[k];
-                        VB dv = VB::load(ds + VB::kWidth * k);
-                        if constexpr (decltype(ac)::value != Act::None) {
-                          dv = activate_backward_vec(ac, fmadd(xv, wv[k], bv[k]), dv);
-                          if (zs) dv.store(zs + VB::kWidth * k);
-                        }
+                        const VB dv = dz_vec(xv, VB::load(ds + VB::kWidth * k), wv[k], bv[k],
+                                             zs ? zs + VB::kWidth * k : nullptr);
                         aw[k] = fmadd(dv, xv, aw[k]);
                         ab[k] = ab[k] + dv;
                       }
@@ -736,11 +741,7 @@ struct GroupNormBackend {
                       using V = decltype(t);
                       const int64_t c = cb0 + j;
                       const V xv = (V::load(xs + c) - V::load(mup + c)) * V::load(rsp + c);
-                      V dv = V::load(ds + c);
-                      if constexpr (decltype(ac)::value != Act::None) {
-                        dv = activate_backward_vec(ac, fmadd(xv, V::load(wp + c), V::load(bp + c)), dv);
-                        if (zs) dv.store(zs + c);
-                      }
+                      const V dv = dz_vec(xv, V::load(ds + c), V::load(wp + c), V::load(bp + c), zs ? zs + c : nullptr);
                       fmadd(dv, xv, V::load(qw + c)).store(qw + c);
                       (V::load(qb + c) + dv).store(qb + c);
                     });

@@ -220,9 +220,6 @@ inline float sum_vec_lanes(const Vec2<Split> (&acc)[1]) {
 }
 #endif
 
-// The 8 tail lanes of a reduction (kTailLanes), summed as sum_lanes<8> does.
-inline float sum_tail_lanes(Vec<8> t) { return fold_lanes(t); }
-
 // Reads a row once and returns sum_i (v_i - c), or with SQ sum_i v_i^2 (RMSNorm), in the lanes of
 // sum_of. With Keep, half types are also converted into buf on the way (in order); without, the
 // row is only summed, in LaneVec order (bfloat16: its even/odd halves).
@@ -250,7 +247,7 @@ inline float load_and_sum(const T* x, float* buf, int64_t n, float c) {
       if constexpr (keep) v.store(buf + i);
       t = SQ ? fmadd(v, v, t) : t + (v - Vec<8>::set1(c));
     }
-    s += sum_tail_lanes(t);
+    s += fold_lanes(t);
   }
   for (; i < n; ++i) {
     float v = static_cast<float>(x[i]);
@@ -290,7 +287,7 @@ inline float sq_dev_vec(const S* v, int64_t n, float c, float m, const T* next) 
       const Vec<8> d = (Vec<8>::load(v + i) - Vec<8>::set1(c)) - Vec<8>::set1(m);
       t = fmadd(d, d, t);
     }
-    s += sum_tail_lanes(t);
+    s += fold_lanes(t);
   }
   for (; i < n; ++i) {
     const float d = (static_cast<float>(v[i]) - c) - m;
@@ -356,8 +353,8 @@ inline void load_grad_sums(const T* x, const T* dy, const float* w, float* xb, f
       t1 = t1 + g;
       t2 = fmadd(g, v - Vec<8>::set1(mu), t2);
     }
-    s_g += sum_tail_lanes(t1);
-    s_gx += sum_tail_lanes(t2);
+    s_g += fold_lanes(t1);
+    s_gx += fold_lanes(t2);
   }
   for (; i < n; ++i) {
     float v = static_cast<float>(x[i]), d = static_cast<float>(dy[i]);
@@ -380,27 +377,22 @@ template <typename T>
 inline void grad_store(const float* v, const float* d, const float* w, T* dx, float* pw, float* pb, int64_t n,
                        float mu, float rs, float a, float cc, const T* next_x, const T* next_dy, bool nt) {
   using V = std::conditional_t<std::is_same_v<T, float>, Vec<8>, VecWide>;
-  const V muv = V::set1(mu), rsv = V::set1(rs), av = V::set1(a), ccv = V::set1(cc);
+  // one vector of values at o; the 8-wide tail after the groups of 32 stores dx unstreamed
+  const auto step = [=](auto t, int64_t o, bool stream) {
+    using U = decltype(t);
+    const U dv = U::load(d + o), rsv = U::set1(rs);
+    const U xhat = (U::load(v + o) - U::set1(mu)) * rsv;
+    if (dx) store_out(rsv * ((dv * U::load(w + o) - U::set1(a)) - xhat * U::set1(cc)), dx + o, stream);
+    if (pw) fmadd(dv, xhat, U::load(pw + o)).store(pw + o);
+    if (pb) (U::load(pb + o) + dv).store(pb + o);
+  };
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     prefetch_lanes(next_x, i);
     prefetch_lanes(next_dy, i);
-    for (int64_t o = i; o < i + kLanes; o += V::kWidth) {
-      const V dv = V::load(d + o);
-      const V xhat = (V::load(v + o) - muv) * rsv;
-      if (dx) store_out(rsv * ((dv * V::load(w + o) - av) - xhat * ccv), dx + o, nt);
-      if (pw) fmadd(dv, xhat, V::load(pw + o)).store(pw + o);
-      if (pb) (V::load(pb + o) + dv).store(pb + o);
-    }
+    for (int64_t o = i; o < i + kLanes; o += V::kWidth) step(V{}, o, nt);
   }
-  for (; i + 8 <= n; i += 8) {  // the same per value, 8 at a time
-    using U = Vec<8>;
-    const U dv = U::load(d + i), rs8 = U::set1(rs);
-    const U xhat = (U::load(v + i) - U::set1(mu)) * rs8;
-    if (dx) (rs8 * ((dv * U::load(w + i) - U::set1(a)) - xhat * U::set1(cc))).store(dx + i);
-    if (pw) fmadd(dv, xhat, U::load(pw + i)).store(pw + i);
-    if (pb) (U::load(pb + i) + dv).store(pb + i);
-  }
+  for (; i + 8 <= n; i += 8) step(Vec<8>{}, i, false);
   for (; i < n; ++i) {
     float xhat = (v[i] - mu) * rs;
     if (dx) dx[i] = static_cast<T>(rs * (d[i] * w[i] - a - xhat * cc));

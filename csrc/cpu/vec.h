@@ -281,6 +281,28 @@ template <typename V, typename T>
   }
 }
 
+// An accumulator's lanes in memory as the registers hold them: a Vec2 as its two halves, not
+// permuted into order (for partial sums that only a final, ordered reduction reads back); any
+// other vector as load/store do.
+template <typename V>
+inline V load_held(const float* p) {
+#ifdef FUSENORM_CPU_AVX512
+  if constexpr (V::kWidth == 32) return {Vec<16>::load(p), Vec<16>::load(p + 16)};
+#endif
+  return V::load(p);
+}
+template <typename V>
+inline void store_held(const V& v, float* p) {
+#ifdef FUSENORM_CPU_AVX512
+  if constexpr (V::kWidth == 32) {
+    v.a.store(p);
+    v.b.store(p + 16);
+    return;
+  }
+#endif
+  v.store(p);
+}
+
 // The widest vector of an elementwise pass over T (simd_for's first step).
 #ifdef FUSENORM_CPU_AVX512
 template <typename T>
