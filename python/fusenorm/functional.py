@@ -27,9 +27,8 @@ _ShapeT = Union[int, Sequence[int], torch.Size]
 
 
 def _as_shape(normalized_shape: _ShapeT) -> List[int]:
-    if isinstance(normalized_shape, int):
-        return [normalized_shape]
-    return [int(s) for s in normalized_shape]
+    # list(): the ops' int[] arguments take any integers (numpy's, 0-d tensors), as torch's do
+    return [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
 
 
 _LN_FWD = torch.ops.fusenorm.layer_norm_fwd.default
@@ -65,15 +64,21 @@ def _grad_mask(ctx, weight, bias, w_index: int, b_index: int) -> list:
 _HALF = (torch.float16, torch.bfloat16)
 
 
+_forward_ad = torch.autograd.forward_ad
+_is_compiling = torch.compiler.is_compiling
+_functorch_level = torch._C._functorch.maybe_current_level
+
+
 def _reference() -> bool:
     """True under forward-mode AD or a torch.func transform (grad, jvp, vmap), which the kernels'
     autograd Functions do not support: the caller then runs torch's composite of the same norm.
-    Inside torch.compile too: Dynamo guards on the forward-AD level and traces the functorch query."""
-    if torch.autograd.forward_ad._current_level >= 0:
+    Inside torch.compile too: Dynamo guards on the forward-AD level and traces the functorch query.
+    (The functions it calls are module globals: each attribute lookup cost ~0.05 us a call.)"""
+    if _forward_ad._current_level >= 0:
         return True
-    if torch.compiler.is_compiling():  # Dynamo traces this query (not maybe_current_level)
+    if _is_compiling():  # Dynamo traces this query (not maybe_current_level)
         return torch._C._are_functorch_transforms_active()
-    return torch._C._functorch.maybe_current_level() is not None
+    return _functorch_level() is not None
 
 
 def _double_backward(fn, dy: torch.Tensor, inputs: list, want: list) -> list:
@@ -146,13 +151,16 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """LayerNorm over the trailing dims. input: [*, *normalized_shape]; weight, bias: normalized_shape."""
-    x, weight, bias = _autocast_fp32(input, weight, bias)
+    x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
     shape = _as_shape(normalized_shape)
     if _reference():
         return F.layer_norm(x, shape, weight, bias, eps)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
         return LayerNormFunction.apply(x, shape, weight, bias, float(eps))
     return _LN_FWD(x, shape, weight, bias, float(eps))[0]
+
+
+_EPS32, _EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
 
 
 def rms_norm(
@@ -166,7 +174,7 @@ def rms_norm(
     eps=None uses the machine epsilon of the computation type (fp32 for half types), as torch does."""
     x = input
     if eps is None:
-        eps = torch.finfo(_stat_dtype(x)).eps
+        eps = _EPS64 if x.dtype == torch.float64 else _EPS32
     shape = _as_shape(normalized_shape)
     if len(shape) > x.dim():
         raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {x.dim()}")
@@ -253,7 +261,7 @@ def group_norm(
 
 def _group_norm(input, num_groups: int, weight, bias, eps, act: str) -> torch.Tensor:
     """group_norm after its argument checks (InstanceNorm's path too, which allows empty sizes)."""
-    x, weight, bias = _autocast_fp32(input, weight, bias)
+    x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
     if _reference():
         return _act(F.group_norm(x, num_groups, weight, bias, eps), act)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
@@ -296,7 +304,7 @@ def instance_norm(
         if running_mean is None or running_var is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
         # eval with running statistics: BatchNorm's one-pass apply (SiLU / GELU after it, by torch)
-        x, weight, bias = _autocast_fp32(input, weight, bias)
+        x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
         acc = _stat_dtype(x)  # any float buffers, as torch
         y = batch_norm(x, running_mean.to(acc), running_var.to(acc), weight, bias, False, momentum, eps,
                        activation="relu" if act == "relu" else None)
@@ -305,7 +313,7 @@ def instance_norm(
         return input.clone()
     if running_mean is None:
         return _group_norm(input, c, weight, bias, eps, act)
-    x, weight, bias = _autocast_fp32(input, weight, bias)
+    x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
     if _reference():
         return _act(F.instance_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), act)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
