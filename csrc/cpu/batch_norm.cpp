@@ -177,12 +177,6 @@ inline GradCoef<A> grad_coef(const A* var, const W* w, A eps, int64_t c, const A
   return {a, k_g[c] * k, a * rs * k_gx[c] * k};
 }
 
-// Fills v[C, C + kRowsPad) with v[0, C) repeated: the padding rows_for reads past a row's end.
-template <typename A>
-inline void pad_rows(Buf<A>& v, int64_t C) {
-  for (int64_t j = C; j < C + kRowsPad; ++j) v[j] = v[j % C];
-}
-
 // grad_run's coefficients for all C channels, as arrays (the NSC rows index them by channel),
 // padded for rows_for.
 template <typename A>
@@ -198,7 +192,7 @@ struct GradCoefs {
       kg[c] = g.kg;
       e[c] = g.e;
     }
-    for (Buf<A>* v : {&mu, &a, &kg, &e}) pad_rows(*v, C);
+    for (Buf<A>* v : {&mu, &a, &kg, &e}) pad_rows(v->data(), C);
   }
 };
 
@@ -214,7 +208,7 @@ struct Coefs {
       scale[c] = fwd_scale(var, w, eps, c);
       shift[c] = b ? static_cast<A>(b[c]) : A(0);
     }
-    for (Buf<A>* v : {&mu, &scale, &shift}) pad_rows(*v, C);
+    for (Buf<A>* v : {&mu, &scale, &shift}) pad_rows(v->data(), C);
   }
 };
 

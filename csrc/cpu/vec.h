@@ -420,6 +420,12 @@ inline bool stream_output(int64_t bytes) {
 // kRowsPad values again (wrapping around as often as C < kRowsPad needs).
 constexpr int64_t kRowsPad = 32;
 
+// Fills v[C, C + kRowsPad) with v[0, C) repeated (v holds C + kRowsPad values).
+template <typename A>
+inline void pad_rows(A* v, int64_t C) {
+  for (int64_t j = C; j < C + kRowsPad; ++j) v[j] = v[j % C];
+}
+
 // stream_output for a pass that writes its output as rows (or runs) of row_bytes each from base,
 // one simd_for per row: only when every row is whole 64-byte lines from an aligned base, so that
 // no line is written partly streamed and partly through the cache (see line_body: up to 7x
