@@ -42,6 +42,22 @@ def assert_close_as_torch(ours: torch.Tensor, theirs: torch.Tensor, ref: torch.T
     assert e_ours <= bound, f"{what}: fusenorm error {e_ours:.3g} > bound {bound:.3g} (torch.nn error {e_torch:.3g})"
 
 
+def assert_fp32_like_torch(ours, theirs, x: torch.Tensor) -> None:
+    """ours(x) and its input gradient in fp32 against fp64: within 3x the error of theirs (torch.nn)
+    plus 1e-6 (y) or 1e-6 of the largest gradient (dx). For long reductions of ReLU-like data (many
+    equal values), where fp32 partial sums that each run over a whole row lose precision."""
+    x = x.detach().requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    y, y_torch, y64 = ours(x), theirs(x), theirs(x64)
+    dy = torch.randn_like(y64)
+    (dx,) = torch.autograd.grad(y, x, dy.to(y.dtype))
+    (dx_torch,) = torch.autograd.grad(y_torch, x, dy.to(y.dtype))
+    (dx64,) = torch.autograd.grad(y64, x64, dy)
+    for what, a, t, ref, tol in [("y", y, y_torch, y64, 1e-6), ("dx", dx, dx_torch, dx64, 1e-6 * max_err(dx64, 0 * dx64))]:
+        e_ours, e_torch = max_err(a, ref), max_err(t, ref)
+        assert e_ours <= 3 * e_torch + tol, f"{what}: fusenorm error {e_ours:.3g}, torch.nn {e_torch:.3g}"
+
+
 @pytest.fixture(autouse=True)
 def _seed(request):
     # fresh random data per test, but reproducible from the test id

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICES, DTYPES, assert_close_as_torch, assert_raises_like, channels_last
+from conftest import DEVICES, DTYPES, assert_close_as_torch, assert_fp32_like_torch, assert_raises_like, channels_last
 
 import fusenorm
 
@@ -234,3 +234,10 @@ def test_running_buffers_of_any_float_dtype():
             torch.testing.assert_close(y, F.instance_norm(x, *theirs, use_input_stats=use_input_stats))
             tol = 1e-2 if dt == torch.bfloat16 else 1e-3  # one rounding of the buffer's dtype
             torch.testing.assert_close(ours, theirs, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_long_instances_of_repeated_values(device):
+    """Instances of 512x512 ReLU-like fp32 values (half of them 0): as precise as torch.nn."""
+    x = torch.relu(torch.randn(1, 2, 512, 512, device=device))
+    assert_fp32_like_torch(fusenorm.instance_norm, F.instance_norm, x)

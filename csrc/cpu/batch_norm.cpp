@@ -55,34 +55,50 @@ Welford<A> run_moments(const T* p, int64_t n, A* buf, A c) {
 // A channel's partial sums over its runs in the fused statistics: 32 lanes (lane j: values j mod
 // 32 of each run), 8 lanes for the values after a run's groups of 32, 8 at a time (a 7x7 run:
 // 32 + 16 + 1), and a scalar for the rest; lanes_add_runs adds runs to them, so a channel has no
-// reduction or merge per run. The 32 lanes are kept as the registers hold them (a bfloat16 Vec2:
-// its even and odd halves, not permuted per call); total() puts them in order first, so the sum
-// is the same in AVX2 and AVX-512 builds.
+// reduction or merge per run. As the row reductions (kSumBlock, row_norm.h), the sums are added to
+// `flushed` (the same kLanes + kTailLanes + 1 sums) and restart about every kSumBlock values (see
+// run_ends_block): 64x16x32x32 ReLU-like data lost 4e-5 of fp32 output with one set of lanes for
+// a whole channel (torch.nn 6e-7). The 32 lanes are kept as the registers hold them (a
+// bfloat16 Vec2: its even and odd halves, not permuted per call); total() puts them in order
+// first, so the sum is the same in AVX2 and AVX-512 builds.
 template <typename A>
 struct RunLanes {
-  A* lanes;  // kLanes
-  A* tail8;  // kTailLanes
-  A* tail;   // 1
+  A* lanes;    // kLanes
+  A* tail8;    // kTailLanes
+  A* tail;     // 1
+  A* flushed;  // kLanes, kTailLanes, 1
 
   template <typename T>
   A total() const {
+    alignas(64) A all[kLanes], all8[kTailLanes];
 #if defined(FUSENORM_CPU_AVX512)
     if constexpr (std::is_same_v<A, float> && LaneVec<T>::kWidth == 32) {
-      alignas(64) float ordered[kLanes];
-      load_held<LaneVec<T>>(lanes).lanes(ordered);
-      return sum_lanes(ordered) + sum_lanes<kTailLanes>(tail8) + *tail;
-    }
+      (load_held<LaneVec<T>>(flushed) + load_held<LaneVec<T>>(lanes)).lanes(all);
+    } else
 #endif
-    return sum_lanes(lanes) + sum_lanes<kTailLanes>(tail8) + *tail;
+    {
+      for (int j = 0; j < kLanes; ++j) all[j] = flushed[j] + lanes[j];
+    }
+    for (int j = 0; j < kTailLanes; ++j) all8[j] = flushed[kLanes + j] + tail8[j];
+    return sum_lanes(all) + sum_lanes<kTailLanes>(all8) + (flushed[kLanes + kTailLanes] + *tail);
   }
 };
 
+// Where lanes_add_runs flushes: after run r (of n values, counted from the channel's first run)
+// when it crosses a multiple of kSumBlock values, and within a run longer than kSumBlock after each
+// kSumBlock of its values (i: the group of kLanes values just added), the last one left to the run's end.
+inline bool run_ends_block(int64_t r, int64_t n) { return (r + 1) * n / kSumBlock > r * n / kSumBlock; }
+inline bool in_run_block_end(int64_t i, int64_t n) { return (i + kLanes) % kSumBlock == 0 && i + kLanes < n; }
+
 // Adds `runs` runs of n values, `stride` values apart, to a channel's RunLanes: the sums of v - c,
-// or with SQ of ((v - c) - m)^2. The lanes stay in registers over the runs (a fused block's
-// second pass takes a channel's N runs in one call; its first pass reads the block sample by
-// sample, one run per call). (The plain path: 32 lanes, then the scalar.)
+// or with SQ of ((v - c) - m)^2; r0 is the first run's index among the channel's runs. The lanes
+// stay in registers over the runs (a fused block's second pass takes a channel's N runs in one
+// call; its first pass reads the block sample by sample, one run per call). (The plain path: 32
+// lanes, then the scalar.)
 template <bool SQ, typename T, typename A>
-inline void lanes_add_runs(const T* p, int64_t n, int64_t stride, int64_t runs, A c, A m, const RunLanes<A>& acc) {
+inline void lanes_add_runs(const T* p, int64_t n, int64_t stride, int64_t r0, int64_t runs, A c, A m,
+                           const RunLanes<A>& acc) {
+  A* f = acc.flushed;
 #ifdef FUSENORM_CPU_AVX2
   if constexpr (std::is_same_v<A, float>) {
     using V = LaneVec<T>;
@@ -94,10 +110,20 @@ inline void lanes_add_runs(const T* p, int64_t n, int64_t stride, int64_t runs, 
     for (int k = 0; k < K; ++k) t[k] = load_held<V>(acc.lanes + V::kWidth * k);  // no permutation
     U t8 = U::load(acc.tail8);
     float tail = *acc.tail;
+    const auto flush = [&] {
+      for (int k = 0; k < K; ++k) {
+        store_held(load_held<V>(f + V::kWidth * k) + t[k], f + V::kWidth * k);
+        t[k] = V::zero();
+      }
+      (U::load(f + kLanes) + t8).store(f + kLanes);
+      t8 = U::zero();
+      f[kLanes + kTailLanes] += tail;
+      tail = 0.f;
+    };
     for (int64_t r = 0; r < runs; ++r) {
       const T* q = p + r * stride;
       int64_t i = 0;
-      for (; i + kLanes <= n; i += kLanes)
+      for (; i + kLanes <= n; i += kLanes) {
         for (int k = 0; k < K; ++k) {
           const V d = V::load(q + i + V::kWidth * k) - cv;
           if constexpr (SQ) {
@@ -106,6 +132,8 @@ inline void lanes_add_runs(const T* p, int64_t n, int64_t stride, int64_t runs, 
             t[k] = t[k] + d;
           }
         }
+        if (in_run_block_end(i, n)) flush();
+      }
       for (; i + kTailLanes <= n; i += kTailLanes) {
         const U d = U::load(q + i) - cu;
         if constexpr (SQ) {
@@ -118,6 +146,7 @@ inline void lanes_add_runs(const T* p, int64_t n, int64_t stride, int64_t runs, 
         const float d = static_cast<float>(q[i]) - c;
         tail += SQ ? (d - m) * (d - m) : d;
       }
+      if (run_ends_block(r0 + r, n)) flush();
     }
     for (int k = 0; k < K; ++k) store_held(t[k], acc.lanes + V::kWidth * k);
     t8.store(acc.tail8);
@@ -125,18 +154,29 @@ inline void lanes_add_runs(const T* p, int64_t n, int64_t stride, int64_t runs, 
     return;
   }
 #endif
+  const auto flush = [&] {
+    for (int j = 0; j < kLanes; ++j) {
+      f[j] += acc.lanes[j];
+      acc.lanes[j] = A(0);
+    }
+    f[kLanes + kTailLanes] += *acc.tail;
+    *acc.tail = A(0);
+  };
   for (int64_t r = 0; r < runs; ++r) {
     const T* q = p + r * stride;
     int64_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
+    for (; i + kLanes <= n; i += kLanes) {
       for (int j = 0; j < kLanes; ++j) {
         const A d = static_cast<A>(q[i + j]) - c;
         acc.lanes[j] += SQ ? (d - m) * (d - m) : d;
       }
+      if (in_run_block_end(i, n)) flush();
+    }
     for (; i < n; ++i) {
       const A d = static_cast<A>(q[i]) - c;
       *acc.tail += SQ ? (d - m) * (d - m) : d;
     }
+    if (run_ends_block(r0 + r, n)) flush();
   }
 }
 
@@ -470,29 +510,32 @@ struct BatchNormBackend {
     const bool nt = stream_output(s.numel() * int64_t(sizeof(T)));
     at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
       // per channel of the block (RunLanes): the sums of d = x - pivot, then of (d - mean)^2
-      Buf<A> lanes(cb_max * kLanes), tails8(cb_max * kTailLanes), tails(cb_max), mrel(cb_max), scale(cb_max),
-          shift(cb_max);
+      constexpr int64_t kFlushed = kLanes + kTailLanes + 1;
+      Buf<A> lanes(cb_max * kLanes), tails8(cb_max * kTailLanes), tails(cb_max), flushed(cb_max * kFlushed),
+          mrel(cb_max), scale(cb_max), shift(cb_max);
       for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
         const int64_t c1 = std::min(ce, c0 + cb_max);
         for (int pass = 0; pass < 2; ++pass) {
           std::fill(lanes.begin(), lanes.end(), A(0));
           std::fill(tails8.begin(), tails8.end(), A(0));
           std::fill(tails.begin(), tails.end(), A(0));
+          std::fill(flushed.begin(), flushed.end(), A(0));
           const auto channel = [&](int64_t c) {  // the block's channel c: its partial sums
             const int64_t j = c - c0;
-            return RunLanes<A>{lanes.data() + j * kLanes, tails8.data() + j * kTailLanes, tails.data() + j};
+            return RunLanes<A>{lanes.data() + j * kLanes, tails8.data() + j * kTailLanes, tails.data() + j,
+                               flushed.data() + j * kFlushed};
           };
           if (pass == 0) {
             for (int64_t n = 0; n < s.N; ++n) {
               const T* p = x + (n * C + c0) * S;  // the block's runs of sample n: one contiguous span
               for (int64_t c = c0; c < c1; ++c, p += S) {
                 if (n + 1 < s.N) prefetch_run(p + C * S, S);  // this run of the next sample
-                lanes_add_runs<false>(p, S, C * S, 1, static_cast<A>(x[c * S]), A(0), channel(c));
+                lanes_add_runs<false>(p, S, C * S, n, 1, static_cast<A>(x[c * S]), A(0), channel(c));
               }
             }
           } else {  // from cache: channel by channel, its lanes in registers over its N runs
             for (int64_t c = c0; c < c1; ++c)
-              lanes_add_runs<true>(x + c * S, S, C * S, s.N, static_cast<A>(x[c * S]), mrel[c - c0], channel(c));
+              lanes_add_runs<true>(x + c * S, S, C * S, 0, s.N, static_cast<A>(x[c * S]), mrel[c - c0], channel(c));
           }
           const A count = static_cast<A>(s.count());
           for (int64_t c = c0; c < c1; ++c) {

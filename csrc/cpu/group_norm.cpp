@@ -149,25 +149,32 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
   using V = LaneVec<T>;
   constexpr int K = kLanes / V::kWidth;
   const V muv = V::set1(mu), rsv = V::set1(rs), wv = V::set1(w), bv = V::set1(b);
-  V ab[K], aw[K];
-  for (int k = 0; k < K; ++k) ab[k] = aw[k] = V::zero();
+  V ab[K], aw[K], tb[K], tw[K];
+  for (int k = 0; k < K; ++k) ab[k] = aw[k] = tb[k] = tw[k] = V::zero();
   int64_t i = 0;
   with_act(act, [&](auto ac) {
-    for (; i + kLanes <= S; i += kLanes)
-      for (int k = 0; k < K; ++k) {
-        const int64_t o = i + V::kWidth * k;
-        const V xv = (V::load(x + o) - muv) * rsv;
-        V dv = V::load(dy + o);
-        if constexpr (decltype(ac)::value != Act::None) {
-          dv = activate_backward_vec(ac, fmadd(xv, wv, bv), dv);
-          dv.store(dz_out + o);
-        }
-        ab[k] = ab[k] + dv;
-        aw[k] = fmadd(dv, xv, aw[k]);
-      }
+    i = lane_blocks(
+        S,
+        [&](int64_t i) {
+          for (int k = 0; k < K; ++k) {
+            const int64_t o = i + V::kWidth * k;
+            const V xv = (V::load(x + o) - muv) * rsv;
+            V dv = V::load(dy + o);
+            if constexpr (decltype(ac)::value != Act::None) {
+              dv = activate_backward_vec(ac, fmadd(xv, wv, bv), dv);
+              dv.store(dz_out + o);
+            }
+            ab[k] = ab[k] + dv;
+            aw[k] = fmadd(dv, xv, aw[k]);
+          }
+        },
+        [&] {
+          flush_lanes(tb, ab);
+          flush_lanes(tw, aw);
+        });
   });
-  sb = i ? sum_vec_lanes(ab) : 0.f;
-  sw = i ? sum_vec_lanes(aw) : 0.f;
+  sb = i ? sum_vec_lanes(tb) : 0.f;
+  sw = i ? sum_vec_lanes(tw) : 0.f;
   if (i + kTailLanes <= S) {  // as the row reductions (row_norm.h): 8 lanes, then one at a time
     using U = Vec<8>;
     U tb = U::zero(), tw = U::zero();
@@ -290,11 +297,13 @@ inline void activate_backward_inplace(Act act, const A* z, A* d, int64_t n) {
 // sum_i a_i b_i, in lanes (fixed order)
 template <typename A>
 inline A dot_of(const A* a, const A* b, int64_t n) {
-  A acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes)
-    for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
-  A s = sum_lanes(acc);
+  A acc[kLanes] = {}, tot[kLanes] = {};
+  int64_t i = lane_blocks(
+      n, [&](int64_t i) {
+        for (int j = 0; j < kLanes; ++j) acc[j] += a[i + j] * b[i + j];
+      },
+      [&] { flush_lanes(tot, acc); });
+  A s = sum_lanes(tot);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
