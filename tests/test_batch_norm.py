@@ -366,6 +366,12 @@ def test_backward_is_deterministic(device, layout):
         assert torch.equal(a, b)
 
 
+class _TorchNS:
+    """torch.nn's classes and torch.nn.functional under fusenorm's names."""
+    BatchNorm1d, BatchNorm2d, BatchNorm3d = torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d
+    SyncBatchNorm, functional = torch.nn.SyncBatchNorm, F
+
+
 def test_errors_match_torch():
     cases = [
         lambda ns: ns.BatchNorm2d(3)(torch.randn(1, 3, 1, 1)),          # one value per channel in training
@@ -375,14 +381,29 @@ def test_errors_match_torch():
         lambda ns: ns.BatchNorm3d(3)(torch.randn(2, 3, 4, 4)),          # wrong rank
         lambda ns: ns.BatchNorm2d(3).eval()(torch.randn(2, 4, 3, 3)),   # channel mismatch (running stats)
         lambda ns: ns.BatchNorm2d(3)(torch.randn(2, 4, 3, 3)),          # channel mismatch in training
+        lambda ns: ns.BatchNorm2d(3, eps=0.0)(torch.randn(2, 3, 2, 2)),  # eps must be > 0 in training
+        lambda ns: ns.BatchNorm1d(3, eps=-1e-5)(torch.randn(4, 3)),      # eps < 0
+        lambda ns: ns.BatchNorm1d(3, eps=-1e-5).eval()(torch.randn(4, 3)),  # eps < 0 in eval too
+        lambda ns: ns.BatchNorm3d(3, eps=0.0)(torch.randn(2, 4, 2, 2, 2)),  # eps before channel mismatch
+        lambda ns: ns.BatchNorm1d(3, eps=0.0)(torch.randn(1, 3)),        # one value per channel before eps
+        lambda ns: ns.SyncBatchNorm(3, eps=0.0)(torch.randn(2, 3, 2, 2)),  # no process group: batch_norm's rule
+        lambda ns: ns.functional.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), training=True,
+                                            eps=-0.5),
+        # running buffers on another device (meta), in training and in eval
+        lambda ns: ns.functional.batch_norm(torch.randn(4, 3), torch.zeros(3, device="meta"),
+                                            torch.ones(3, device="meta"), training=True),
+        lambda ns: ns.functional.batch_norm(torch.randn(4, 3), torch.zeros(3, device="meta"),
+                                            torch.ones(3, device="meta"), training=False),
+        lambda ns: ns.BatchNorm1d(3).to("meta")(torch.randn(4, 3)),
     ]
     for call in cases:
         with pytest.raises(Exception) as theirs:
-            call(torch.nn)
+            call(_TorchNS)
         with pytest.raises(Exception) as ours:
             call(fusenorm)
         assert type(ours.value) is type(theirs.value), (ours.value, theirs.value)
         assert str(ours.value) == str(theirs.value)
+    assert fusenorm.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), eps=0.0).isfinite().all()  # eval: 0
     with pytest.raises(RuntimeError, match="running_mean must be defined"):
         fusenorm.batch_norm(torch.randn(2, 3), None, None, training=False)
     with pytest.raises(RuntimeError, match="weight should contain 3 elements not 4"):
@@ -499,3 +520,27 @@ def test_long_channels_of_repeated_values(device, layout, shape):
     x = channels_last(x) if layout == "channels_last" else x
     assert_fp32_like_torch(lambda t: fusenorm.batch_norm(t, None, None, training=True),
                            lambda t: F.batch_norm(t, None, None, training=True), x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("need_params", [False, True])  # dx alone, and with the weight gradient's sums
+def test_eval_backward_does_not_read_x(device, layout, need_params):
+    """Eval: dx = dy * w * rstd, as torch.nn, so a NaN or infinite input leaves its dx finite."""
+    x = torch.randn(4, 6, 5, 5, device=device)
+    x[0, 1, 2, 3], x[1, 2, 0, 0], x[3, 5, 4, 4] = float("nan"), float("inf"), -float("inf")
+    x = channels_last(x) if layout == "channels_last" else x
+    rm, rv = torch.randn(6, device=device), torch.rand(6, device=device) + 0.5
+    w, b = torch.randn(6, device=device), torch.randn(6, device=device)
+    dy = torch.randn_like(x)
+    out = []
+    for f in (F.batch_norm, fusenorm.batch_norm):
+        xl = x.clone().requires_grad_()
+        wl, bl = w.clone().requires_grad_(need_params), b.clone().requires_grad_(need_params)
+        grads = torch.autograd.grad(f(xl, rm, rv, wl, bl, False), [xl] + ([wl, bl] if need_params else []), dy)
+        out.append(grads)
+    assert out[1][0].isfinite().all()
+    torch.testing.assert_close(out[1][0], out[0][0])
+    if need_params:  # dbias is finite; dweight is NaN in the channels of the non-finite inputs, as torch's
+        torch.testing.assert_close(out[1][2], out[0][2])
+        torch.testing.assert_close(out[1][1], out[0][1], equal_nan=True)

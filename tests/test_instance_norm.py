@@ -189,7 +189,11 @@ def test_running_stats_edge_cases():
 
 def test_functional_errors_and_empty_channels():
     calls = [lambda f: f(torch.randn(3)),                              # 1-D input in training
-             lambda f: f(torch.randn(2, 3, 4), momentum=None)]        # momentum must be a float
+             lambda f: f(torch.randn(2, 3, 4), momentum=None),        # momentum must be a float
+             # running buffers on the meta device, or expanded (one value written by every channel)
+             lambda f: f(torch.randn(2, 3, 4), torch.zeros(3, device="meta"), torch.ones(3, device="meta")),
+             lambda f: f(torch.randn(2, 3, 4), torch.zeros(3), torch.ones(1).expand(3)),
+             lambda f: f(torch.randn(2, 3, 4), torch.zeros(1).expand(3), torch.ones(3))]
     for call in calls:
         assert_raises_like(call, F.instance_norm, fusenorm.instance_norm)
     assert fusenorm.instance_norm(torch.randn(2, 0, 3)).shape == (2, 0, 3)

@@ -398,10 +398,11 @@ template <typename T, typename A>
 inline void grad_one(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t i, A mu, A a, A kg, A e) {
   const A g = grad_in<T, A>(dy, y, i);
   if (dz) dz[i] = static_cast<T>(g);
-  if (dx) dx[i] = static_cast<T>(a * (g - kg) - (static_cast<A>(x[i]) - mu) * e);
+  if (dx) dx[i] = static_cast<T>(x ? a * (g - kg) - (static_cast<A>(x[i]) - mu) * e : a * g);
 }
 
-// dx = a * (g - kg) - (x - mu) * e over a run (eval: kg = e = 0); dz = g.
+// dx = a * (g - kg) - (x - mu) * e over a run; dz = g. Eval passes x = null: dx = a * g without
+// reading x (a NaN or infinite x then leaves dx finite, as torch.nn's eval backward does).
 template <bool PerLane, typename T, typename A>
 inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t n, const A* mu, const A* a,
                      const A* kg, const A* e, bool nt) {
@@ -415,6 +416,7 @@ inline void grad_run(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t 
       if (y) g = relu_pass(V::load(y + i), g);
       if (dz) store_out(g, dz + i, nt);
       if (!dx) return;
+      if (!x) return store_out(coef<PerLane, V>(a, k) * g, dx + i, nt);
       const V d = V::load(x + i) - coef<PerLane, V>(mu, k);
       store_out(fnmadd(d, coef<PerLane, V>(e, k), coef<PerLane, V>(a, k) * (g - coef<PerLane, V>(kg, k))), dx + i, nt);
     });
@@ -435,6 +437,7 @@ inline auto grad_step(const T* dy, const T* x, const T* y, T* dx, T* dz, bool nt
     if (y) g = relu_pass(V::load(y + i), g);
     if (dz) store_out(g, dz + i, nt);
     if (!dx) return;
+    if (!x) return store_out(k[1] * g, dx + i, nt);
     const V d = V::load(x + i) - k[0];
     store_out(fnmadd(d, k[3], k[1] * (g - k[2])), dx + i, nt);
   };
@@ -455,8 +458,8 @@ inline void grad_span(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t
   }
 #endif
   for (int64_t o = 0; o < len; o += S, c = c + 1 == C ? 0 : c + 1)
-    grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S, &mu[c], &a[c],
-                    &kg[c], &e[c], nt);
+    grad_run<false>(dy + o, x ? x + o : nullptr, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
+                    &mu[c], &a[c], &kg[c], &e[c], nt);
 }
 
 // grad_run<true> over a span of whole rows, as affine_rows.
@@ -473,8 +476,8 @@ inline void grad_rows(const T* dy, const T* x, const T* y, T* dx, T* dz, int64_t
   }
 #endif
   for (int64_t o = 0; o < len; o += C)
-    grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, C, mu, a, kg, e,
-                   nt);
+    grad_run<true>(dy + o, x ? x + o : nullptr, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, C,
+                   mu, a, kg, e, nt);
 }
 
 struct BatchNormBackend {
@@ -573,6 +576,7 @@ struct BatchNormBackend {
     const bool nt = stream_output(bytes);  // for grad_span
     // for grad_run per run (eval)
     const bool nt_runs = stream_rows(bytes, dx ? dx : dz, (s.channels_last ? s.C : s.S) * int64_t(sizeof(T)));
+    const T* const no_x = nullptr;  // eval's dx = a * g does not read x (grad_run)
     if (!training && sum_g && (dx || dz) && !fused) {
       // Eval: dx = rstd * w * g does not wait for the sums, so each row's (NSC) or run's (NCS) dx
       // is written right after its sums, from cache: x and dy are read from memory once.
@@ -581,12 +585,12 @@ struct BatchNormBackend {
       return bwd_reduce<T>(s, xc, dy, x, y, mean, var, eps, act, sum_g, sum_gx, [&](int64_t r) {
         const int64_t o = r * len, c = s.channels_last ? 0 : r % s.C;
         T *dxr = dx ? dx + o : nullptr, *dzr = dz ? dz + o : nullptr;
-        if (s.channels_last)
-          grad_run<true>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c],
+        if (s.channels_last)  // x = null: eval's dx does not read x
+          grad_run<true>(dy + o, no_x, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c],
                          nt_runs);
         else
-          grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c], &gc.e[c],
-                          nt_runs);
+          grad_run<false>(dy + o, no_x, y ? y + o : nullptr, dxr, dzr, len, &gc.mu[c], &gc.a[c], &gc.kg[c],
+                          &gc.e[c], nt_runs);
       });
     }
     if (!sum_g || !fused)
@@ -612,7 +616,7 @@ struct BatchNormBackend {
             sum_gx[c] += pgx;
             if (eval_dx) {
               const GradCoef<A> g = grad_coef<A>(var, w, eps, c, nullptr, nullptr, k);
-              grad_run<false>(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
+              grad_run<false>(dy + o, no_x, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, S,
                               &mean[c], &g.a, &g.kg, &g.e, nt_runs);
             }
           }
@@ -795,20 +799,21 @@ struct BatchNormBackend {
     const GradCoefs<A> gc(C, mean, var, w, eps, k_g, k_gx, k);
     const Buf<A> &mu = gc.mu, &a = gc.a, &kg = gc.kg, &e = gc.e;
     const bool nt = stream_output(s.numel() * int64_t(sizeof(T)));
+    const T* xd = k_g ? x : nullptr;  // eval (no k_g): dx = a * g does not read x (grad_run)
     if (!s.channels_last) {
       const int64_t S = s.S;
       at::parallel_for(0, s.N * C, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
         const int64_t o = begin * S;  // runs [begin, end): one span
-        grad_span(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, (end - begin) * S,
-                  S, begin % C, C, mu.data(), a.data(), kg.data(), e.data(), nt);
+        grad_span(dy + o, xd ? xd + o : nullptr, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr,
+                  (end - begin) * S, S, begin % C, C, mu.data(), a.data(), kg.data(), e.data(), nt);
         stream_fence();
       });
       return;
     }
     at::parallel_for(0, s.count(), std::max<int64_t>(1, kBnChunk / C), [&](int64_t begin, int64_t end) {
       const int64_t o = begin * C;  // rows [begin, end): one span
-      grad_rows(dy + o, x + o, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr, (end - begin) * C,
-                C, mu.data(), a.data(), kg.data(), e.data(), nt);
+      grad_rows(dy + o, xd ? xd + o : nullptr, y ? y + o : nullptr, dx ? dx + o : nullptr, dz ? dz + o : nullptr,
+                (end - begin) * C, C, mu.data(), a.data(), kg.data(), e.data(), nt);
       stream_fence();
     });
   }

@@ -107,7 +107,8 @@ __global__ void __launch_bounds__(kChannelThreads)
   }
 }
 
-// dx = a * (g - kg) - (x - mean) * e; dz = g.
+// dx = a * (g - kg) - (x - mean) * e; dz = g. Eval passes x = null: dx = a * g, x not read (a NaN
+// or infinite x leaves dx finite, as torch.nn's eval backward does).
 template <typename T, int V, bool NSC, typename I>
 __global__ void __launch_bounds__(kChannelThreads)
     bn_grad_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ dx,
@@ -118,14 +119,15 @@ __global__ void __launch_bounds__(kChannelThreads)
     const Vec<T, V> dv = load_vec<V>(dy, i);
     Vec<T, V> xv{}, yv{}, gx, gz;
     if (y) yv = load_vec<V>(y, i);
-    if (dx) xv = load_vec<V>(x, i);
+    if (dx && x) xv = load_vec<V>(x, i);
     const Vec<A, V> mu = coef_vec<V, NSC>(coef, c), a = coef_vec<V, NSC>(coef + C, c),
                     kg = coef_vec<V, NSC>(coef + 2 * C, c), ev = coef_vec<V, NSC>(coef + 3 * C, c);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const A g = grad_in_relu<A>(dv.v[j], y, yv.v[j]);
       gz.v[j] = static_cast<T>(g);
-      gx.v[j] = static_cast<T>(a.v[j] * (g - kg.v[j]) - (static_cast<A>(xv.v[j]) - mu.v[j]) * ev.v[j]);
+      const A ag = a.v[j] * (g - kg.v[j]);
+      gx.v[j] = static_cast<T>(x ? ag - (static_cast<A>(xv.v[j]) - mu.v[j]) * ev.v[j] : ag);
     }
     if (dz) store_vec<V>(dz, i, gz);
     if (dx) store_vec<V>(dx, i, gx);
@@ -224,6 +226,7 @@ struct BatchNormBackend {
                         const acc_t<T>* k_gx, acc_t<T> k, T* dx, T* dz) {
     using A = acc_t<T>;
     const at::Tensor coef = coefs<T, W>(s, xc, mean, var, w, nullptr, k_g, k_gx, k, eps, true);
+    if (!k_g) x = nullptr;  // eval: dx = a * g does not read x (bn_grad_kernel)
     const bool aligned = is_aligned(dy, 16) && is_aligned(x, 16) && is_aligned(y, 16) && is_aligned(dx, 16) &&
                          is_aligned(dz, 16);
     channel_elementwise<T>(s.channels_last, s.C, s.S, s.numel(), aligned, [&](auto vw, auto nsc, auto ix) {

@@ -300,6 +300,10 @@ def instance_norm(
     c = input.size(1)
     _check_running("running_mean", running_mean, c, input, dtype=False)
     _check_running("running_var", running_var, c, input, dtype=False)
+    for t in (running_mean, running_var) if use_input_stats else ():
+        if t is not None and t.numel() > 1 and t.stride(0) == 0:  # an expanded buffer: torch's error
+            raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
+                               "single memory location. Please clone() the tensor before performing the operation.")
     if not use_input_stats:
         if running_mean is None or running_var is None:
             raise RuntimeError("Expected running_mean and running_var to be defined when use_input_stats is false")
@@ -441,6 +445,8 @@ def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor
     (BatchNorm's rule; torch's instance_norm takes any float dtype)."""
     if t is None:
         return
+    if t.device != x.device:  # torch's message (a meta buffer was taken and left as it was)
+        raise RuntimeError(f"Tensor on device {t.device} is not on the expected device {x.device}!")
     if t.dim() != 1 or t.size(0) != c:
         if t.numel() != c:
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
@@ -448,6 +454,14 @@ def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor
     if dtype and t.dtype != x.dtype and x.is_floating_point() and t.dtype != _stat_dtype(x):
         raise RuntimeError(f"mixed dtype: expected {name} of input's dtype or float, got {t.dtype} for {x.dtype} "
                            f"input (expect parameter to have scalar type of {_stat_dtype(x)})")
+
+
+def _check_bn_eps(eps: float, training: bool) -> None:
+    """torch.nn.functional.batch_norm's rule: eps > 0 in training, eps >= 0 in eval."""
+    if training and not eps > 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
 def _update_running(running_mean, running_var, mean, var, count, momentum) -> None:
@@ -491,18 +505,20 @@ def batch_norm(
     if x.dim() < 2:
         raise RuntimeError(f"fusenorm.batch_norm: expected an input of at least 2 dimensions [N, C, *], got {x.dim()}D input")
     c = x.size(1)
+    if training and x.size(0) * math.prod(x.shape[2:]) == 1:  # torch's check, without its ~7 us list
+        torch.nn.functional._verify_batch_size(x.size())
+    eps = float(eps)
+    _check_bn_eps(eps, training)
     _check_running("running_mean", running_mean, c, x)
     _check_running("running_var", running_var, c, x)
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
-    eps = float(eps)
     if _reference():
         m = float(momentum) if isinstance(momentum, torch.Tensor) else momentum
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, m, eps)
         return _act(y if residual is None else y + residual, act)
     grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias) or _need(residual))
     if training:
-        torch.nn.functional._verify_batch_size(x.size())
         if grad:
             y, mean, var = BatchNormTrainFunction.apply(x, weight, bias, residual, eps, act)
         else:
@@ -579,6 +595,7 @@ def sync_batch_norm(
     """BatchNorm in training with statistics over every rank of the torch.distributed group
     (default: the world); updates the running buffers with the global statistics."""
     c = input.size(1)
+    _check_bn_eps(float(eps), True)
     _check_running("running_mean", running_mean, c, input)
     _check_running("running_var", running_var, c, input)
     return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, float(eps), group)
