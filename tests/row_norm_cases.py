@@ -151,6 +151,26 @@ def test_noncontiguous_and_misaligned(spec, device, dtype):
         _compare_to_torch(spec, x, [n], w, b, what)
 
 
+@pytest.mark.parametrize("shape,fmt", [((2, 3, 4, 5), torch.channels_last), ((2, 3, 2, 4, 5), torch.channels_last_3d)])
+def test_channels_last_strides_as_torch(spec, shape, fmt):
+    """A channels_last(_3d) input: output and input gradient strides as torch.nn's (RMSNorm keeps
+    the format, LayerNorm returns contiguous), values as before. CPU: torch's CPU kernels are the
+    reference checked here."""
+    x = torch.randn(shape).contiguous(memory_format=fmt)
+    for ns in ([shape[-1]], list(shape[-2:])):
+        ys, dxs = [], []
+        for f in (spec.theirs, spec.ours):
+            xl = x.clone().requires_grad_()
+            y = spec.call(f, xl, ns, None, None)
+            dy = torch.randn_like(y)
+            (dx,) = torch.autograd.grad(y, xl, dy)
+            ys.append(y)
+            dxs.append(dx)
+            assert y.stride() == spec.call(spec.theirs, x, ns, None, None).stride()
+        assert dxs[1].stride() == dxs[0].stride()
+        torch.testing.assert_close(ys[1], ys[0])
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_empty_input(spec, device):
     x = torch.randn(0, 16, device=device, requires_grad=True)

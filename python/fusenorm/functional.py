@@ -140,6 +140,9 @@ class RMSNormFunction(torch.autograd.Function):
             dx, dw = _double_backward(lambda a, w: F.rms_norm(a, shape, w, ctx.eps), dy, [x, weight], mask)
             return dx, None, dw, None
         dx, dw = torch.ops.fusenorm.rms_norm_bwd(dy, x, rstd, ctx.normalized_shape, weight, mask)
+        fmt = _channels_last_format(x)
+        if dx is not None and fmt is not None:
+            dx = dx.contiguous(memory_format=fmt)
         return _or_none(dx, mask[0]), None, _or_none(dw, mask[1]), None
 
 
@@ -161,6 +164,16 @@ def layer_norm(
 
 
 _EPS32, _EPS64 = torch.finfo(torch.float32).eps, torch.finfo(torch.float64).eps
+
+
+def _channels_last_format(x: torch.Tensor):
+    """channels_last(_3d) where x is stored so and not also contiguous, else None: torch's rms_norm
+    keeps that format in its output and input gradient (its layer_norm does not)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
 
 
 def rms_norm(
@@ -189,8 +202,11 @@ def rms_norm(
         # normalized x, so it works there). Dynamo cannot trace is_inference().
         if not torch.compiler.is_compiling() and x.is_inference():
             x = x.clone()
-        return RMSNormFunction.apply(x, shape, weight, float(eps))
-    return _RMS_FWD(x, shape, weight, float(eps))[0]
+        y = RMSNormFunction.apply(x, shape, weight, float(eps))
+    else:
+        y = _RMS_FWD(x, shape, weight, float(eps))[0]
+    fmt = _channels_last_format(x) if x.dim() > 3 else None
+    return y if fmt is None else y.contiguous(memory_format=fmt)
 
 
 
