@@ -282,6 +282,8 @@ def test_errors_match_torch(spec, device):
     assert "weight" in msg
     same_exception(lambda f: spec.call(f, torch.ones(4, 8, dtype=torch.long, device=device), [8], None, None))
     same_exception(lambda f: spec.call(f, x, [8, 8], None, None))
+    msg = same_exception(lambda f: spec.call(f, x, 8, None, None))  # an int: torch's functions take a tuple
+    assert "tuple of ints" in msg
 
 
 @pytest.mark.parametrize("device", DEVICES)

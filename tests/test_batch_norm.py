@@ -6,8 +6,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch, assert_fp32_like_torch, big_bf16_normal,
-                      channels_last)
+from conftest import (CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch, assert_fp32_like_torch, assert_raises_like,
+                      big_bf16_normal, channels_last)
 
 import fusenorm
 
@@ -404,6 +404,9 @@ def test_errors_match_torch():
         assert type(ours.value) is type(theirs.value), (ours.value, theirs.value)
         assert str(ours.value) == str(theirs.value)
     assert fusenorm.batch_norm(torch.randn(4, 3), torch.zeros(3), torch.ones(3), eps=0.0).isfinite().all()  # eval: 0
+    for x in (torch.randn(()), torch.randn(4)):  # fewer than 2 dims: torch's exception types
+        assert_raises_like(lambda f: f(x, torch.zeros(4), torch.ones(4), training=True), F.batch_norm,
+                           fusenorm.batch_norm)
     with pytest.raises(RuntimeError, match="running_mean must be defined"):
         fusenorm.batch_norm(torch.randn(2, 3), None, None, training=False)
     with pytest.raises(RuntimeError, match="weight should contain 3 elements not 4"):

@@ -26,9 +26,12 @@ F = torch.nn.functional
 _ShapeT = Union[int, Sequence[int], torch.Size]
 
 
-def _as_shape(normalized_shape: _ShapeT) -> List[int]:
-    # list(): the ops' int[] arguments take any integers (numpy's, 0-d tensors), as torch's do
-    return [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+def _as_shape(normalized_shape: _ShapeT, op: str) -> List[int]:
+    # list(): the ops' int[] arguments take any integers (numpy's, 0-d tensors), as torch's do; a
+    # bare int is torch's TypeError (its modules take one, the functions do not)
+    if isinstance(normalized_shape, int):
+        raise TypeError(f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, not int")
+    return list(normalized_shape)
 
 
 _LN_FWD = torch.ops.fusenorm.layer_norm_fwd.default
@@ -155,7 +158,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """LayerNorm over the trailing dims. input: [*, *normalized_shape]; weight, bias: normalized_shape."""
     x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
-    shape = _as_shape(normalized_shape)
+    shape = _as_shape(normalized_shape, "layer_norm")
     if _reference():
         return F.layer_norm(x, shape, weight, bias, eps)
     if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
@@ -188,7 +191,7 @@ def rms_norm(
     x = input
     if eps is None:
         eps = _EPS64 if x.dtype == torch.float64 else _EPS32
-    shape = _as_shape(normalized_shape)
+    shape = _as_shape(normalized_shape, "rms_norm")
     if len(shape) > x.dim():
         raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {x.dim()}")
     if weight is not None and weight.is_floating_point() and x.is_floating_point():
@@ -519,6 +522,8 @@ def batch_norm(
     act = _bn_activation_name(activation)
     x = input
     if x.dim() < 2:
+        if training and x.dim() == 0:
+            torch.nn.functional._verify_batch_size(x.size())  # torch's IndexError
         raise RuntimeError(f"fusenorm.batch_norm: expected an input of at least 2 dimensions [N, C, *], got {x.dim()}D input")
     c = x.size(1)
     if training and x.size(0) * math.prod(x.shape[2:]) == 1:  # torch's check, without its ~7 us list
