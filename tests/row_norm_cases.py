@@ -169,6 +169,15 @@ def test_channels_last_strides_as_torch(spec, shape, fmt):
             assert y.stride() == spec.call(spec.theirs, x, ns, None, None).stride()
         assert dxs[1].stride() == dxs[0].stride()
         torch.testing.assert_close(ys[1], ys[0])
+        if spec.has_bias:
+            continue
+        # a weight gradient alone (a frozen channels-last input)
+        grads, w0 = [], torch.randn(ns)
+        for f in (spec.theirs, spec.ours):
+            w = w0.clone().requires_grad_()
+            (dw,) = torch.autograd.grad(spec.call(f, x, ns, w, None).square().sum(), w)
+            grads.append(dw)
+        torch.testing.assert_close(grads[1], grads[0])
 
 
 @pytest.mark.parametrize("device", DEVICES)

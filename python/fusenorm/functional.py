@@ -143,8 +143,8 @@ class RMSNormFunction(torch.autograd.Function):
             dx, dw = _double_backward(lambda a, w: F.rms_norm(a, shape, w, ctx.eps), dy, [x, weight], mask)
             return dx, None, dw, None
         dx, dw = torch.ops.fusenorm.rms_norm_bwd(dy, x, rstd, ctx.normalized_shape, weight, mask)
-        fmt = _channels_last_format(x)
-        if dx is not None and fmt is not None:
+        fmt = _channels_last_format(x) if mask[0] else None  # without dx wanted, dx is a placeholder
+        if fmt is not None:
             dx = dx.contiguous(memory_format=fmt)
         return _or_none(dx, mask[0]), None, _or_none(dw, mask[1]), None
 
