@@ -155,6 +155,26 @@ def test_large_mean_tiny_variance(device, layout, budget, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_relu_gradient_follows_its_output(device, layout, dtype):
+    """activation="relu": the gradient flows exactly where y > 0, as torch's relu backward (masked
+    by the output). Mean >> spread puts many pre-activations within rounding of 0, where a mask
+    recomputed from x could land on the other side."""
+    for seed in range(24):
+        g = torch.Generator().manual_seed(seed)
+        x = _layout((torch.randn(2, 24, 64, 1, generator=g, dtype=torch.float64) * 0.1 + 10).to(dtype), layout)
+        w, b = torch.randn(24, generator=g), torch.randn(24, generator=g)
+        x, w, b = (t.to(device).requires_grad_() for t in (x, w, b))
+        y = fusenorm.group_norm(x, 2, w, b, activation="relu")
+        _, db = torch.autograd.grad(y, (x, b), torch.ones_like(y))
+        torch.testing.assert_close(db, (y > 0).sum((0, 2, 3)).to(db.dtype), rtol=0, atol=0)
+        y = fusenorm.instance_norm(x, None, None, w, b, activation="relu")
+        (db,) = torch.autograd.grad(y, b, torch.ones_like(y))
+        torch.testing.assert_close(db, (y > 0).sum((0, 2, 3)).to(db.dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_long_groups_of_repeated_values(device, layout):
     """Groups of 4x256x256 ReLU-like fp32 values (half of them 0): as precise as torch.nn (partial
     sums over whole groups lost 2e-4 of y)."""

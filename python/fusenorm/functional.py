@@ -217,7 +217,7 @@ class GroupNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, num_groups, weight, bias, eps, activation):
         y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, num_groups, weight, bias, eps, activation)
-        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.save_for_backward(x, mean, rstd, weight, bias, y if activation == "relu" else None)
         ctx.num_groups, ctx.activation, ctx.eps = num_groups, activation, eps
         return y
 
@@ -230,12 +230,16 @@ class GroupNormFunction(torch.autograd.Function):
 def _group_norm_backward(ctx, dy, w_index: int, b_index: int) -> tuple:
     """(dx, dweight, dbias) of a GroupNorm forward (weight and bias its inputs w_index, b_index),
     None where not wanted; under create_graph=True through torch's composite."""
-    x, mean, rstd, weight, bias = ctx.saved_tensors
+    x, mean, rstd, weight, bias, y = ctx.saved_tensors
     mask = _grad_mask(ctx, weight, bias, w_index, b_index)
     groups, eps, act = ctx.num_groups, ctx.eps, ctx.activation
     if torch.is_grad_enabled():  # create_graph=True
         return tuple(_double_backward(lambda a, w, b: _act(F.group_norm(a, groups, w, b, eps), act), dy,
                                       [x, weight, bias], mask))
+    if act == "relu":
+        # ReLU's mask from the output, as torch's relu backward: recomputed from x, a pre-activation
+        # within rounding of 0 could fall on the other side of it than in the forward
+        dy, act = dy.masked_fill(y <= 0, 0), "none"
     dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, groups, weight, bias, act, mask)
     return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2])
 
@@ -362,7 +366,7 @@ class InstanceNormStatsFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, activation):
         y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, x.size(1), weight, bias, eps, activation)
-        ctx.save_for_backward(x, mean, rstd, weight, bias)
+        ctx.save_for_backward(x, mean, rstd, weight, bias, y if activation == "relu" else None)
         ctx.num_groups, ctx.activation, ctx.eps = x.size(1), activation, eps
         ctx.mark_non_differentiable(mean, rstd)
         return y, mean, rstd
