@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -547,3 +548,72 @@ def test_eval_backward_does_not_read_x(device, layout, need_params):
     if need_params:  # dbias is finite; dweight is NaN in the channels of the non-finite inputs, as torch's
         torch.testing.assert_close(out[1][2], out[0][2])
         torch.testing.assert_close(out[1][1], out[0][1], equal_nan=True)
+
+
+def test_argument_checks_as_torch():
+    """Parameter dtype mixes, argument types and eps values that torch.nn.functional.batch_norm and
+    instance_norm reject (the same exception type) or take."""
+    x = torch.randn(4, 3, 5)
+    f32, bf = (lambda: torch.ones(3)), (lambda: torch.ones(3, dtype=torch.bfloat16))
+    xb = x.bfloat16()
+    calls = [
+        # a half input's parameters and buffers: all its dtype or all fp32
+        lambda f: f(xb, f32(), f32(), bf(), bf(), training=False),
+        lambda f: f(xb, bf(), bf(), f32(), None, training=True),
+        lambda f: f(xb, f32(), bf(), None, None, training=True),
+        # argument types: training a bool, momentum a float
+        lambda f: f(x, None, None, training=1),
+        lambda f: f(x, f32(), f32(), training=False, momentum=None),
+    ]
+    for call in calls:
+        assert_raises_like(call, F.batch_norm, fusenorm.batch_norm)
+    in_calls = [
+        lambda f: f(x, torch.zeros(3), torch.ones(3, dtype=torch.float64)),  # buffers of two dtypes
+        lambda f: f(x, torch.zeros(3), torch.ones(3, dtype=torch.float64), use_input_stats=False),
+        lambda f: f(x, use_input_stats=1),
+    ]
+    for call in in_calls:
+        assert_raises_like(call, F.instance_norm, fusenorm.instance_norm)
+    # taken by torch: fp32 buffers of a bf16 input with no parameters, a NaN eps in training, a
+    # negative eps in instance_norm's eval
+    for f in (F.batch_norm, fusenorm.batch_norm):
+        f(xb, f32(), f32(), None, None, training=True)
+        assert f(x, None, None, training=True, eps=float("nan")).isnan().all()
+    rm, rv = torch.randn(3), torch.rand(3) + 1
+    torch.testing.assert_close(fusenorm.instance_norm(x, rm, rv, use_input_stats=False, eps=-1e-3),
+                               F.instance_norm(x, rm, rv, use_input_stats=False, eps=-1e-3))
+
+
+@pytest.mark.parametrize("momentum", [np.float32(0.2), torch.tensor(0.2), 0.2], ids=["np_float32", "tensor_fp32", "float"])
+@pytest.mark.parametrize("fn", ["batch_norm", "instance_norm"])
+def test_fp32_scalar_momentum_updates_as_torch(momentum, fn):
+    """A float32 momentum (numpy's, or a 0-d tensor) is taken as torch takes it, in fp64: the
+    fp64 buffers after 20 updates match torch's to 1e-12."""
+    x = torch.randn(4, 3, 6, dtype=torch.float64) + 80
+    bufs = {lib: (torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)) for lib in ("t", "o")}
+    for _ in range(20):
+        if fn == "batch_norm":
+            F.batch_norm(x, *bufs["t"], training=True, momentum=momentum)
+            fusenorm.batch_norm(x, *bufs["o"], training=True, momentum=momentum)
+        else:
+            F.instance_norm(x, *bufs["t"], momentum=momentum)
+            fusenorm.instance_norm(x, *bufs["o"], momentum=momentum)
+    for t, o in zip(bufs["t"], bufs["o"]):
+        torch.testing.assert_close(o, t, rtol=1e-12, atol=0)  # the fp32 weights missed by 2e-8 a step
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("training", [True, False])
+def test_half_input_fp32_bias_gradient_in_fp32(dtype, training):
+    """A half input with an fp32 bias and no weight: dbias is the fp32 sum, as torch's (it was
+    rounded to the input's dtype first)."""
+    x = torch.randn(64, 3, 8, 8).to(dtype)
+    rm, rv = torch.zeros(3), torch.ones(3)
+    grads = []
+    for f in (F.batch_norm, fusenorm.batch_norm):
+        b = torch.zeros(3, requires_grad=True)
+        y = f(x, rm.clone(), rv.clone(), None, b, training)
+        (db,) = torch.autograd.grad(y, b, torch.ones_like(y) * 1.1)
+        grads.append(db)
+    assert grads[1].dtype == torch.float32
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-4)

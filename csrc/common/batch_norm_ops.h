@@ -223,7 +223,9 @@ struct BatchNormOps {
       });
     }
     if (mask[1] && opt_ptr(weight)) dw = sum_gx.to(weight->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
-    if (mask[2]) db = sum_g.to(opt_ptr(weight) ? weight->scalar_type() : x.scalar_type(), false, true);
+    // dbias: the weight's dtype, else the fp32 sums themselves (a half x with an fp32 bias and no
+    // weight got its dbias rounded to x's dtype first)
+    if (mask[2]) db = opt_ptr(weight) ? sum_g.to(weight->scalar_type(), false, true) : sum_g;
     return {dx, dw, db, dz};
   }
 

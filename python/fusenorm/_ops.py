@@ -116,7 +116,7 @@ def _batch_norm_bwd_fake(dy, x, mean, var, weight, y, eps, training, activation,
     _same_device(x, dy, mean, var, weight, y)
     dx = _channel_layout_like(x) if output_mask[0] else x.new_empty((0,))
     dw = weight.new_empty(weight.shape) if output_mask[1] and weight is not None else x.new_empty((0,))
-    db_dtype = weight.dtype if weight is not None else x.dtype
+    db_dtype = weight.dtype if weight is not None else _stat_dtype(x)
     db = x.new_empty((x.shape[1],), dtype=db_dtype) if output_mask[2] else x.new_empty((0,))
     dz = _channel_layout_like(x) if output_mask[3] and activation == "relu" else x.new_empty((0,))
     return dx, dw, db, dz

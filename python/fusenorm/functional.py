@@ -312,10 +312,14 @@ def instance_norm(
     torch.nn does (mean over the batch of the per-instance mean and unbiased variance, weighted by
     momentum). Without use_input_stats, normalizes with the running statistics."""
     act = _activation_name(activation)
-    if momentum is None:
-        raise TypeError("instance_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     if use_input_stats:
         torch.nn.functional._verify_spatial_size(input.size())
+    if not isinstance(use_input_stats, bool):  # torch's argument parser
+        raise TypeError("instance_norm(): argument 'use_input_stats' (position 6) must be bool, not "
+                        f"{type(use_input_stats).__name__}")
+    if momentum is None:
+        raise TypeError("instance_norm(): argument 'momentum' (position 7) must be float, not NoneType")
+    momentum = _momentum_value(momentum)
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     if (running_mean is None) != (running_var is None) and use_input_stats:
@@ -323,6 +327,9 @@ def instance_norm(
     c = input.size(1)
     _check_running("running_mean", running_mean, c, input, dtype=False)
     _check_running("running_var", running_var, c, input, dtype=False)
+    if running_mean is not None and running_var is not None and running_mean.dtype != running_var.dtype:
+        raise RuntimeError(f"expected scalar type {_scalar_name(running_mean.dtype)} but found "
+                           f"{_scalar_name(running_var.dtype)}")
     for t in (running_mean, running_var) if use_input_stats else ():
         if t is not None and t.numel() > 1 and t.stride(0) == 0:  # an expanded buffer: torch's error
             raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a "
@@ -333,8 +340,9 @@ def instance_norm(
         # eval with running statistics: BatchNorm's one-pass apply (SiLU / GELU after it, by torch)
         x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
         acc = _stat_dtype(x)  # any float buffers, as torch
-        y = batch_norm(x, running_mean.to(acc), running_var.to(acc), weight, bias, False, momentum, eps,
-                       activation="relu" if act == "relu" else None)
+        grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))
+        y = _bn_eval(x, running_mean.to(acc), running_var.to(acc), weight, bias, None, float(eps),
+                     "relu" if act == "relu" else "none", grad)  # any eps, as torch's instance_norm
         return _act(y, act) if act in ("silu", "gelu") else y
     if c == 0:  # no channels: an empty output, as torch
         return input.clone()
@@ -479,9 +487,15 @@ def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor
                            f"input (expect parameter to have scalar type of {_stat_dtype(x)})")
 
 
+def _scalar_name(dtype: torch.dtype) -> str:
+    """torch's C++ name of a dtype (Float, Double, Half, BFloat16) for its messages."""
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
+            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
+
+
 def _check_bn_eps(eps: float, training: bool) -> None:
     """torch.nn.functional.batch_norm's rule: eps > 0 in training, eps >= 0 in eval."""
-    if training and not eps > 0.0:
+    if training and eps <= 0.0:  # as torch's comparisons: a NaN eps passes
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
@@ -534,8 +548,16 @@ def batch_norm(
         torch.nn.functional._verify_batch_size(x.size())
     eps = float(eps)
     _check_bn_eps(eps, training)
+    if not isinstance(training, bool):  # torch's argument parser: a bool, not 1 or numpy's bool
+        raise TypeError(f"batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}")
+    momentum = _momentum_value(momentum)
     _check_running("running_mean", running_mean, c, x)
     _check_running("running_var", running_var, c, x)
+    if x.dtype in _HALF:  # torch: a half input's parameters and buffers all of one dtype (its own or fp32)
+        dts = {t.dtype for t in (weight, bias, running_mean, running_var) if t is not None}
+        if len(dts) > 1:
+            raise RuntimeError("mixed dtype: expect parameter (weight, bias, running_mean, running_var) to have "
+                               f"one scalar type, {x.dtype} or float, got {sorted(map(str, dts))}")
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     if _reference():
@@ -556,9 +578,27 @@ def batch_norm(
         raise RuntimeError("running_mean must be defined in evaluation mode")
     if running_var is None:
         raise RuntimeError("running_var must be defined in evaluation mode")
+    return _bn_eval(x, running_mean, running_var, weight, bias, residual, eps, act, grad)
+
+
+def _bn_eval(x, running_mean, running_var, weight, bias, residual, eps: float, act: str, grad: bool):
+    """BatchNorm with the running statistics (checked by the caller): one fused pass."""
     if grad:
         return BatchNormFunction.apply(x, running_mean, running_var, weight, bias, residual, eps, act)
     return _BN_APPLY(x, running_mean, running_var, weight, bias, residual, eps, act)
+
+
+def _momentum_value(momentum):
+    """momentum as batch_norm/instance_norm take it: a Python number, or a 0-d tensor kept on its
+    device in fp64 (fusenorm's modules pass 1 / num_batches_tracked so, with momentum=None); fp32
+    scalars in fp64 too, where 1 - momentum in fp32 made the two weights of the update miss 1."""
+    if isinstance(momentum, (int, float)) and not isinstance(momentum, bool):
+        return float(momentum)
+    if isinstance(momentum, torch.Tensor):
+        return momentum if momentum.dtype == torch.float64 else momentum.double()
+    if momentum is None:
+        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
+    return float(momentum)  # numpy's and other numbers
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
@@ -596,7 +636,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
         need = ctx.needs_input_grad
         sum_dy, sum_dy_xhat = torch.ops.fusenorm.batch_norm_bwd_reduce(dy, x, mean, var, ctx.eps)
         dw = sum_dy_xhat.to(weight.dtype) if weight is not None and need[1] else None
-        db = sum_dy.to(weight.dtype if weight is not None else x.dtype) if ctx.has_bias and need[2] else None
+        db = (sum_dy.to(weight.dtype) if weight is not None else sum_dy) if ctx.has_bias and need[2] else None
         dx = None
         if need[0]:
             c = x.size(1)
