@@ -340,6 +340,10 @@ def instance_norm(
         # eval with running statistics: BatchNorm's one-pass apply (SiLU / GELU after it, by torch)
         x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
         acc = _stat_dtype(x)  # any float buffers, as torch
+        if _reference():  # torch's batch_norm op (F.instance_norm did not trace under a compiled vmap)
+            y = torch.batch_norm(x, weight, bias, running_mean.to(acc), running_var.to(acc), False, 0.0, float(eps),
+                                 torch.backends.cudnn.enabled)
+            return _act(y, act)
         grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))
         y = _bn_eval(x, running_mean.to(acc), running_var.to(acc), weight, bias, None, float(eps),
                      "relu" if act == "relu" else "none", grad)  # any eps, as torch's instance_norm
