@@ -149,8 +149,8 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
   using V = LaneVec<T>;
   constexpr int K = kLanes / V::kWidth;
   const V muv = V::set1(mu), rsv = V::set1(rs), wv = V::set1(w), bv = V::set1(b);
-  V ab[K], aw[K], tb[K], tw[K];
-  for (int k = 0; k < K; ++k) ab[k] = aw[k] = tb[k] = tw[k] = V::zero();
+  V ab[K], aw[K], tot_b[K], tot_w[K];  // the lanes of a block, and their totals (lane_blocks)
+  for (int k = 0; k < K; ++k) ab[k] = aw[k] = tot_b[k] = tot_w[k] = V::zero();
   int64_t i = 0;
   with_act(act, [&](auto ac) {
     i = lane_blocks(
@@ -169,12 +169,12 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
           }
         },
         [&] {
-          flush_lanes(tb, ab);
-          flush_lanes(tw, aw);
+          flush_lanes(tot_b, ab);
+          flush_lanes(tot_w, aw);
         });
   });
-  sb = i ? sum_vec_lanes(tb) : 0.f;
-  sw = i ? sum_vec_lanes(tw) : 0.f;
+  sb = i ? sum_vec_lanes(tot_b) : 0.f;
+  sw = i ? sum_vec_lanes(tot_w) : 0.f;
   if (i + kTailLanes <= S) {  // as the row reductions (row_norm.h): 8 lanes, then one at a time
     using U = Vec<8>;
     U tb = U::zero(), tw = U::zero();
