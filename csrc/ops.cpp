@@ -25,8 +25,9 @@ TORCH_LIBRARY(fusenorm, m) {
   // activation: "none", "silu", "gelu" or "relu", applied to the affine output in the same pass.
   m.def("group_norm_fwd(Tensor x, int num_groups, Tensor? weight, Tensor? bias, float eps,"
         " str activation=\"none\") -> (Tensor y, Tensor mean, Tensor rstd)");
+  // group_norm_bwd's y: the forward's output, read for ReLU's mask (y > 0; needed with "relu" only).
   m.def("group_norm_bwd(Tensor dy, Tensor x, Tensor mean, Tensor rstd, int num_groups, Tensor? weight,"
-        " Tensor? bias, str activation, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
+        " Tensor? bias, Tensor? y, str activation, bool[3] output_mask) -> (Tensor dx, Tensor dweight, Tensor dbias)");
   // BatchNorm over [N, C, *] in either layout; mean/var are [C] (var biased). Training: batch_norm_fwd
   // (= stats + apply, fused where the data allows); eval: apply with the running statistics. The
   // caller updates the running statistics from the returned mean/var.

@@ -508,7 +508,7 @@ def test_raw_ops_check_grad_output_and_vectors():
         torch.ops.fusenorm.batch_norm_bwd_reduce(dyi, x, mean, var, 1e-5)
     with pytest.raises(RuntimeError, match="floating"):
         torch.ops.fusenorm.group_norm_bwd(dyi, x, *torch.ops.fusenorm.group_norm_fwd(x, 3, None, None, 1e-5, "none")[1:],
-                                          3, None, None, "none", [True, False, False])
+                                          3, None, None, None, "none", [True, False, False])
     with pytest.raises(RuntimeError, match="1-D"):
         torch.ops.fusenorm.batch_norm_fwd(x, torch.ones(3, 1), None, None, 1e-5, "none")
 

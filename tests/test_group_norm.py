@@ -155,15 +155,18 @@ def test_large_mean_tiny_variance(device, layout, budget, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_relu_gradient_follows_its_output(device, layout, dtype):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("c,s", [(24, 64), (36, 13)])
+def test_relu_gradient_follows_its_output(device, layout, dtype, c, s):
     """activation="relu": the gradient flows exactly where y > 0, as torch's relu backward (masked
     by the output). Mean >> spread puts many pre-activations within rounding of 0, where a mask
-    recomputed from x could land on the other side."""
+    recomputed from x could land on the other side. C = 36, S = 13: the vector blocks and their
+    scalar tails in both layouts."""
     for seed in range(24):
         g = torch.Generator().manual_seed(seed)
-        x = _layout((torch.randn(2, 24, 64, 1, generator=g, dtype=torch.float64) * 0.1 + 10).to(dtype), layout)
-        w, b = torch.randn(24, generator=g), torch.randn(24, generator=g)
+        x = _layout((torch.randn(2, c, s, 1, generator=g, dtype=torch.float64) * 0.1 + 10).to(dtype), layout)
+        pdtype = torch.float64 if dtype == torch.float64 else torch.float32
+        w, b = torch.randn(c, generator=g, dtype=pdtype), torch.randn(c, generator=g, dtype=pdtype)
         x, w, b = (t.to(device).requires_grad_() for t in (x, w, b))
         y = fusenorm.group_norm(x, 2, w, b, activation="relu")
         _, db = torch.autograd.grad(y, (x, b), torch.ones_like(y))
@@ -171,6 +174,32 @@ def test_relu_gradient_follows_its_output(device, layout, dtype):
         y = fusenorm.instance_norm(x, None, None, w, b, activation="relu")
         (db,) = torch.autograd.grad(y, b, torch.ones_like(y))
         torch.testing.assert_close(db, (y > 0).sum((0, 2, 3)).to(db.dtype), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("c,s", [(24, 64), (36, 13), (64, 7), (3, 20)])
+def test_relu_backward_op_masks_by_y(device, layout, dtype, c, s):
+    """group_norm_bwd with "relu" takes its mask from the y it is given (y > 0, NaN passes), in
+    every path (vector blocks, their tails, both layouts): the same gradients as the backward of no
+    activation on the masked dy. A y unrelated to x, so a mask recomputed from x fails."""
+    g = torch.Generator().manual_seed(c * 100 + s)
+    x, dy, y = (torch.randn(2, c, s, 1, generator=g) for _ in range(3))
+    y.view(-1)[::7] = 0
+    y.view(-1)[::11] = float("nan")
+    x, dy, y = (_layout(t.to(dtype), layout).to(device) for t in (x, dy, y))
+    w, b = (torch.randn(c, generator=g).to(torch.float64 if dtype == torch.float64 else torch.float32).to(device)
+            for _ in range(2))
+    groups = math.gcd(c, 4)
+    _, mean, rstd = torch.ops.fusenorm.group_norm_fwd(x, groups, w, b, 1e-5, "relu")
+    got = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, groups, w, b, y, "relu", [True, True, True])
+    masked = torch.where(y > 0, dy, 0).where(~y.isnan(), dy)
+    want = torch.ops.fusenorm.group_norm_bwd(masked, x, mean, rstd, groups, w, b, None, "none", [True, True, True])
+    for name, a, e in zip(("dx", "dw", "db"), got, want):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=name)
+    with pytest.raises(RuntimeError, match="needs the forward output y"):
+        torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, groups, w, b, None, "relu", [True, True, True])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -324,10 +353,11 @@ def test_opcheck(device):
     x = torch.randn(2, 6, 4, 5, device=device)
     w, b = torch.randn(6, device=device), torch.randn(6, device=device)
     for xx in (x, x.to(memory_format=torch.channels_last)):
-        torch.library.opcheck(torch.ops.fusenorm.group_norm_fwd.default, (xx, 3, w, b, 1e-5, "silu"))
-        y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(xx, 3, w, b, 1e-5, "silu")
-        torch.library.opcheck(torch.ops.fusenorm.group_norm_bwd.default,
-                              (torch.randn_like(y), xx, mean, rstd, 3, w, b, "silu", [True, True, True]))
+        for act in ("silu", "relu"):
+            torch.library.opcheck(torch.ops.fusenorm.group_norm_fwd.default, (xx, 3, w, b, 1e-5, act))
+            y, mean, rstd = torch.ops.fusenorm.group_norm_fwd(xx, 3, w, b, 1e-5, act)
+            torch.library.opcheck(torch.ops.fusenorm.group_norm_bwd.default,
+                                  (torch.randn_like(y), xx, mean, rstd, 3, w, b, y, act, [True, True, True]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -68,6 +68,6 @@ def test_backward_ops_check_saved_statistics():
     _, m, r = torch.ops.fusenorm.group_norm_fwd(x3, 3, None, None, 1e-5, "none")
     for mm, rr, g in [(torch.empty(0), torch.empty(0), 3), (m, r, 6), (m.t(), r.t(), 3)]:
         with pytest.raises(RuntimeError, match="mean|rstd"):
-            torch.ops.fusenorm.group_norm_bwd(x3, x3, mm, rr, g, None, None, "none", [True, False, False])
+            torch.ops.fusenorm.group_norm_bwd(x3, x3, mm, rr, g, None, None, None, "none", [True, False, False])
     with pytest.raises(RuntimeError, match="number of channels"):
         torch.ops.fusenorm.group_norm_fwd(torch.randn(2, 0, 5), 1, None, None, 1e-5, "none")

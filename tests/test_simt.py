@@ -278,7 +278,7 @@ def test_group_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, grou
     theirs, ref = outs
     y, mean, rstd = simt.group_norm_fwd(x, groups, w, b, 1e-5, act)
     assert y.stride() == x.stride()
-    dx, dw, db = simt.group_norm_bwd(dy, x, mean, rstd, groups, w, b, act, [True, True, True])
+    dx, dw, db = simt.group_norm_bwd(dy, x, mean, rstd, groups, w, b, y, act, [True, True, True])
     log = [kernel_key(line) for line in _launched(simt)]
     assert any("group_norm_apply_kernel" in k for k in log) and any("group_norm_dx_kernel" in k for k in log)
     kind = "nsc" if layout == "channels_last" else "ncs"
@@ -291,6 +291,28 @@ def test_group_norm_kernels_match_torch(simt, layout, dtype, pdtype, shape, grou
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 8, 16), (2, 12, 5)], ids=str)
+def test_group_norm_relu_mask_from_y(simt, layout, dtype, shape):
+    """With "relu" the backward kernels (sums and dx) mask dy by the y they are given (y > 0, NaN
+    passes), not by a mask recomputed from x: y unrelated to x, against no activation on the
+    masked dy. (2, 12, 5): vectors of 1 value."""
+    x, dy, y = (torch.randn(shape) for _ in range(3))
+    y.view(-1)[::7] = 0
+    y.view(-1)[::11] = float("nan")
+    x, dy, y = (t.to(dtype) for t in (x, dy, y))
+    if layout == "channels_last":
+        x, dy, y = (channels_last(t) for t in (x, dy, y))
+    w, b = torch.randn(shape[1]), torch.randn(shape[1])
+    _, mean, rstd = simt.group_norm_fwd(x, 4, w, b, 1e-5, "relu")
+    got = simt.group_norm_bwd(dy, x, mean, rstd, 4, w, b, y, "relu", [True, True, True])
+    masked = torch.where(y > 0, dy, 0).where(~y.isnan(), dy)
+    want = simt.group_norm_bwd(masked, x, mean, rstd, 4, w, b, None, "none", [True, True, True])
+    for name, a, e in zip(("dx", "dw", "db"), got, want):
+        torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("groups", [1, 2])
 def test_group_norm_split_reductions(simt, layout, groups):
     """Few groups with many sites: each (n, c) is reduced in several slices (forward statistics and
@@ -300,7 +322,7 @@ def test_group_norm_split_reductions(simt, layout, groups):
         x = x.to(memory_format=torch.channels_last)
     w, b, dy = torch.randn(2), torch.randn(2), torch.randn_like(x)
     y, mean, rstd = simt.group_norm_fwd(x, groups, w, b, 1e-5, "silu")
-    dx, dw, db = simt.group_norm_bwd(dy, x, mean, rstd, groups, w, b, "silu", [True, True, True])
+    dx, dw, db = simt.group_norm_bwd(dy, x, mean, rstd, groups, w, b, None, "silu", [True, True, True])
     leaves = [t.double().requires_grad_() for t in (x, w, b)]
     ref = F.silu(F.group_norm(leaves[0], groups, leaves[1], leaves[2], 1e-5))
     grads = torch.autograd.grad(ref, leaves, dy.double())

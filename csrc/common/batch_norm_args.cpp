@@ -1,6 +1,4 @@
 // BatchNorm argument checks (torch.batch_norm's wording) and layout, for every backend.
-#include <ATen/ops/empty_like.h>
-
 #include "common/batch_norm_ops.h"
 
 namespace fusenorm {
@@ -43,15 +41,6 @@ void check_bn_params(const char* op, const at::Tensor& x, const std::optional<at
 at::Tensor batch_norm_input(const at::Tensor& x, const BatchNormShape& s) {
   if (x.is_contiguous()) return x;
   return s.channels_last ? x : x.contiguous();
-}
-
-at::Tensor like_layout(const at::Tensor& t, const at::Tensor& xc, const char* op, const char* name) {
-  TORCH_CHECK(t.sizes() == xc.sizes(), op, ": ", name, " of size ", shape_str(t.sizes()),
-              " does not match input of size ", shape_str(xc.sizes()));
-  TORCH_CHECK(t.device() == xc.device(), op, ": expected ", name, " on ", xc.device().str(), " like the input");
-  at::Tensor u = t.scalar_type() == xc.scalar_type() ? t : t.to(xc.scalar_type());
-  if (u.strides() == xc.strides()) return u;
-  return at::empty_like(xc).copy_(u);
 }
 
 }  // namespace fusenorm

@@ -58,8 +58,6 @@ void check_bn_params(const char* op, const at::Tensor& x, const std::optional<at
                      const std::optional<at::Tensor>& bias, int64_t C);
 // x itself when its layout is NCS or NSC, else a contiguous copy.
 at::Tensor batch_norm_input(const at::Tensor& x, const BatchNormShape& s);
-// t (same sizes as x) with the strides of xc, copied only when they differ.
-at::Tensor like_layout(const at::Tensor& t, const at::Tensor& xc, const char* op, const char* name);
 // ReLU or nothing: the BatchNorm epilogues.
 Act parse_bn_activation(const std::string& name);
 

@@ -11,8 +11,10 @@
 //
 // A backend supplies, with Act the activation:
 //   template <typename T, typename W> static void fwd(const GroupNormShape&, x, w*, b*, eps, act, y, mean, rstd);
-//   template <typename T, typename W> static void bwd(const GroupNormShape&, dy, x, mean, rstd, w*, b*, act,
-//                                                     want_dx, want_dw, want_db, dx, dw, db);
+//   template <typename T, typename W> static void bwd(const GroupNormShape&, dy, x, mean, rstd, w*, b*, y*,
+//                                                     act, want_dx, want_dw, want_db, dx, dw, db);
+// bwd's y (the forward's output, in x's layout) is given with ReLU only: its mask is y > 0, as in
+// torch's relu backward, not recomputed from x.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -79,7 +81,8 @@ struct GroupNormOps {
   static std::tuple<Tensor, Tensor, Tensor> group_norm_bwd(const Tensor& dy, const Tensor& x, const Tensor& mean,
                                                            const Tensor& rstd, int64_t num_groups,
                                                            const OptTensor& weight, const OptTensor& bias,
-                                                           const std::string& activation, std::array<bool, 3> mask) {
+                                                           const OptTensor& y, const std::string& activation,
+                                                           std::array<bool, 3> mask) {
     GroupNormShape s = check_group_norm_args(kOp, x, num_groups, weight, bias);
     check_grad_output(kOp, dy, x);
     check_saved_stat(kOp, "mean", mean, {s.N, s.G}, x);
@@ -93,6 +96,8 @@ struct GroupNormOps {
     // dy in x's layout, so that one index serves both
     Tensor dyc = dy.to(x.scalar_type());
     if (dyc.strides() != xc.strides()) dyc = at::empty_like(xc).copy_(dyc);
+    TORCH_CHECK(act != Act::Relu || opt_ptr(y), kOp, ": the ReLU backward needs the forward output y");
+    const Tensor yc = act == Act::Relu ? like_layout(*y, xc, kOp, "y") : Tensor();
     Tensor dx = want_dx ? at::empty_like(xc) : at::empty({0}, x.options());
     Tensor dw = want_dw ? at::empty(weight->sizes(), weight->options()) : at::empty({0}, x.options());
     Tensor db = want_db ? at::empty(bias->sizes(), bias->options()) : at::empty({0}, x.options());
@@ -104,8 +109,9 @@ struct GroupNormOps {
     if (!want_dx && !want_dw && !want_db) return {dx, dw, db};
     Tensor meanc = mean.contiguous(), rstdc = rstd.contiguous();
     FUSENORM_DISPATCH(x.scalar_type(), param_dtype(x, weight, bias), kOp, [&] {
-      Backend::template bwd<scalar_t, param_t>(s, dyc, xc, meanc, rstdc, opt_ptr(weight), opt_ptr(bias), act, want_dx,
-                                               want_dw, want_db, dx, dw, db);
+      Backend::template bwd<scalar_t, param_t>(s, dyc, xc, meanc, rstdc, opt_ptr(weight), opt_ptr(bias),
+                                               yc.defined() ? &yc : nullptr, act, want_dx, want_dw, want_db, dx, dw,
+                                               db);
     });
     return {dx, dw, db};
   }

@@ -1,6 +1,8 @@
 // Argument checks shared by the norms on every backend, worded like torch.nn's.
 #include "common/row_norm_args.h"
 
+#include <ATen/ops/empty_like.h>
+
 #include <string>
 
 namespace fusenorm {
@@ -19,6 +21,15 @@ void check_grad_output(const char* op, const at::Tensor& dy, const at::Tensor& x
               " does not match input of size ", shape_str(x.sizes()));
   TORCH_CHECK(dy.is_floating_point(), op, ": grad_output must be a floating-point tensor, got ",
               c10::toString(dy.scalar_type()));
+}
+
+at::Tensor like_layout(const at::Tensor& t, const at::Tensor& xc, const char* op, const char* name) {
+  TORCH_CHECK(t.sizes() == xc.sizes(), op, ": ", name, " of size ", shape_str(t.sizes()),
+              " does not match input of size ", shape_str(xc.sizes()));
+  TORCH_CHECK(t.device() == xc.device(), op, ": expected ", name, " on ", xc.device().str(), " like the input");
+  at::Tensor u = t.scalar_type() == xc.scalar_type() ? t : t.to(xc.scalar_type());
+  if (u.strides() == xc.strides()) return u;
+  return at::empty_like(xc).copy_(u);
 }
 
 void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,

@@ -20,6 +20,10 @@ std::string shape_str(at::IntArrayRef sizes);
 // grad_output of a backward op: x's sizes, a floating dtype (converted to x's).
 void check_grad_output(const char* op, const at::Tensor& dy, const at::Tensor& x);
 
+// t (same sizes as x) in xc's dtype and strides (xc: x in the layout the kernels index), copied
+// only when they differ; name is t's name in the error messages.
+at::Tensor like_layout(const at::Tensor& t, const at::Tensor& xc, const char* op, const char* name);
+
 // A statistic a backward op reads (mean, rstd): exactly `shape`, in the statistics dtype of x, on
 // x's device; the kernels index it without bounds.
 void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,

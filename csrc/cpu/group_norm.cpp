@@ -44,6 +44,15 @@ inline decltype(auto) with_act(Act act, F&& f) {
   }
 }
 
+// dz = d * act'(z), z = xhat w + b, except for ReLU: its mask comes from the saved output y (d where
+// y > 0 or y is NaN), as in torch's relu backward. Recomputed, a z within rounding of 0 could fall
+// on the other side of 0 than in the forward, or round to an output of 0. act_grad_vec: the same
+// on vectors.
+template <typename A, typename T>
+inline A act_grad(Act act, A xh, A w, A b, const T* y, A d) {
+  return activate_backward(act, act == Act::Relu ? static_cast<A>(*y) : xh * w + b, d);
+}
+
 #ifdef FUSENORM_CPU_AVX2
 // exp(x) on the lanes of a vector (cpu/vec.h), about 1 ulp: Cody-Waite reduction by ln 2 and
 // cephes' degree-6 polynomial. The SiLU passes are bound by the latency of this chain (few loop
@@ -140,12 +149,23 @@ inline V activate_backward_vec(ActC<A>, V z, V d) {
   }
 }
 
+// act_grad on vectors (xv = xhat, wv, bv; y the output's values)
+template <Act A, typename V, typename T>
+inline V act_grad_vec(ActC<A> ac, V xv, V wv, V bv, const T* y, V d) {
+  if constexpr (A == Act::Relu) {
+    return relu_pass(V::load(y), d);
+  } else {
+    return activate_backward_vec(ac, fmadd(xv, wv, bv), d);
+  }
+}
+
 // Backward, contiguous layout, one channel's run of S sites (mean mu, rstd rs, weight w, bias b):
 // sb = sum dz and sw = sum dz * xhat, in 32 lanes (the order of sum_of), straight from x and dy.
-// With an activation, dz is also kept in dz_out so that the dx pass does not recompute act'.
+// With an activation, dz is also kept in dz_out so that the dx pass does not recompute act'; y is
+// the run of the output (read for ReLU's mask).
 template <typename T>
-inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, float rs, float w, float b, Act act,
-                              float* dz_out, float& sb, float& sw) {
+inline void channel_grad_sums(const T* x, const T* dy, const T* y, int64_t S, float mu, float rs, float w, float b,
+                              Act act, float* dz_out, float& sb, float& sw) {
   using V = LaneVec<T>;
   constexpr int K = kLanes / V::kWidth;
   const V muv = V::set1(mu), rsv = V::set1(rs), wv = V::set1(w), bv = V::set1(b);
@@ -161,7 +181,7 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
             const V xv = (V::load(x + o) - muv) * rsv;
             V dv = V::load(dy + o);
             if constexpr (decltype(ac)::value != Act::None) {
-              dv = activate_backward_vec(ac, fmadd(xv, wv, bv), dv);
+              dv = act_grad_vec(ac, xv, wv, bv, y + o, dv);
               dv.store(dz_out + o);
             }
             ab[k] = ab[k] + dv;
@@ -183,7 +203,7 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
         const U xv = (U::load(x + i) - U::set1(mu)) * U::set1(rs);
         U dv = U::load(dy + i);
         if constexpr (decltype(ac)::value != Act::None) {
-          dv = activate_backward_vec(ac, fmadd(xv, U::set1(w), U::set1(b)), dv);
+          dv = act_grad_vec(ac, xv, U::set1(w), U::set1(b), y + i, dv);
           dv.store(dz_out + i);
         }
         tb = tb + dv;
@@ -195,7 +215,7 @@ inline void channel_grad_sums(const T* x, const T* dy, int64_t S, float mu, floa
   }
   for (; i < S; ++i) {
     const float xh = (static_cast<float>(x[i]) - mu) * rs;
-    const float d = activate_backward(act, xh * w + b, static_cast<float>(dy[i]));
+    const float d = act_grad(act, xh, w, b, y + i, static_cast<float>(dy[i]));
     if (act != Act::None) dz_out[i] = d;
     sb += d;
     sw += d * xh;
@@ -522,8 +542,9 @@ struct GroupNormBackend {
 
   template <typename T, typename W>
   static void bwd(const GroupNormShape& s, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                  const at::Tensor& rstd, const at::Tensor* weight, const at::Tensor* bias, Act act, bool want_dx,
-                  bool want_dw, bool want_db, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+                  const at::Tensor& rstd, const at::Tensor* weight, const at::Tensor* bias, const at::Tensor* y,
+                  Act act, bool want_dx, bool want_dw, bool want_db, at::Tensor& dx, at::Tensor& dw,
+                  at::Tensor& db) {
     using A = acc_t<T>;
     const Buf<A> w = param_as_acc<W, A>(weight, s.C, A(1)), b = param_as_acc<W, A>(bias, s.C, A(0));
     if constexpr (std::is_same_v<T, double>) {
@@ -538,16 +559,18 @@ struct GroupNormBackend {
         } else {
           at::gelu_backward_out(dz, dy, z);
         }
-        return bwd<T, W>(s, dz, x, mean, rstd, weight, bias, Act::None, want_dx, want_dw, want_db, dx, dw, db);
+        return bwd<T, W>(s, dz, x, mean, rstd, weight, bias, nullptr, Act::None, want_dx, want_dw, want_db, dx, dw,
+                         db);
       }
     }
     // per-(n, c) sums of dz * xhat and of dz
     Buf<A> part_w(s.N * s.C), part_b(s.N * s.C);
+    const T* Y = y ? y->data_ptr<T>() : nullptr;
     if (s.channels_last) {
-      bwd_nsc<T, A>(s, dy.data_ptr<T>(), x.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), w, b, act,
+      bwd_nsc<T, A>(s, dy.data_ptr<T>(), x.data_ptr<T>(), Y, mean.data_ptr<A>(), rstd.data_ptr<A>(), w, b, act,
                     want_dx ? dx.data_ptr<T>() : nullptr, part_w, part_b);
     } else {
-      bwd_ncs<T, A>(s, dy.data_ptr<T>(), x.data_ptr<T>(), mean.data_ptr<A>(), rstd.data_ptr<A>(), w, b, act,
+      bwd_ncs<T, A>(s, dy.data_ptr<T>(), x.data_ptr<T>(), Y, mean.data_ptr<A>(), rstd.data_ptr<A>(), w, b, act,
                     want_dx ? dx.data_ptr<T>() : nullptr, part_w, part_b);
     }
     auto finish = [&](const Buf<A>& part, at::Tensor& out) {
@@ -579,7 +602,7 @@ struct GroupNormBackend {
 
   // dx_i = rs (dz_i w_c - a - xhat_i cc), a = sum(dz w) / L, cc = sum(dz w xhat) / L over the group
   template <typename T, typename A>
-  static void bwd_ncs(const GroupNormShape& s, const T* DY, const T* X, const A* MEAN, const A* RSTD,
+  static void bwd_ncs(const GroupNormShape& s, const T* DY, const T* X, const T* Y, const A* MEAN, const A* RSTD,
                       const Buf<A>& w, const Buf<A>& b, Act act, T* DX, Buf<A>& part_w,
                       Buf<A>& part_b) {
     const int64_t S = s.S, cpg = s.cpg(), L = cpg * S;
@@ -596,8 +619,8 @@ struct GroupNormBackend {
           for (int64_t j = 0; j < cpg; ++j) {
             const int64_t ch = g * cpg + j, o = ng * L + j * S;
             float sb, sw;
-            channel_grad_sums(X + o, DY + o, S, mu, rs, w[ch], b[ch], act, dz.empty() ? nullptr : dz.data() + j * S,
-                              sb, sw);
+            channel_grad_sums(X + o, DY + o, Y ? Y + o : nullptr, S, mu, rs, w[ch], b[ch], act,
+                              dz.empty() ? nullptr : dz.data() + j * S, sb, sw);
             part_w[n * s.C + ch] = sw;
             part_b[n * s.C + ch] = sb;
             s_g += w[ch] * sb;
@@ -618,11 +641,11 @@ struct GroupNormBackend {
     // Straight from x and dy, without copies (fp64 copied both into buffers: 0.69-0.81x torch.nn),
     // dz kept in a buffer only with an activation.
     at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
-      Buf<A> dz(act != Act::None ? L : 0), z(act != Act::None ? S : 0);
+      Buf<A> dz(act != Act::None ? L : 0);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / s.G, g = ng % s.G;
         const A mu = MEAN[ng], rs = RSTD[ng];
-        const T *xg = X + ng * L, *dg = DY + ng * L;
+        const T *xg = X + ng * L, *dg = DY + ng * L, *yg = Y ? Y + ng * L : nullptr;
         A s_g = 0, s_gx = 0;
         for (int64_t j = 0; j < cpg; ++j) {
           const int64_t ch = g * cpg + j;
@@ -630,11 +653,9 @@ struct GroupNormBackend {
           A sb, sd;  // sum dz, sum dz (x - mu)
           if (act != Act::None) {
             A* dj = dz.data() + j * S;
-            for (int64_t i = 0; i < S; ++i) {
-              z[i] = (static_cast<A>(xj[i]) - mu) * rs * w[ch] + b[ch];
-              dj[i] = static_cast<A>(dg[j * S + i]);
-            }
-            activate_backward_inplace(act, z.data(), dj, S);
+            for (int64_t i = 0; i < S; ++i)
+              dj[i] = act_grad(act, (static_cast<A>(xj[i]) - mu) * rs, w[ch], b[ch], yg ? yg + j * S + i : nullptr,
+                               static_cast<A>(dg[j * S + i]));
             sum_and_dev_dot(dj, xj, S, mu, sb, sd);
           } else {
             sum_and_dev_dot(dg + j * S, xj, S, mu, sb, sd);
@@ -666,7 +687,7 @@ struct GroupNormBackend {
   }
 
   template <typename T, typename A>
-  static void bwd_nsc(const GroupNormShape& s, const T* DY, const T* X, const A* MEAN, const A* RSTD,
+  static void bwd_nsc(const GroupNormShape& s, const T* DY, const T* X, const T* Y, const A* MEAN, const A* RSTD,
                       const Buf<A>& w, const Buf<A>& b, Act act, T* DX, Buf<A>& part_w,
                       Buf<A>& part_b) {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
@@ -682,12 +703,14 @@ struct GroupNormBackend {
           cc_c(C + kRowsPad), w_c(C + kRowsPad);
       std::copy(w.begin(), w.begin() + C, w_c.begin());
       pad_rows(w_c.data(), C);
-      // dz and xhat for one site, along the channels
-      auto site_grads = [&](const T* xs, const T* ds, A* xh, A* d, A* z) {
+      // dz and xhat for one site, along the channels (ys: the site's output, for ReLU)
+      auto site_grads = [&](const T* xs, const T* ds, const T* ys, A* xh, A* d, A* z) {
         to_acc(xs, xh, C);
         to_acc(ds, d, C);
         for (int64_t c = 0; c < C; ++c) xh[c] = (xh[c] - mu_c[c]) * rs_c[c];
-        if (act != Act::None) {
+        if (act == Act::Relu) {
+          for (int64_t c = 0; c < C; ++c) d[c] = act_grad(act, xh[c], w[c], b[c], ys + c, d[c]);
+        } else if (act != Act::None) {
           for (int64_t c = 0; c < C; ++c) z[c] = xh[c] * w[c] + b[c];
           activate_backward_inplace(act, z, d, C);
         }
@@ -700,6 +723,7 @@ struct GroupNormBackend {
       for (int64_t n = nb; n < ne; ++n) {
         const T* xn = X + n * S * C;
         const T* dn = DY + n * S * C;
+        const T* yn = Y ? Y + n * S * C : nullptr;
         for (int64_t c = 0; c < C; ++c) {
           mu_c[c] = MEAN[n * G + c / cpg];
           rs_c[c] = RSTD[n * G + c / cpg];
@@ -717,10 +741,11 @@ struct GroupNormBackend {
               if (simd_channels) {
                 const float *mup = mu_c.data(), *rsp = rs_c.data(), *wp = w.data(), *bp = b.data();
                 with_act(act, [&](auto ac) {
-                  // dz = act'(xhat w + b) dy for one vector of channels (kept in zs when given)
-                  const auto dz_vec = [&](auto xv, auto dv, auto wv, auto bv, float* zs) {
+                  // dz = act'(xhat w + b) dy for one vector of channels (kept in zs when given; ys
+                  // the output, for ReLU)
+                  const auto dz_vec = [&](auto xv, auto dv, auto wv, auto bv, const T* ys, float* zs) {
                     if constexpr (decltype(ac)::value != Act::None) {
-                      dv = activate_backward_vec(ac, fmadd(xv, wv, bv), dv);
+                      dv = act_grad_vec(ac, xv, wv, bv, ys, dv);
                       if (zs) dv.store(zs);
                     }
                     return dv;
@@ -746,6 +771,7 @@ struct GroupNormBackend {
                     const bool ahead = cb0 + 2 * kLanes <= C;  // the next block's lines, as nsc_block_moments
                     for (int64_t site = s0; site < s1; ++site) {
                       const T *xs = xn + site * C + cb0, *ds = dn + site * C + cb0;
+                      const T* ys = yn ? yn + site * C + cb0 : nullptr;
                       float* zs = dz_keep ? dz_keep + site * C + cb0 : nullptr;
                       if (ahead) {
                         __builtin_prefetch(xs + kLanes, 0, 3);
@@ -756,7 +782,7 @@ struct GroupNormBackend {
                       for (int k = 0; k < KB; ++k) {
                         const VB xv = (VB::load(xs + VB::kWidth * k) - mu[k]) * rs[k];
                         const VB dv = dz_vec(xv, VB::load(ds + VB::kWidth * k), wv[k], bv[k],
-                                             zs ? zs + VB::kWidth * k : nullptr);
+                                             ys ? ys + VB::kWidth * k : nullptr, zs ? zs + VB::kWidth * k : nullptr);
                         aw[k] = fmadd(dv, xv, aw[k]);
                         ab[k] = ab[k] + dv;
                       }
@@ -771,12 +797,14 @@ struct GroupNormBackend {
                   // channels at a time
                   for (int64_t site = s0; site < s1; ++site) {
                     const T *xs = xn + site * C, *ds = dn + site * C;
+                    const T* ys = yn ? yn + site * C : nullptr;
                     float* zs = dz_keep ? dz_keep + site * C : nullptr;
                     const int64_t c0 = cb0 + simd_for(C - cb0, [&](auto t, int64_t j) {
                       using V = decltype(t);
                       const int64_t c = cb0 + j;
                       const V xv = (V::load(xs + c) - V::load(mup + c)) * V::load(rsp + c);
-                      const V dv = dz_vec(xv, V::load(ds + c), V::load(wp + c), V::load(bp + c), zs ? zs + c : nullptr);
+                      const V dv = dz_vec(xv, V::load(ds + c), V::load(wp + c), V::load(bp + c), ys ? ys + c : nullptr,
+                                          zs ? zs + c : nullptr);
                       fmadd(dv, xv, V::load(qw + c)).store(qw + c);
                       (V::load(qb + c) + dv).store(qb + c);
                     });
@@ -801,7 +829,7 @@ struct GroupNormBackend {
                       const float xh = (static_cast<float>(xs[c]) - mup[c]) * rsp[c];
                       float dv = static_cast<float>(ds[c]);
                       if (act != Act::None) {
-                        dv = activate_backward(act, xh * wp[c] + bp[c], dv);
+                        dv = act_grad(act, xh, wp[c], bp[c], ys ? ys + c : nullptr, dv);
                         if (zs) zs[c] = dv;
                       }
                       qw[c] += dv * xh;
@@ -814,7 +842,7 @@ struct GroupNormBackend {
             }
 #endif
             for (int64_t site = s0; site < s1; ++site) {
-              site_grads(xn + site * C, dn + site * C, xh.data(), d.data(), z.data());
+              site_grads(xn + site * C, dn + site * C, yn ? yn + site * C : nullptr, xh.data(), d.data(), z.data());
               for (int64_t c = 0; c < C; ++c) {
                 qw[c] += d[c] * xh[c];
                 qb[c] += d[c];
@@ -875,7 +903,7 @@ struct GroupNormBackend {
 #endif
           Buf<A> xh(C), d(C), z(C);
           for (int64_t site = s0; site < s1; ++site) {
-            site_grads(xn + site * C, dn + site * C, xh.data(), d.data(), z.data());
+            site_grads(xn + site * C, dn + site * C, yn ? yn + site * C : nullptr, xh.data(), d.data(), z.data());
             for (int64_t c = 0; c < C; ++c) d[c] = rs_c[c] * (d[c] * w[c] - a_c[c] - xh[c] * cc_c[c]);
             from_acc(d.data(), dxn + site * C, C);
           }

@@ -102,7 +102,8 @@ __global__ void __launch_bounds__(kGroupBlock)
 }
 
 // Backward, per element: xhat = (x - mean[n, g]) * rstd[n, g], z = xhat * w[c] + b[c],
-// dz = dy * act'(z). The GRAD partials of common/channel_reduce.cuh sum dz and dz * xhat per (n, c).
+// dz = dy * act'(z); ReLU's mask comes from the forward's output y instead (its value yv), as in
+// torch's relu backward. The GRAD partials of common/channel_reduce.cuh sum dz and dz * xhat per (n, c).
 template <typename A, typename W>
 struct GroupNormGradOp {
   const A* mean;
@@ -120,10 +121,14 @@ struct GroupNormGradOp {
     return {mean[ng], rstd[ng], w ? static_cast<A>(w[c]) : A(1), b ? static_cast<A>(b[c]) : A(0)};
   }
   template <typename T>
-  __device__ __forceinline__ void add(const Ctx& c, T x, T dy, const T*, T, A& a, A& bsum) const {
+  __device__ __forceinline__ void add(const Ctx& c, T x, T dy, const T* y, T yv, A& a, A& bsum) const {
     const A xhat = (static_cast<A>(x) - c.mu) * c.rs;
     A d = static_cast<A>(dy);
-    if (act != Act::None) d = activate_backward(act, xhat * c.w + c.b, d);
+    if (act == Act::Relu) {
+      d = grad_in_relu<A>(dy, y, yv);
+    } else if (act != Act::None) {
+      d = activate_backward(act, xhat * c.w + c.b, d);
+    }
     a += d;
     bsum += d * xhat;
   }
@@ -165,10 +170,10 @@ __global__ void __launch_bounds__(kGroupBlock)
 }
 
 // dx = rstd * (dz * w - s_g / L - xhat * s_gx / L), L = cpg * S, over 16-byte vectors as in the
-// forward's apply pass.
+// forward's apply pass (y: the forward's output, for ReLU's mask, else null).
 template <typename T, typename W, int V, bool NSC, typename I>
 __global__ void __launch_bounds__(kGroupBlock)
-    group_norm_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, T* __restrict__ dx,
+    group_norm_dx_kernel(const T* __restrict__ dy, const T* __restrict__ x, const T* __restrict__ y, T* __restrict__ dx,
                          const W* __restrict__ w, const W* __restrict__ b, const acc_t<T>* __restrict__ mean,
                          const acc_t<T>* __restrict__ rstd, const acc_t<T>* __restrict__ s_g,
                          const acc_t<T>* __restrict__ s_gx, acc_t<T> inv_L, I vecs, I C, I S, I cpg, I G, Act act) {
@@ -177,6 +182,8 @@ __global__ void __launch_bounds__(kGroupBlock)
     I c, n;
     channel_and_sample<NSC>(i * V, C, S, c, n);
     const Vec<T, V> xv = load_vec<V>(x, i), dv = load_vec<V>(dy, i);
+    Vec<T, V> yv{};
+    if (y) yv = load_vec<V>(y, i);
     Vec<T, V> out;
     GroupStep<I> gs(c, n, cpg, G);
 #pragma unroll
@@ -187,7 +194,11 @@ __global__ void __launch_bounds__(kGroupBlock)
       const A rs = rstd[ng], xhat = (static_cast<A>(xv.v[j]) - mean[ng]) * rs;
       const A wc = w ? static_cast<A>(w[cj]) : A(1);
       A d = static_cast<A>(dv.v[j]);
-      if (act != Act::None) d = activate_backward(act, xhat * wc + (b ? static_cast<A>(b[cj]) : A(0)), d);
+      if (act == Act::Relu) {
+        d = grad_in_relu<A>(dv.v[j], y, yv.v[j]);
+      } else if (act != Act::None) {
+        d = activate_backward(act, xhat * wc + (b ? static_cast<A>(b[cj]) : A(0)), d);
+      }
       out.v[j] = static_cast<T>(rs * (simt::mul_rn(d, wc) - s_g[ng] * inv_L - xhat * (s_gx[ng] * inv_L)));
     }
     store_vec<V>(dx, i, out);
@@ -204,18 +215,17 @@ struct GroupNormBackend {
     int64_t stride_n, stride_sp;
   };
   template <typename T, bool GRAD, typename Op>
-  static Partials partials(const GroupNormShape& s, const at::Tensor& x, const T* dy, Op op, int64_t pgrp,
+  static Partials partials(const GroupNormShape& s, const at::Tensor& x, const T* dy, const T* y, Op op, int64_t pgrp,
                            const at::TensorOptions& acc_options, cudaStream_t stream) {
     const T* X = x.data_ptr<T>();
     const int64_t target = target_blocks(x);
     Partials out;
     if (s.channels_last) {
-      out.p = channel_partials<T, GRAD>(true, X, dy, nullptr, op, 1, s.C, s.S, s.N, s.S, pgrp, target, acc_options,
-                                        stream);
+      out.p = channel_partials<T, GRAD>(true, X, dy, y, op, 1, s.C, s.S, s.N, s.S, pgrp, target, acc_options, stream);
       out.stride_n = out.p.splits * s.C;
       out.stride_sp = s.C;
     } else {
-      out.p = channel_partials<T, GRAD>(false, X, dy, nullptr, op, 1, s.N * s.C, s.S, 1, 0, pgrp, target, acc_options,
+      out.p = channel_partials<T, GRAD>(false, X, dy, y, op, 1, s.N * s.C, s.S, 1, 0, pgrp, target, acc_options,
                                         stream);
       out.stride_n = s.C;
       out.stride_sp = s.N * s.C;
@@ -243,7 +253,7 @@ struct GroupNormBackend {
                       : onchip_norm_fwd<T, W>(units, s.S, x.get_device(), X, no_z, Y, w, b, static_cast<A>(eps), act,
                                               true, mean.data_ptr<A>(), rstd.data_ptr<A>())))
       return;
-    const Partials p = partials<T, false>(s, x, nullptr, StatsOp{}, s.cpg(), mean.options(), stream);
+    const Partials p = partials<T, false>(s, x, nullptr, nullptr, StatsOp{}, s.cpg(), mean.options(), stream);
     const int64_t piv_n = s.C * s.S, piv_g = nsc ? s.cpg() : s.cpg() * s.S;
     constexpr int64_t per_block = kGroupBlock / 32;  // a warp per (n, group)
     simt::launch(group_norm_finalize_kernel<T>, dim3(ceil_div(s.N * s.G, per_block)), dim3(kGroupBlock), 0, stream,
@@ -262,8 +272,9 @@ struct GroupNormBackend {
 
   template <typename T, typename W>
   static void bwd(const GroupNormShape& s, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
-                  const at::Tensor& rstd, const at::Tensor* weight, const at::Tensor* bias, Act act, bool want_dx,
-                  bool want_dw, bool want_db, at::Tensor& dx, at::Tensor& dw, at::Tensor& db) {
+                  const at::Tensor& rstd, const at::Tensor* weight, const at::Tensor* bias, const at::Tensor* y,
+                  Act act, bool want_dx, bool want_dw, bool want_db, at::Tensor& dx, at::Tensor& dw,
+                  at::Tensor& db) {
     using A = acc_t<T>;
     at::Tensor wk, bk;
     const W* w = param_ptr<W>(weight, wk);
@@ -271,12 +282,13 @@ struct GroupNormBackend {
     const cudaStream_t stream = simt::current_stream();
     const T* X = x.data_ptr<T>();
     const T* DY = dy.data_ptr<T>();
+    const T* Y = y ? y->data_ptr<T>() : nullptr;
     const A* MEAN = mean.data_ptr<A>();
     const A* RSTD = rstd.data_ptr<A>();
     const bool nsc = s.channels_last;
     const GroupNormGradOp<A, W> op{MEAN, RSTD, w, b, s.C, s.G, s.cpg(), nsc, act};
     // per-(n, c) sums of dz and dz * xhat
-    const Partials pp = partials<T, true>(s, x, DY, op, 1, mean.options(), stream);
+    const Partials pp = partials<T, true>(s, x, DY, Y, op, 1, mean.options(), stream);
     const ChannelPartials& p = pp.p;
     const int64_t stride_n = pp.stride_n, stride_sp = pp.stride_sp;
     constexpr int64_t per_block = kGroupBlock / 32;  // a warp per output
@@ -292,13 +304,14 @@ struct GroupNormBackend {
                  stream, p.parts<A>(), w, s.N, s.G, s.cpg(), p.splits, stride_n, stride_sp, SG, SGX);
     T* DX = dx.data_ptr<T>();
     const A inv_L = A(1) / static_cast<A>(s.cpg() * s.S);
-    channel_elementwise<T>(nsc, s.C, s.S, s.N * s.C * s.S, is_aligned(X, 16) && is_aligned(DY, 16) && is_aligned(DX, 16),
+    channel_elementwise<T>(nsc, s.C, s.S, s.N * s.C * s.S,
+                           is_aligned(X, 16) && is_aligned(DY, 16) && is_aligned(Y, 16) && is_aligned(DX, 16),
                            [&](auto vw, auto layout, auto ix) {
       constexpr int V = decltype(vw)::value;
       using I = decltype(ix);
       const int64_t vecs = s.N * s.C * s.S / V;
       simt::launch(group_norm_dx_kernel<T, W, V, decltype(layout)::value, I>, elementwise_grid(x, vecs),
-                   dim3(kGroupBlock), 0, stream, DY, X, DX, w, b, MEAN, RSTD, SG, SGX, inv_L, I(vecs), I(s.C), I(s.S),
+                   dim3(kGroupBlock), 0, stream, DY, X, Y, DX, w, b, MEAN, RSTD, SG, SGX, inv_L, I(vecs), I(s.C), I(s.S),
                    I(s.cpg()), I(s.G), act);
     });
   }

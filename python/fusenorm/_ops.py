@@ -81,8 +81,8 @@ def _group_norm_fwd_fake(x, num_groups, weight, bias, eps, activation="none"):
 
 
 @torch.library.register_fake("fusenorm::group_norm_bwd")
-def _group_norm_bwd_fake(dy, x, mean, rstd, num_groups, weight, bias, activation, output_mask):
-    _same_device(x, dy, mean, rstd, weight, bias)
+def _group_norm_bwd_fake(dy, x, mean, rstd, num_groups, weight, bias, y, activation, output_mask):
+    _same_device(x, dy, mean, rstd, weight, bias, y)
     dx = _channel_layout_like(x) if output_mask[0] else x.new_empty((0,))
     return dx, _masked(output_mask[1], weight, x), _masked(output_mask[2], bias, x)
 

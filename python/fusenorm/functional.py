@@ -236,12 +236,9 @@ def _group_norm_backward(ctx, dy, w_index: int, b_index: int) -> tuple:
     if torch.is_grad_enabled():  # create_graph=True
         return tuple(_double_backward(lambda a, w, b: _act(F.group_norm(a, groups, w, b, eps), act), dy,
                                       [x, weight, bias], mask))
-    if act == "relu":
-        # ReLU's mask from the output, through torch's relu backward op: recomputed from x, a
-        # pre-activation within rounding of 0 could fall on the other side of it than in the
-        # forward. (masked_fill(y <= 0, 0) took 32 ms at 8x320x64x64 fp32, threshold_backward 5.6.)
-        dy, act = torch.ops.aten.threshold_backward(dy, y, 0), "none"
-    dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, groups, weight, bias, act, mask)
+    # y: ReLU's mask is y > 0, as torch's relu backward (recomputed from x, a pre-activation within
+    # rounding of 0 could fall on the other side of it than in the forward)
+    dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, groups, weight, bias, y, act, mask)
     return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2])
 
 
