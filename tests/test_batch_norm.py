@@ -496,6 +496,30 @@ def test_relu_keeps_nan(layout):
     assert y.isnan().sum() == 1
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_weight_of_any_shape_with_c_values(training):
+    """torch.batch_norm takes a weight or bias of any shape holding C values ([C, 1], [2, 2], 0-D
+    for C = 1); its backward then fails, ours gives the gradient in the parameter's shape."""
+    for x, shape in ((torch.randn(4, 4, 3), (4, 1)), (torch.randn(4, 4, 3), (2, 2)), (torch.randn(4, 1, 3), ())):
+        c = x.size(1)
+        w, b = torch.randn(shape), torch.randn(shape)
+        stats = lambda: (torch.randn(c), torch.rand(c) + 0.5)  # noqa: E731
+        torch.manual_seed(0)
+        want = F.batch_norm(x, *stats(), w, b, training)
+        torch.manual_seed(0)
+        wg, bg = w.clone().requires_grad_(), b.clone().requires_grad_()
+        got = fusenorm.batch_norm(x, *stats(), wg, bg, training)
+        torch.testing.assert_close(got, want)
+        dy = torch.randn_like(got)
+        dw, db = torch.autograd.grad(got, (wg, bg), dy)
+        w1, b1 = w.reshape(c).requires_grad_(), b.reshape(c).requires_grad_()
+        torch.manual_seed(0)
+        ref = torch.autograd.grad(F.batch_norm(x, *stats(), w1, b1, training), (w1, b1), dy)
+        assert dw.shape == w.shape and db.shape == b.shape
+        torch.testing.assert_close(dw, ref[0].reshape(shape))
+        torch.testing.assert_close(db, ref[1].reshape(shape))
+
+
 def test_raw_ops_check_grad_output_and_vectors():
     """grad_output must be floating point (an integer one was cast silently) and the per-channel
     vectors 1-D (a [C, 1] weight was taken by its element count)."""

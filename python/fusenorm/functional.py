@@ -562,6 +562,11 @@ def batch_norm(
                                f"one scalar type, {x.dtype} or float, got {sorted(map(str, dts))}")
     if training and (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must either both be None or neither be None")
+    # torch takes a weight or bias of any shape with C values (its forward; its backward then fails)
+    if weight is not None and weight.dim() != 1 and weight.numel() == c:
+        weight = weight.reshape(c)
+    if bias is not None and bias.dim() != 1 and bias.numel() == c:
+        bias = bias.reshape(c)
     if _reference():
         m = float(momentum) if isinstance(momentum, torch.Tensor) else momentum
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, m, eps)
