@@ -161,7 +161,7 @@ def layer_norm(
     shape = _as_shape(normalized_shape, "layer_norm")
     if _reference():
         return F.layer_norm(x, shape, weight, bias, eps)
-    if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
+    if (torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))) or _jit_tracing():
         return LayerNormFunction.apply(x, shape, weight, bias, float(eps))
     return _LN_FWD(x, shape, weight, bias, float(eps))[0]
 
@@ -200,7 +200,7 @@ def rms_norm(
             weight = weight.to(_stat_dtype(x))
     if _reference():
         return F.rms_norm(x, shape, weight, eps)
-    if torch.is_grad_enabled() and (x.requires_grad or _need(weight)):
+    if (torch.is_grad_enabled() and (x.requires_grad or _need(weight))) or _jit_tracing():
         # dweight needs x, and an inference tensor cannot be saved (torch's composite saves only its
         # normalized x, so it works there). Dynamo cannot trace is_inference().
         if not torch.compiler.is_compiling() and x.is_inference():
@@ -240,6 +240,11 @@ def _group_norm_backward(ctx, dy, w_index: int, b_index: int) -> tuple:
     # rounding of 0 could fall on the other side of it than in the forward)
     dx, dw, db = torch.ops.fusenorm.group_norm_bwd(dy, x, mean, rstd, groups, weight, bias, y, act, mask)
     return _or_none(dx, mask[0]), _or_none(dw, mask[1]), _or_none(db, mask[2])
+
+
+# Under torch.jit.trace the kernels always run through their autograd.Function: the traced graph
+# serves later calls that may need gradients, and the trace's check re-traces without grad.
+_jit_tracing = torch.jit.is_tracing
 
 
 def _activation_name(activation: Optional[str]) -> str:
@@ -285,7 +290,7 @@ def _group_norm(input, num_groups: int, weight, bias, eps, act: str) -> torch.Te
     x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
     if _reference():
         return _act(F.group_norm(x, num_groups, weight, bias, eps), act)
-    if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
+    if (torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))) or _jit_tracing():
         return GroupNormFunction.apply(x, num_groups, weight, bias, float(eps), act)
     return _GN_FWD(x, num_groups, weight, bias, float(eps), act)[0]
 
@@ -342,7 +347,7 @@ def instance_norm(
             y = torch.batch_norm(x, weight, bias, running_mean.to(acc), running_var.to(acc), False, 0.0, float(eps),
                                  torch.backends.cudnn.enabled)
             return _act(y, act)
-        grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))
+        grad = (torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))) or _jit_tracing()
         y = _bn_eval(x, running_mean.to(acc), running_var.to(acc), weight, bias, None, float(eps),
                      "relu" if act == "relu" else "none", grad)  # any eps, as torch's instance_norm
         return _act(y, act) if act in ("silu", "gelu") else y
@@ -353,7 +358,7 @@ def instance_norm(
     x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
     if _reference():
         return _act(F.instance_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), act)
-    if torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias)):
+    if (torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))) or _jit_tracing():
         y, mean, rstd = InstanceNormStatsFunction.apply(x, weight, bias, float(eps), act)
     else:
         y, mean, rstd = _GN_FWD(x, c, weight, bias, float(eps), act)
@@ -572,6 +577,7 @@ def batch_norm(
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, m, eps)
         return _act(y if residual is None else y + residual, act)
     grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias) or _need(residual))
+    grad = grad or _jit_tracing()
     if training:
         if grad:
             y, mean, var = BatchNormTrainFunction.apply(x, weight, bias, residual, eps, act)

@@ -2,6 +2,7 @@
 constructor, defaults, parameters, state_dict keys, reset_parameters and extra_repr are torch's."""
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import torch
@@ -9,10 +10,24 @@ import torch
 from . import functional as F
 
 
+def _fx_leaf(module: torch.nn.Module, input: torch.fx.Proxy, *args, **kwargs) -> torch.fx.Proxy:
+    """Under torch.fx symbolic tracing (the input a Proxy): one call_module node for module, as fx
+    records torch.nn's own norm layers, which it keeps as leaves (it traces into other modules,
+    and Python control flow on the input fails there)."""
+    tracer = input.tracer
+    path = tracer.path_of_module(module)
+    if not path:
+        raise RuntimeError(f"fusenorm.{type(module).__name__} cannot be the root of torch.fx.symbolic_trace: "
+                           "trace a module that contains it (it is then one call_module node)")
+    return tracer.create_proxy("call_module", path, (input,) + args, kwargs)
+
+
 class LayerNorm(torch.nn.LayerNorm):
     """torch.nn.LayerNorm computed by fusenorm's kernels."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_leaf(self, input)
         return F.layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
@@ -20,6 +35,8 @@ class RMSNorm(torch.nn.RMSNorm):
     """torch.nn.RMSNorm computed by fusenorm's kernels."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.fx.Proxy):
+            return _fx_leaf(self, x)
         return F.rms_norm(x, self.normalized_shape, self.weight, self.eps)
 
 
@@ -37,6 +54,8 @@ class GroupNorm(torch.nn.GroupNorm):
         self.activation = activation
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_leaf(self, input)
         return F.group_norm(input, self.num_groups, self.weight, self.bias, self.eps, activation=self.activation)
 
     def extra_repr(self) -> str:
@@ -54,6 +73,11 @@ class _InstanceNormMixin:
         super().__init__(*args, **kwargs)
         F._activation_name(activation)
         self.activation = activation
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_leaf(self, input)
+        return super().forward(input)
 
     def _apply_instance_norm(self, input: torch.Tensor) -> torch.Tensor:
         return F.instance_norm(
@@ -93,6 +117,8 @@ class _BatchNormMixin:
         self.activation = activation
 
     def forward(self, input: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if isinstance(input, torch.fx.Proxy):
+            return _fx_leaf(self, input) if residual is None else _fx_leaf(self, input, residual)
         self._check_input_dim(input)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
@@ -169,6 +195,28 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
             out.add_module(name, cls.convert_sync_batchnorm(child, process_group))
         del module
         return out
+
+
+def _sign_init(cls: type) -> None:
+    """cls.__init__ (a mixin's: torch's arguments through *args/**kwargs, plus activation) as a
+    function of cls's own whose signature, for inspect, is torch's plus the keyword activation:
+    torch.nn.utils.skip_init, for one, looks there for a device parameter."""
+    inner = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        inner(self, *args, **kwargs)
+
+    base = next(c for c in cls.__mro__ if c.__module__.startswith("torch.nn"))
+    sig = inspect.signature(base.__init__)
+    act = inspect.Parameter("activation", inspect.Parameter.KEYWORD_ONLY, default=None)
+    __init__.__signature__ = sig.replace(parameters=[*sig.parameters.values(), act])
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    cls.__init__ = __init__
+
+
+for _cls in (GroupNorm, InstanceNorm1d, InstanceNorm2d, InstanceNorm3d, BatchNorm1d, BatchNorm2d, BatchNorm3d,
+             SyncBatchNorm):
+    _sign_init(_cls)
 
 
 _SWAPS = {

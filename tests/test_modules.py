@@ -1,0 +1,123 @@
+"""The drop-in modules (python/fusenorm/modules.py) under the tools that inspect or trace torch.nn
+modules: torch.fx symbolic tracing, constructor signatures (torch.nn.utils.skip_init) and
+torch.jit.trace. Each norm's own tests cover its numbers."""
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+import fusenorm
+
+# (ours, torch's, constructor arguments, input shape); every module class fusenorm has
+MODULES = [
+    (fusenorm.LayerNorm, torch.nn.LayerNorm, (6,), (2, 3, 6)),
+    (fusenorm.RMSNorm, torch.nn.RMSNorm, (6,), (2, 3, 6)),
+    (fusenorm.GroupNorm, torch.nn.GroupNorm, (2, 4), (2, 4, 5, 3)),
+    (fusenorm.InstanceNorm1d, torch.nn.InstanceNorm1d, (4,), (2, 4, 7)),
+    (fusenorm.InstanceNorm2d, torch.nn.InstanceNorm2d, (4,), (2, 4, 5, 3)),
+    (fusenorm.InstanceNorm3d, torch.nn.InstanceNorm3d, (4,), (2, 4, 3, 2, 3)),
+    (fusenorm.BatchNorm1d, torch.nn.BatchNorm1d, (4,), (5, 4)),
+    (fusenorm.BatchNorm2d, torch.nn.BatchNorm2d, (4,), (2, 4, 5, 3)),
+    (fusenorm.BatchNorm3d, torch.nn.BatchNorm3d, (4,), (2, 4, 3, 2, 3)),
+    (fusenorm.SyncBatchNorm, torch.nn.SyncBatchNorm, (4,), (2, 4, 5, 3)),
+]
+IDS = [m[0].__name__ for m in MODULES]
+
+
+class _Block(torch.nn.Module):
+    """A norm between two other layers, and a BatchNorm called with a residual."""
+
+    def __init__(self, norm: torch.nn.Module, channels: int, dims: int):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.randn(channels))
+        self.view = [-1] + [1] * (dims - 2)  # the scale along dim 1 (2-D inputs: the last dim)
+        self.norm = norm
+        self.bn = fusenorm.BatchNorm2d(channels, activation="relu") if dims == 4 else None
+
+    def forward(self, x):
+        y = self.norm(x * self.scale.view(self.view)) + 1
+        if self.bn is not None:
+            y = self.bn(y, residual=x)
+        return y * 2
+
+
+@pytest.mark.parametrize("ours,theirs,args,shape", MODULES, ids=IDS)
+def test_fx_traces_a_model_with_each_module(ours, theirs, args, shape):
+    """torch.fx keeps torch.nn's norm layers as leaves (call_module) and traces into other modules,
+    where a fusenorm module's input checks failed (TraceError): ours are leaves too, in train and
+    eval, values and gradients as the eager model's."""
+    channels = shape[-1] if ours in (fusenorm.LayerNorm, fusenorm.RMSNorm) else shape[1]
+    if ours in (fusenorm.LayerNorm, fusenorm.RMSNorm):  # normalized over the last dim: scale it
+        shape = (shape[0], shape[-1])
+    model = _Block(ours(*args), channels, len(shape))
+    traced = torch.fx.symbolic_trace(model)
+    targets = {n.target for n in traced.graph.nodes if n.op == "call_module"}
+    assert "norm" in targets
+    assert ("bn" in targets) == (len(shape) == 4)
+    for training in (True, False):
+        model.train(training)
+        x = torch.randn(shape, requires_grad=True)
+        got = traced(x)
+        want = model(x)
+        torch.testing.assert_close(got, want)
+        dy = torch.randn_like(want)
+        leaves = (x, model.scale)
+        for g, w in zip(torch.autograd.grad(got, leaves, dy), torch.autograd.grad(want, leaves, dy)):
+            torch.testing.assert_close(g, w)
+
+
+def test_fx_converted_model_and_root():
+    """A model converted by fusenorm.convert traces like the original (the same graph); a bare
+    fusenorm module as the traced root raises a clear error."""
+    def model():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8),
+                                   torch.nn.GroupNorm(2, 8), torch.nn.Flatten(2), torch.nn.LayerNorm(36))
+    torch.manual_seed(0)
+    ref = model().eval()
+    torch.manual_seed(0)
+    ours = fusenorm.convert(model()).eval()
+    a, b = torch.fx.symbolic_trace(ref), torch.fx.symbolic_trace(ours)
+    assert [(n.op, n.target) for n in a.graph.nodes] == [(n.op, n.target) for n in b.graph.nodes]
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(b(x), a(x))
+    with pytest.raises(RuntimeError, match="root of torch.fx.symbolic_trace"):
+        torch.fx.symbolic_trace(fusenorm.LayerNorm(6))
+
+
+@pytest.mark.parametrize("ours,theirs,args,shape", MODULES, ids=IDS)
+def test_constructor_signature_is_torchs(ours, theirs, args, shape):
+    """inspect sees torch's constructor parameters (names, kinds, defaults), plus the keyword
+    activation where the module has it; torch.nn.utils.skip_init (which looks for a device
+    parameter there) builds the module uninitialized, with torch's parameter shapes."""
+    want = list(inspect.signature(theirs).parameters.values())
+    got = list(inspect.signature(ours).parameters.values())
+    if "activation" in inspect.signature(ours).parameters:
+        assert got[-1].name == "activation" and got[-1].kind is inspect.Parameter.KEYWORD_ONLY
+        assert got[-1].default is None
+        got = got[:-1]
+    else:
+        assert ours in (fusenorm.LayerNorm, fusenorm.RMSNorm)
+    assert [(p.name, p.kind, p.default) for p in got] == [(p.name, p.kind, p.default) for p in want]
+    m, t = torch.nn.utils.skip_init(ours, *args), torch.nn.utils.skip_init(theirs, *args)
+    assert type(m) is ours
+    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in t.state_dict().items()}
+
+
+@pytest.mark.parametrize("ours,theirs,args,shape", MODULES, ids=IDS)
+def test_jit_trace(ours, theirs, args, shape):
+    """torch.jit.trace with its default check (a second trace without grad must give the same
+    graph): the traced module's outputs and gradients are the eager module's."""
+    torch.manual_seed(0)
+    m = ours(*args)
+    for training in (True, False):  # a trace keeps the mode it was taken in, as torch's modules'
+        if training and ours is fusenorm.SyncBatchNorm:
+            continue  # no process group: torch's SyncBatchNorm raises in training too
+        m.train(training)
+        traced = torch.jit.trace(m, (torch.randn(shape),))
+        x = torch.randn(shape, requires_grad=True)
+        got, want = traced(x), m(x)
+        torch.testing.assert_close(got, want)
+        dy = torch.randn_like(want)
+        torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(want, x, dy)[0])
