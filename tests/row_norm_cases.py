@@ -290,6 +290,11 @@ def test_errors_match_torch(spec, device):
     msg = same_exception(lambda f: spec.call(f, x, [8], torch.randn(7, device=device), None))
     assert "weight" in msg
     same_exception(lambda f: spec.call(f, torch.ones(4, 8, dtype=torch.long, device=device), [8], None, None))
+    if device == "cpu":  # a non-float input with a float weight: "mixed dtype" (LayerNorm) before the dtype
+        for dtype in (torch.long, torch.bool) + ((torch.complex64,) if spec.has_bias else ()):  # RMSNorm takes complex
+            xi = torch.ones(4, 8, device=device).to(dtype)
+            same_exception(lambda f: spec.call(f, xi, [8], torch.ones(8, device=device), None))
+            same_exception(lambda f: spec.call(f, xi, [7], torch.ones(7, device=device), None))
     same_exception(lambda f: spec.call(f, x, [8, 8], None, None))
     msg = same_exception(lambda f: spec.call(f, x, 8, None, None))  # an int: torch's functions take a tuple
     assert "tuple of ints" in msg

@@ -476,6 +476,10 @@ def test_empty_channel_or_spatial_and_group_type_errors():
     """torch.nn's errors for no channels, no sites, and a num_groups that is not an int."""
     calls = [lambda f: f(torch.randn(2, 6, 0), 3), lambda f: f(torch.randn(2, 0, 3), 1),
              lambda f: f(torch.randn(2, 6, 3), 3.0), lambda f: f(torch.randn(2, 6, 3), True)]
+    for dtype in (torch.long, torch.bool, torch.complex64):  # "mixed dtype" with a weight, else not implemented
+        xi = torch.ones(2, 6, 3).to(dtype)
+        calls += [lambda f, xi=xi: f(xi, 3), lambda f, xi=xi: f(xi, 3, torch.ones(6)),
+                  lambda f, xi=xi: f(xi, 3, None, torch.ones(6)), lambda f, xi=xi: f(xi, 4, torch.ones(6))]
     for call in calls:
         assert_raises_like(call, F.group_norm, fusenorm.group_norm)
     assert fusenorm.group_norm(torch.randn(0, 6, 3), 3).shape == (0, 6, 3)  # an empty batch is fine

@@ -194,6 +194,9 @@ def test_functional_errors_and_empty_channels():
              lambda f: f(torch.randn(2, 3, 4), torch.zeros(3, device="meta"), torch.ones(3, device="meta")),
              lambda f: f(torch.randn(2, 3, 4), torch.zeros(3), torch.ones(1).expand(3)),
              lambda f: f(torch.randn(2, 3, 4), torch.zeros(1).expand(3), torch.ones(3))]
+    for dtype in (torch.long, torch.bool, torch.complex64):  # not implemented, with a weight too
+        xi = torch.ones(2, 3, 4).to(dtype)
+        calls += [lambda f, xi=xi: f(xi), lambda f, xi=xi: f(xi, weight=torch.ones(3), bias=torch.ones(3))]
     for call in calls:
         assert_raises_like(call, F.instance_norm, fusenorm.instance_norm)
     assert fusenorm.instance_norm(torch.randn(2, 0, 3)).shape == (2, 0, 3)

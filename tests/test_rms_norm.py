@@ -45,6 +45,21 @@ def test_weight_of_another_dtype_and_rank_error():
         fusenorm.rms_norm(torch.randn(2, 8), [2, 2, 8])
 
 
+def test_complex_input_as_torch():
+    """torch's RMSNorm takes complex inputs (its composite); fusenorm's kernels are real, and hand
+    them to it: values and gradients as torch's."""
+    for dtype in (torch.complex64, torch.complex128):
+        x = torch.randn(3, 8, dtype=dtype, requires_grad=True)
+        for m in (fusenorm.RMSNorm(8, dtype=dtype), fusenorm.RMSNorm(8, elementwise_affine=False)):
+            affine = m.weight is not None
+            t = torch.nn.RMSNorm(8, elementwise_affine=affine, dtype=dtype if affine else None)
+            y, ref = m(x), t(x)
+            assert y.dtype == ref.dtype == dtype
+            torch.testing.assert_close(y, ref)
+            dy = torch.randn_like(y)
+            torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(ref, x, dy)[0])
+
+
 def test_inference_mode_input_with_trainable_weight():
     """An input made under torch.inference_mode, then a training step outside it: torch's RMSNorm
     gives the weight's gradient (it saves only its normalized x); ours must too."""

@@ -24,7 +24,6 @@ bool is_channels_last_like(const at::Tensor& x) {
 GroupNormShape check_group_norm_args(const char* op, const at::Tensor& x, int64_t num_groups,
                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() >= 2, "Expected at least 2 dimensions for input tensor but received ", std::to_string(x.dim()));
-  check_input_dtype(op, x);
   TORCH_CHECK(num_groups > 0, "Expected num groups to be greater than 0, got ", std::to_string(num_groups));
   const int64_t C = x.size(1);
   TORCH_CHECK(C > 0, "Expected number of channels to be greater than 0, got 0");
@@ -38,6 +37,7 @@ GroupNormShape check_group_norm_args(const char* op, const at::Tensor& x, int64_
                 "channels in input, but got ", name, " of shape ", shape_str(p->sizes()), " and input of shape ",
                 shape_str(x.sizes()));
   }
+  check_input_dtype(op, x, weight, bias);
   check_params(op, x, weight, bias);
   GroupNormShape s;
   s.N = x.size(0);

@@ -42,7 +42,14 @@ void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at:
               x.device().str());
 }
 
-void check_input_dtype(const char* op, const at::Tensor& x) {
+void check_input_dtype(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& bias) {
+  for (const std::optional<at::Tensor>* p : {&weight, &bias}) {
+    TORCH_CHECK(!p->has_value() || !(*p)->defined() || (*p)->scalar_type() == x.scalar_type() ||
+                    at::isFloatingType(x.scalar_type()) || !x.is_cpu(),
+                op, ": mixed dtype: all inputs must share same datatype (the input is ",
+                c10::toString(x.scalar_type()), ", a parameter ", c10::toString((*p)->scalar_type()), ")");
+  }
   // torch.nn raises NotImplementedError for non-floating inputs; so do we.
   TORCH_CHECK_NOT_IMPLEMENTED(
       x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||
@@ -73,12 +80,12 @@ void check_params(const char* op, const at::Tensor& x, const std::optional<at::T
 }
 
 RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape,
-                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             bool mixed_dtype_first) {
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
   const std::string ns = shape_str(normalized_shape);
   TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
               "element, but got normalized_shape = ", ns);
-  check_input_dtype(op, x);
   const int64_t d = x.dim();
   bool ok = d >= k;
   for (int64_t i = 0; ok && i < k; ++i) ok = x.size(d - k + i) == normalized_shape[i];
@@ -92,6 +99,11 @@ RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRe
     TORCH_CHECK(p->sizes().equals(normalized_shape), "Expected ", name,
                 " to be of same shape as normalized_shape, but got ", name, " of shape ", shape_str(p->sizes()),
                 " and normalized_shape = ", ns);
+  }
+  if (mixed_dtype_first) {
+    check_input_dtype(op, x, weight, bias);
+  } else {
+    check_input_dtype(op, x);
   }
   check_params(op, x, weight, bias);
   RowShape s;

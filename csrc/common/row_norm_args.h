@@ -29,17 +29,22 @@ at::Tensor like_layout(const at::Tensor& t, const at::Tensor& xc, const char* op
 void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef shape,
                       const at::Tensor& x);
 
-// NotImplementedError, as torch.nn, for an input that is not fp32/fp64/fp16/bf16.
-void check_input_dtype(const char* op, const at::Tensor& x);
+// NotImplementedError, as torch.nn, for an input that is not fp32/fp64/fp16/bf16. Given weight and
+// bias (LayerNorm, GroupNorm), one of another dtype than such a CPU input is a RuntimeError before
+// that: torch's CPU kernels check "mixed dtype" first.
+void check_input_dtype(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight = std::nullopt,
+                       const std::optional<at::Tensor>& bias = std::nullopt);
 
 // weight/bias on x's device, in x's dtype (or fp32 for a half input), the same dtype as each other.
 void check_params(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                   const std::optional<at::Tensor>& bias);
 
-// Validates x / normalized_shape / weight / bias like torch.nn and returns the [M, N] view.
+// Validates x / normalized_shape / weight / bias like torch.nn and returns the [M, N] view;
+// mixed_dtype_first: check_input_dtype's rule for parameters (LayerNorm's, not RMSNorm's).
 // Defined once, in row_norm_args.cpp, for every backend.
 RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape,
-                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias);
+                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                             bool mixed_dtype_first);
 
 inline at::ScalarType param_dtype(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                   const std::optional<at::Tensor>& bias) {

@@ -28,7 +28,7 @@ struct RowNormOps {
   template <bool RMS>
   static std::tuple<Tensor, Tensor, Tensor> forward(const char* op, const Tensor& x, at::IntArrayRef normalized_shape,
                                                     const OptTensor& weight, const OptTensor& bias, double eps) {
-    RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
+    RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias, !RMS);
     typename Backend::Guard guard(x);
     Tensor xc = x.contiguous();
     Tensor y = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
@@ -52,7 +52,7 @@ struct RowNormOps {
                                                      const Tensor* mean, const Tensor& rstd,
                                                      at::IntArrayRef normalized_shape, const OptTensor& weight,
                                                      const OptTensor& bias, bool want_dx, bool want_dw, bool want_db) {
-    RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias);
+    RowShape s = check_row_norm_args(op, x, normalized_shape, weight, bias, !RMS);
     check_grad_output(op, dy, x);
     if (mean) check_saved_stat(op, "mean", *mean, s.stat_shape, x);
     check_saved_stat(op, "rstd", rstd, s.stat_shape, x);

@@ -189,6 +189,8 @@ def rms_norm(
 
     eps=None uses the machine epsilon of the computation type (fp32 for half types), as torch does."""
     x = input
+    if x.is_complex():  # torch's composite takes complex inputs; the kernels are real
+        return F.rms_norm(x, normalized_shape, weight, eps)
     if eps is None:
         eps = _EPS64 if x.dtype == torch.float64 else _EPS32
     shape = _as_shape(normalized_shape, "rms_norm")
@@ -325,6 +327,8 @@ def instance_norm(
     momentum = _momentum_value(momentum)
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
+    if not input.is_floating_point():  # torch's batch_norm kernel: before any parameter's dtype
+        raise NotImplementedError(f'"instance_norm" not implemented for \'{_scalar_name(input.dtype)}\'')
     if (running_mean is None) != (running_var is None) and use_input_stats:
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     c = input.size(1)
@@ -495,9 +499,10 @@ def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor
 
 
 def _scalar_name(dtype: torch.dtype) -> str:
-    """torch's C++ name of a dtype (Float, Double, Half, BFloat16) for its messages."""
-    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half",
-            torch.bfloat16: "BFloat16"}.get(dtype, str(dtype))
+    """torch's C++ name of a dtype (Float, Double, Half, BFloat16, Long, ...) for its messages."""
+    return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
+            torch.int64: "Long", torch.int32: "Int", torch.int16: "Short", torch.int8: "Char", torch.uint8: "Byte",
+            torch.bool: "Bool", torch.complex64: "ComplexFloat", torch.complex128: "ComplexDouble"}.get(dtype, str(dtype))
 
 
 def _check_bn_eps(eps: float, training: bool) -> None:
