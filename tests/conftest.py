@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -93,3 +94,8 @@ def big_bf16_normal(device: str, shape, layout: str) -> torch.Tensor:
     else:
         x = torch.empty(shape, device=device, dtype=torch.bfloat16)
     return x.normal_()
+
+
+# eps / momentum values torch's argument parser takes as a float, and ones it rejects (TypeError)
+FLOAT_ARGS_OK = [0.25, 1, np.float32(0.25), np.float64(0.25), torch.tensor(0.25)]
+FLOAT_ARGS_BAD = ["0.25", torch.tensor([0.25]), torch.tensor(0.25, requires_grad=True), [0.25]]

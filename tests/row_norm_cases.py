@@ -7,7 +7,8 @@ from typing import Callable, Optional
 
 import pytest
 import torch
-from conftest import ATOL, DEVICES, DTYPES, HAS_CUDA, assert_close_as_torch, assert_fp32_like_torch
+from conftest import (ATOL, DEVICES, DTYPES, FLOAT_ARGS_BAD, FLOAT_ARGS_OK, HAS_CUDA, assert_close_as_torch,
+                      assert_fp32_like_torch)
 
 import fusenorm
 
@@ -298,6 +299,19 @@ def test_errors_match_torch(spec, device):
     same_exception(lambda f: spec.call(f, x, [8, 8], None, None))
     msg = same_exception(lambda f: spec.call(f, x, 8, None, None))  # an int: torch's functions take a tuple
     assert "tuple of ints" in msg
+
+
+def test_eps_types_as_torch(spec):
+    """eps: what torch's argument parser takes as a float (numbers, numpy's, 0-d tensors) works as
+    torch's; a string, a 1-element tensor or one requiring grad is its TypeError (float() took them)."""
+    x = torch.randn(3, 8)
+    for eps in FLOAT_ARGS_OK:
+        torch.testing.assert_close(spec.call(spec.ours, x, [8], None, None, eps=eps),
+                                   spec.call(spec.theirs, x, [8], None, None, eps=eps))
+    for eps in FLOAT_ARGS_BAD:
+        for f in (spec.theirs, spec.ours):
+            with pytest.raises(TypeError, match="eps"):
+                spec.call(f, x, [8], None, None, eps=eps)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FLOAT_ARGS_BAD, FLOAT_ARGS_OK
 from conftest import (CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch, assert_fp32_like_torch, assert_raises_like,
                       big_bf16_normal, channels_last)
 
@@ -494,6 +495,23 @@ def test_relu_keeps_nan(layout):
     y = fusenorm.batch_norm(x, rm, rv, activation="relu")
     torch.testing.assert_close(y, F.relu(F.batch_norm(x, rm, rv)), equal_nan=True)
     assert y.isnan().sum() == 1
+
+
+def test_eps_and_momentum_types_as_torch():
+    """eps and momentum as torch's argument parser takes a float (conftest.FLOAT_ARGS_OK / _BAD):
+    the same outputs and buffers, or torch's TypeError."""
+    x = torch.randn(4, 3, 5)
+    for v in FLOAT_ARGS_OK:
+        for kw in ({"eps": v}, {"momentum": v}):
+            bufs = [(torch.zeros(3), torch.ones(3)) for _ in range(2)]
+            torch.testing.assert_close(fusenorm.batch_norm(x, *bufs[0], training=True, **kw),
+                                       F.batch_norm(x, *bufs[1], training=True, **kw))
+            torch.testing.assert_close(bufs[0], bufs[1])
+    for v in FLOAT_ARGS_BAD:
+        for kw in ({"eps": v}, {"momentum": v}):
+            for f in (F.batch_norm, fusenorm.batch_norm):
+                with pytest.raises(TypeError):
+                    f(x, torch.zeros(3), torch.ones(3), training=True, **kw)
 
 
 @pytest.mark.parametrize("training", [True, False])

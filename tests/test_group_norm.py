@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FLOAT_ARGS_BAD, FLOAT_ARGS_OK
 from conftest import (CUDA_SKIP, DEVICES, DTYPES, HAS_CUDA, assert_close_as_torch, assert_fp32_like_torch, assert_raises_like,
                       big_bf16_normal, channels_last)
 
@@ -470,6 +471,17 @@ def test_more_than_2_31_elements(device, shape, layout):
         x = y = None
         if device == "cuda":
             torch.cuda.empty_cache()
+
+
+def test_eps_types_as_torch():
+    """eps as torch's argument parser takes a float (see conftest.FLOAT_ARGS_OK / _BAD)."""
+    x = torch.randn(2, 6, 5)
+    for eps in FLOAT_ARGS_OK:
+        torch.testing.assert_close(fusenorm.group_norm(x, 3, eps=eps), F.group_norm(x, 3, eps=eps))
+    for eps in FLOAT_ARGS_BAD:
+        for f in (F.group_norm, fusenorm.group_norm):
+            with pytest.raises(TypeError, match="eps"):
+                f(x, 3, eps=eps)
 
 
 def test_empty_channel_or_spatial_and_group_type_errors():

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FLOAT_ARGS_BAD, FLOAT_ARGS_OK
 from conftest import DEVICES, DTYPES, assert_close_as_torch, assert_fp32_like_torch, assert_raises_like, channels_last
 
 import fusenorm
@@ -185,6 +186,21 @@ def test_running_stats_edge_cases():
     for pair in [(torch.zeros(4), None), (None, torch.ones(4))]:
         with pytest.raises(ValueError, match="both be None"):
             fusenorm.instance_norm(torch.randn(2, 4, 5), *pair)
+
+
+def test_eps_and_momentum_types_as_torch():
+    """eps and momentum as torch's argument parser takes a float (conftest.FLOAT_ARGS_OK / _BAD)."""
+    x = torch.randn(2, 3, 5)
+    for v in FLOAT_ARGS_OK:
+        for kw in ({"eps": v}, {"momentum": v}):
+            bufs = [(torch.zeros(3), torch.ones(3)) for _ in range(2)]
+            torch.testing.assert_close(fusenorm.instance_norm(x, *bufs[0], **kw), F.instance_norm(x, *bufs[1], **kw))
+            torch.testing.assert_close(bufs[0], bufs[1])
+    for v in FLOAT_ARGS_BAD:
+        for kw in ({"eps": v}, {"momentum": v}):
+            for f in (F.instance_norm, fusenorm.instance_norm):
+                with pytest.raises(TypeError, match=next(iter(kw))):
+                    f(x, torch.zeros(3), torch.ones(3), **kw)
 
 
 def test_functional_errors_and_empty_channels():

@@ -13,6 +13,7 @@ and inference always run the kernels.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -159,6 +160,7 @@ def layer_norm(
     """LayerNorm over the trailing dims. input: [*, *normalized_shape]; weight, bias: normalized_shape."""
     x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
     shape = _as_shape(normalized_shape, "layer_norm")
+    _float_arg(eps, "layer_norm", "eps", 5)
     if _reference():
         return F.layer_norm(x, shape, weight, bias, eps)
     if (torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))) or _jit_tracing():
@@ -191,6 +193,8 @@ def rms_norm(
     x = input
     if x.is_complex():  # torch's composite takes complex inputs; the kernels are real
         return F.rms_norm(x, normalized_shape, weight, eps)
+    if eps is not None:
+        _float_arg(eps, "rms_norm", "eps", 4)
     if eps is None:
         eps = _EPS64 if x.dtype == torch.float64 else _EPS32
     shape = _as_shape(normalized_shape, "rms_norm")
@@ -272,6 +276,7 @@ def group_norm(
     """GroupNorm over [N, C, *] (contiguous or channels-last, kept in the output), then the optional
     activation ("silu", "gelu" (exact), "relu") in the same pass. weight, bias: [C]."""
     act = _activation_name(activation)
+    _float_arg(eps, "group_norm", "eps", 5)
     if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
         raise TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not {type(num_groups).__name__}")
     if input.dim() < 2:
@@ -322,9 +327,8 @@ def instance_norm(
     if not isinstance(use_input_stats, bool):  # torch's argument parser
         raise TypeError("instance_norm(): argument 'use_input_stats' (position 6) must be bool, not "
                         f"{type(use_input_stats).__name__}")
-    if momentum is None:
-        raise TypeError("instance_norm(): argument 'momentum' (position 7) must be float, not NoneType")
-    momentum = _momentum_value(momentum)
+    momentum = _momentum_value(_float_arg(momentum, "instance_norm", "momentum", 7))
+    _float_arg(eps, "instance_norm", "eps", 8)
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
     if not input.is_floating_point():  # torch's batch_norm kernel: before any parameter's dtype
@@ -558,11 +562,11 @@ def batch_norm(
     c = x.size(1)
     if training and x.size(0) * math.prod(x.shape[2:]) == 1:  # torch's check, without its ~7 us list
         torch.nn.functional._verify_batch_size(x.size())
-    eps = float(eps)
+    eps = float(_float_arg(eps, "batch_norm", "eps", 8))
     _check_bn_eps(eps, training)
     if not isinstance(training, bool):  # torch's argument parser: a bool, not 1 or numpy's bool
         raise TypeError(f"batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}")
-    momentum = _momentum_value(momentum)
+    momentum = _momentum_value(_float_arg(momentum, "batch_norm", "momentum", 7))
     _check_running("running_mean", running_mean, c, x)
     _check_running("running_var", running_var, c, x)
     if x.dtype in _HALF:  # torch: a half input's parameters and buffers all of one dtype (its own or fp32)
@@ -606,16 +610,25 @@ def _bn_eval(x, running_mean, running_var, weight, bias, residual, eps: float, a
     return _BN_APPLY(x, running_mean, running_var, weight, bias, residual, eps, act)
 
 
+def _float_arg(v, fn: str, name: str, pos: int):
+    """v, where torch's argument parser takes a float: a Python or numpy number, or a 0-d tensor that
+    does not require grad; anything else is its TypeError (float() took "0.3" and tensor([0.3]))."""
+    if isinstance(v, (float, int)) or (isinstance(v, numbers.Real) and not isinstance(v, torch.Tensor)):
+        return v
+    if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad:
+        return v
+    raise TypeError(f"{fn}(): argument '{name}' (position {pos}) must be float, not {type(v).__name__}")
+
+
 def _momentum_value(momentum):
-    """momentum as batch_norm/instance_norm take it: a Python number, or a 0-d tensor kept on its
-    device in fp64 (fusenorm's modules pass 1 / num_batches_tracked so, with momentum=None); fp32
-    scalars in fp64 too, where 1 - momentum in fp32 made the two weights of the update miss 1."""
+    """momentum (checked by _float_arg) as batch_norm/instance_norm take it: a Python number, or a
+    0-d tensor kept on its device in fp64 (fusenorm's modules pass 1 / num_batches_tracked so, with
+    momentum=None); fp32 scalars in fp64 too, where 1 - momentum in fp32 made the two weights of the
+    update miss 1."""
     if isinstance(momentum, (int, float)) and not isinstance(momentum, bool):
         return float(momentum)
     if isinstance(momentum, torch.Tensor):
         return momentum if momentum.dtype == torch.float64 else momentum.double()
-    if momentum is None:
-        raise TypeError("batch_norm(): argument 'momentum' (position 7) must be float, not NoneType")
     return float(momentum)  # numpy's and other numbers
 
 
