@@ -4,6 +4,7 @@ Rule (flash-attention's): fusenorm's error against an fp64 reference may be at m
 torch.nn's own error in the same dtype, plus a small per-dtype atol."""
 from __future__ import annotations
 
+import fractions
 import os
 import sys
 
@@ -97,5 +98,6 @@ def big_bf16_normal(device: str, shape, layout: str) -> torch.Tensor:
 
 
 # eps / momentum values torch's argument parser takes as a float, and ones it rejects (TypeError)
-FLOAT_ARGS_OK = [0.25, 1, np.float32(0.25), np.float64(0.25), torch.tensor(0.25)]
-FLOAT_ARGS_BAD = ["0.25", torch.tensor([0.25]), torch.tensor(0.25, requires_grad=True), [0.25]]
+FLOAT_ARGS_OK = [0.25, 1, np.float32(0.25), np.float64(0.25), np.int64(1), np.bool_(True), torch.tensor(0.25)]
+FLOAT_ARGS_BAD = ["0.25", torch.tensor([0.25]), torch.tensor(0.25, requires_grad=True), [0.25],
+                  fractions.Fraction(1, 4)]

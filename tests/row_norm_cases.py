@@ -296,6 +296,9 @@ def test_errors_match_torch(spec, device):
             xi = torch.ones(4, 8, device=device).to(dtype)
             same_exception(lambda f: spec.call(f, xi, [8], torch.ones(8, device=device), None))
             same_exception(lambda f: spec.call(f, xi, [7], torch.ones(7, device=device), None))
+            if spec.has_bias:  # torch compares the weight's dtype only: a weight of x's dtype is not "mixed"
+                same_exception(lambda f: spec.call(f, xi, [8], torch.ones(8, device=device).to(dtype),
+                                                   torch.ones(8, device=device)))
     same_exception(lambda f: spec.call(f, x, [8, 8], None, None))
     msg = same_exception(lambda f: spec.call(f, x, 8, None, None))  # an int: torch's functions take a tuple
     assert "tuple of ints" in msg

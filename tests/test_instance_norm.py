@@ -210,9 +210,12 @@ def test_functional_errors_and_empty_channels():
              lambda f: f(torch.randn(2, 3, 4), torch.zeros(3, device="meta"), torch.ones(3, device="meta")),
              lambda f: f(torch.randn(2, 3, 4), torch.zeros(3), torch.ones(1).expand(3)),
              lambda f: f(torch.randn(2, 3, 4), torch.zeros(1).expand(3), torch.ones(3))]
-    for dtype in (torch.long, torch.bool, torch.complex64):  # not implemented, with a weight too
+    for dtype in (torch.long, torch.bool, torch.complex64):  # not implemented, with a weight too, after the sizes
         xi = torch.ones(2, 3, 4).to(dtype)
-        calls += [lambda f, xi=xi: f(xi), lambda f, xi=xi: f(xi, weight=torch.ones(3), bias=torch.ones(3))]
+        calls += [lambda f, xi=xi: f(xi), lambda f, xi=xi: f(xi, weight=torch.ones(3), bias=torch.ones(3)),
+                  lambda f, xi=xi: f(xi, weight=torch.ones(5)), lambda f, xi=xi: f(xi, use_input_stats=False),
+                  lambda f, xi=xi: f(xi, torch.zeros(5), torch.ones(5))]
+        assert fusenorm.instance_norm(torch.ones(2, 0, 4).to(dtype)).shape == (2, 0, 4)
     for call in calls:
         assert_raises_like(call, F.instance_norm, fusenorm.instance_norm)
     assert fusenorm.instance_norm(torch.randn(2, 0, 3)).shape == (2, 0, 3)

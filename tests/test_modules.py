@@ -105,6 +105,23 @@ def test_constructor_signature_is_torchs(ours, theirs, args, shape):
     assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in t.state_dict().items()}
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_jit_trace_instance_norm_running_stats(training):
+    """InstanceNorm with running statistics (train: they are updated; eval: they normalize) under
+    torch.jit.trace's check: both paths through the autograd.Function."""
+    m = fusenorm.InstanceNorm2d(4, affine=True, track_running_stats=True).train(training)
+    ref = torch.nn.InstanceNorm2d(4, affine=True, track_running_stats=True).train(training)
+    traced = torch.jit.trace(m, (torch.randn(2, 4, 5, 3),))  # runs m: updates its buffers
+    ref.load_state_dict(m.state_dict())
+    x = torch.randn(2, 4, 5, 3, requires_grad=True)
+    got, want = traced(x), ref(x)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(m.running_mean, ref.running_mean)
+    torch.testing.assert_close(m.running_var, ref.running_var)
+    dy = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(want, x, dy)[0])
+
+
 @pytest.mark.parametrize("ours,theirs,args,shape", MODULES, ids=IDS)
 def test_jit_trace(ours, theirs, args, shape):
     """torch.jit.trace with its default check (a second trace without grad must give the same

@@ -44,12 +44,11 @@ void check_saved_stat(const char* op, const char* name, const at::Tensor& t, at:
 
 void check_input_dtype(const char* op, const at::Tensor& x, const std::optional<at::Tensor>& weight,
                        const std::optional<at::Tensor>& bias) {
-  for (const std::optional<at::Tensor>* p : {&weight, &bias}) {
-    TORCH_CHECK(!p->has_value() || !(*p)->defined() || (*p)->scalar_type() == x.scalar_type() ||
-                    at::isFloatingType(x.scalar_type()) || !x.is_cpu(),
-                op, ": mixed dtype: all inputs must share same datatype (the input is ",
-                c10::toString(x.scalar_type()), ", a parameter ", c10::toString((*p)->scalar_type()), ")");
-  }
+  // torch compares the weight's dtype, or the bias's when there is no weight
+  const at::Tensor* p = opt_ptr(weight) ? opt_ptr(weight) : opt_ptr(bias);
+  TORCH_CHECK(!p || p->scalar_type() == x.scalar_type() || at::isFloatingType(x.scalar_type()) || !x.is_cpu(), op,
+              ": mixed dtype: all inputs must share same datatype (the input is ", c10::toString(x.scalar_type()),
+              ", a parameter ", c10::toString(p->scalar_type()), ")");
   // torch.nn raises NotImplementedError for non-floating inputs; so do we.
   TORCH_CHECK_NOT_IMPLEMENTED(
       x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || x.scalar_type() == at::kHalf ||

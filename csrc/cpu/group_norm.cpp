@@ -44,13 +44,13 @@ inline decltype(auto) with_act(Act act, F&& f) {
   }
 }
 
-// dz = d * act'(z), z = xhat w + b, except for ReLU: its mask comes from the saved output y (d where
-// y > 0 or y is NaN), as in torch's relu backward. Recomputed, a z within rounding of 0 could fall
-// on the other side of 0 than in the forward, or round to an output of 0. act_grad_vec: the same
-// on vectors.
+// dz = d * act'(z), z = xhat w + b, except for ReLU: its mask comes from the saved output y[i] (d
+// where y > 0 or y is NaN), as in torch's relu backward. Recomputed, a z within rounding of 0 could
+// fall on the other side of 0 than in the forward, or round to an output of 0. y is read (and may
+// be null) only with ReLU. act_grad_vec: the same on vectors.
 template <typename A, typename T>
-inline A act_grad(Act act, A xh, A w, A b, const T* y, A d) {
-  return activate_backward(act, act == Act::Relu ? static_cast<A>(*y) : xh * w + b, d);
+inline A act_grad(Act act, A xh, A w, A b, const T* y, int64_t i, A d) {
+  return activate_backward(act, act == Act::Relu ? static_cast<A>(y[i]) : xh * w + b, d);
 }
 
 #ifdef FUSENORM_CPU_AVX2
@@ -149,11 +149,11 @@ inline V activate_backward_vec(ActC<A>, V z, V d) {
   }
 }
 
-// act_grad on vectors (xv = xhat, wv, bv; y the output's values)
+// act_grad on vectors (xv = xhat, wv, bv; the output's values from y + i)
 template <Act A, typename V, typename T>
-inline V act_grad_vec(ActC<A> ac, V xv, V wv, V bv, const T* y, V d) {
+inline V act_grad_vec(ActC<A> ac, V xv, V wv, V bv, const T* y, int64_t i, V d) {
   if constexpr (A == Act::Relu) {
-    return relu_pass(V::load(y), d);
+    return relu_pass(V::load(y + i), d);
   } else {
     return activate_backward_vec(ac, fmadd(xv, wv, bv), d);
   }
@@ -181,7 +181,7 @@ inline void channel_grad_sums(const T* x, const T* dy, const T* y, int64_t S, fl
             const V xv = (V::load(x + o) - muv) * rsv;
             V dv = V::load(dy + o);
             if constexpr (decltype(ac)::value != Act::None) {
-              dv = act_grad_vec(ac, xv, wv, bv, y + o, dv);
+              dv = act_grad_vec(ac, xv, wv, bv, y, o, dv);
               dv.store(dz_out + o);
             }
             ab[k] = ab[k] + dv;
@@ -203,7 +203,7 @@ inline void channel_grad_sums(const T* x, const T* dy, const T* y, int64_t S, fl
         const U xv = (U::load(x + i) - U::set1(mu)) * U::set1(rs);
         U dv = U::load(dy + i);
         if constexpr (decltype(ac)::value != Act::None) {
-          dv = act_grad_vec(ac, xv, U::set1(w), U::set1(b), y + i, dv);
+          dv = act_grad_vec(ac, xv, U::set1(w), U::set1(b), y, i, dv);
           dv.store(dz_out + i);
         }
         tb = tb + dv;
@@ -215,7 +215,7 @@ inline void channel_grad_sums(const T* x, const T* dy, const T* y, int64_t S, fl
   }
   for (; i < S; ++i) {
     const float xh = (static_cast<float>(x[i]) - mu) * rs;
-    const float d = act_grad(act, xh, w, b, y + i, static_cast<float>(dy[i]));
+    const float d = act_grad(act, xh, w, b, y, i, static_cast<float>(dy[i]));
     if (act != Act::None) dz_out[i] = d;
     sb += d;
     sw += d * xh;
@@ -654,7 +654,7 @@ struct GroupNormBackend {
           if (act != Act::None) {
             A* dj = dz.data() + j * S;
             for (int64_t i = 0; i < S; ++i)
-              dj[i] = act_grad(act, (static_cast<A>(xj[i]) - mu) * rs, w[ch], b[ch], yg ? yg + j * S + i : nullptr,
+              dj[i] = act_grad(act, (static_cast<A>(xj[i]) - mu) * rs, w[ch], b[ch], yg, j * S + i,
                                static_cast<A>(dg[j * S + i]));
             sum_and_dev_dot(dj, xj, S, mu, sb, sd);
           } else {
@@ -709,7 +709,7 @@ struct GroupNormBackend {
         to_acc(ds, d, C);
         for (int64_t c = 0; c < C; ++c) xh[c] = (xh[c] - mu_c[c]) * rs_c[c];
         if (act == Act::Relu) {
-          for (int64_t c = 0; c < C; ++c) d[c] = act_grad(act, xh[c], w[c], b[c], ys + c, d[c]);
+          for (int64_t c = 0; c < C; ++c) d[c] = act_grad(act, xh[c], w[c], b[c], ys, c, d[c]);
         } else if (act != Act::None) {
           for (int64_t c = 0; c < C; ++c) z[c] = xh[c] * w[c] + b[c];
           activate_backward_inplace(act, z, d, C);
@@ -745,7 +745,7 @@ struct GroupNormBackend {
                   // the output, for ReLU)
                   const auto dz_vec = [&](auto xv, auto dv, auto wv, auto bv, const T* ys, float* zs) {
                     if constexpr (decltype(ac)::value != Act::None) {
-                      dv = act_grad_vec(ac, xv, wv, bv, ys, dv);
+                      dv = act_grad_vec(ac, xv, wv, bv, ys, 0, dv);
                       if (zs) dv.store(zs);
                     }
                     return dv;
@@ -829,7 +829,7 @@ struct GroupNormBackend {
                       const float xh = (static_cast<float>(xs[c]) - mup[c]) * rsp[c];
                       float dv = static_cast<float>(ds[c]);
                       if (act != Act::None) {
-                        dv = act_grad(act, xh, wp[c], bp[c], ys ? ys + c : nullptr, dv);
+                        dv = act_grad(act, xh, wp[c], bp[c], ys, c, dv);
                         if (zs) zs[c] = dv;
                       }
                       qw[c] += dv * xh;

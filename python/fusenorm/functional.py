@@ -13,7 +13,6 @@ and inference always run the kernels.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -331,8 +330,6 @@ def instance_norm(
     _float_arg(eps, "instance_norm", "eps", 8)
     if input.dim() < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {input.dim()}")
-    if not input.is_floating_point():  # torch's batch_norm kernel: before any parameter's dtype
-        raise NotImplementedError(f'"instance_norm" not implemented for \'{_scalar_name(input.dtype)}\'')
     if (running_mean is None) != (running_var is None) and use_input_stats:
         raise ValueError("running_mean and running_var must either both be None or neither be None")
     c = input.size(1)
@@ -361,6 +358,11 @@ def instance_norm(
         return _act(y, act) if act in ("silu", "gelu") else y
     if c == 0:  # no channels: an empty output, as torch
         return input.clone()
+    if not input.is_floating_point():  # torch's batch_norm kernel: after the sizes, before the dtypes
+        for name, t in (("weight", weight), ("bias", bias)):
+            if t is not None and t.numel() != c:
+                raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+        raise NotImplementedError(f'"instance_norm" not implemented for \'{_scalar_name(input.dtype)}\'')
     if running_mean is None:
         return _group_norm(input, c, weight, bias, eps, act)
     x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
@@ -611,11 +613,15 @@ def _bn_eval(x, running_mean, running_var, weight, bias, residual, eps: float, a
 
 
 def _float_arg(v, fn: str, name: str, pos: int):
-    """v, where torch's argument parser takes a float: a Python or numpy number, or a 0-d tensor that
-    does not require grad; anything else is its TypeError (float() took "0.3" and tensor([0.3]))."""
-    if isinstance(v, (float, int)) or (isinstance(v, numbers.Real) and not isinstance(v, torch.Tensor)):
+    """v, where torch's argument parser takes a float: a Python number, a numpy scalar (bool, int or
+    float), or a 0-d tensor that does not require grad; anything else is its TypeError (float() took
+    "0.3" and tensor([0.3]))."""
+    if isinstance(v, (float, int)):
         return v
-    if isinstance(v, torch.Tensor) and v.dim() == 0 and not v.requires_grad:
+    if isinstance(v, torch.Tensor):
+        if v.dim() == 0 and not v.requires_grad:
+            return v
+    elif type(v).__module__ == "numpy" and getattr(v, "dtype", None) is not None and v.dtype.kind in "biuf":
         return v
     raise TypeError(f"{fn}(): argument '{name}' (position {pos}) must be float, not {type(v).__name__}")
 
