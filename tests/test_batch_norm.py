@@ -397,6 +397,9 @@ def test_errors_match_torch():
         lambda ns: ns.functional.batch_norm(torch.randn(4, 3), torch.zeros(3, device="meta"),
                                             torch.ones(3, device="meta"), training=False),
         lambda ns: ns.BatchNorm1d(3).to("meta")(torch.randn(4, 3)),
+        # SyncBatchNorm with track_running_stats switched on after construction: no counter
+        lambda ns: setattr(m := ns.SyncBatchNorm(3, track_running_stats=False), "track_running_stats", True)
+        or m(torch.randn(2, 3, 2, 2)),
     ]
     for call in cases:
         with pytest.raises(Exception) as theirs:

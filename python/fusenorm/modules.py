@@ -160,6 +160,9 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
     def _check_input_dim(self, input: torch.Tensor) -> None:
         super()._check_input_dim(input)
         self._check_non_zero_input_channels(input)
+        if self.training and self.track_running_stats and self.num_batches_tracked is None:
+            # torch.nn.SyncBatchNorm's check (track_running_stats switched on after construction)
+            raise AssertionError("num_batches_tracked must not be None")
 
     def _normalize(self, input, residual, running_mean, running_var, bn_training, momentum):
         group = self.process_group or (torch.distributed.group.WORLD if torch.distributed.is_available() else None)
