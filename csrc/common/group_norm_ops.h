@@ -93,9 +93,8 @@ struct GroupNormOps {
     const bool want_dw = mask[1] && opt_ptr(weight);
     const bool want_db = mask[2] && opt_ptr(bias);
     Tensor xc = group_norm_input(x, s);
-    // dy in x's layout, so that one index serves both
-    Tensor dyc = dy.to(x.scalar_type());
-    if (dyc.strides() != xc.strides()) dyc = at::empty_like(xc).copy_(dyc);
+    // dy (and y) in x's layout, so that one index serves all
+    const Tensor dyc = like_layout(dy, xc, kOp, "grad_output");
     TORCH_CHECK(act != Act::Relu || opt_ptr(y), kOp, ": the ReLU backward needs the forward output y");
     const Tensor yc = act == Act::Relu ? like_layout(*y, xc, kOp, "y") : Tensor();
     Tensor dx = want_dx ? at::empty_like(xc) : at::empty({0}, x.options());
