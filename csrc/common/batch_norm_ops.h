@@ -196,7 +196,7 @@ struct BatchNormOps {
     typename Backend::Guard guard(x);
     Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
     Tensor xc = batch_norm_input(x, s);
-    Tensor dyc = like_layout(dy.to(x.scalar_type()), xc, kOp, "grad_output");
+    Tensor dyc = like_layout(dy, xc, kOp, "grad_output");
     Tensor yc = act == Act::Relu ? like_layout(*y, xc, kOp, "y") : Tensor();
     const bool want_dz = mask[3] && act == Act::Relu;
     Tensor dx = mask[0] ? at::empty_like(xc) : at::empty({0}, x.options());
@@ -249,7 +249,7 @@ struct BatchNormOps {
     typename Backend::Guard guard(x);
     Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
     Tensor xc = batch_norm_input(x, s);
-    Tensor dyc = like_layout(dy.to(x.scalar_type()), xc, kOp, "grad_output");
+    Tensor dyc = like_layout(dy, xc, kOp, "grad_output");
     return reduce(s, dyc, xc, Tensor(), m, v, eps, Act::None);
   }
 
@@ -263,7 +263,7 @@ struct BatchNormOps {
     Tensor m = acc_vector(mean, x, "mean", s.C), v = acc_vector(var, x, "var", s.C);
     Tensor kg = acc_vector(mean_dy, x, "mean_dy", s.C), kgx = acc_vector(mean_dy_xhat, x, "mean_dy_xhat", s.C);
     Tensor xc = batch_norm_input(x, s);
-    Tensor dyc = like_layout(dy.to(x.scalar_type()), xc, kOp, "grad_output");
+    Tensor dyc = like_layout(dy, xc, kOp, "grad_output");
     Tensor dx = at::empty_like(xc);
     if (s.numel() > 0) elemt(s, dyc, xc, Tensor(), m, v, weight, eps, Act::None, &kg, &kgx, 1.0, &dx, nullptr);
     return dx;
