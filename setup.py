@@ -87,6 +87,9 @@ def _host_vector_flags():
     # 16-wide SIMD passes (csrc/cpu/vec.h); FUSENORM_AVX512=0 keeps them 8 wide
     if os.environ.get("FUSENORM_AVX512", "1") != "0" and all(f" {x}" in flags for x in ("avx512f", "avx512bw", "avx512vl")):
         out += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mprefer-vector-width=256"]
+        # one-instruction bfloat16 rounding (csrc/cpu/vec.h, FUSENORM_CPU_BF16)
+        if all(f" {x}" in flags for x in ("avx512_bf16", "avx512dq")):
+            out += ["-mavx512bf16", "-mavx512dq"]
     return out
 
 

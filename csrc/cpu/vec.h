@@ -23,9 +23,20 @@
 #define FUSENORM_CPU_AVX2 1
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define FUSENORM_CPU_AVX512 1
+// Hosts with AVX512-BF16 (and DQ, for vfpclassps) round to bfloat16 in one instruction
+// (vcvtne(2)ps2bf16: nearest even, as ours). It flushes subnormal inputs to zero and keeps NaN
+// payloads, so a vector holding either class takes the exact integer path below instead
+// (bf16_exact), and the bits stay those of that path on every host.
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+#define FUSENORM_CPU_BF16 1
+#endif
 #endif
 
 namespace fusenorm::cpu {
+
+// vfpclassps classes that the hardware bfloat16 rounding does not give our bits for: QNaN, SNaN,
+// subnormal
+constexpr int kBf16Fixup = 0x01 | 0x80 | 0x20;
 
 template <int W>
 struct Vec;
@@ -55,6 +66,12 @@ struct Vec<8> {
   void store(c10::BFloat16* p) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(p), bf16_packed()); }
   // the 8 lanes rounded to bfloat16 (nearest even, NaN to 0x7fc0)
   __m128i bf16_packed() const {
+#ifdef FUSENORM_CPU_BF16
+    if (__builtin_expect(_mm256_fpclass_ps_mask(r, kBf16Fixup) == 0, 1)) return (__m128i)_mm256_cvtneps_pbh(r);
+#endif
+    return bf16_exact();
+  }
+  __m128i bf16_exact() const {
     const __m256i b = _mm256_castps_si256(r);
     const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
     __m256i t = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(b, _mm256_set1_epi32(0x7fff)), lsb), 16);
@@ -111,7 +128,12 @@ struct Vec<16> {
   }
   void stream(c10::BFloat16* p) const { _mm256_stream_si256(reinterpret_cast<__m256i*>(p), bf16_packed()); }
   // the 16 lanes rounded to bfloat16, packed
-  __m256i bf16_packed() const { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(), 16)); }
+  __m256i bf16_packed() const {
+#ifdef FUSENORM_CPU_BF16
+    if (__builtin_expect(_mm512_fpclass_ps_mask(r, kBf16Fixup) == 0, 1)) return (__m256i)_mm512_cvtneps_pbh(r);
+#endif
+    return _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high(), 16));
+  }
   // Each lane rounded to bfloat16 (nearest even, NaN to 0x7fc0), in the high 16 bits of its lane.
   __m512i bf16_high() const {
     const __m512i b = _mm512_castps_si512(r);
@@ -209,6 +231,15 @@ struct Vec2 {
   }
   // Split bfloat16: the 32 values rounded, odd values' bits in the high halves, even values' in the low
   __m512i bf16_merged() const {
+#ifdef FUSENORM_CPU_BF16
+    if (__builtin_expect((_mm512_fpclass_ps_mask(a.r, kBf16Fixup) | _mm512_fpclass_ps_mask(b.r, kBf16Fixup)) == 0, 1)) {
+      // words [0, 16) = a's lanes, [16, 32) = b's; interleaved into even = a, odd = b
+      const __m512i h = (__m512i)_mm512_cvtne2ps_pbh(b.r, a.r);
+      const __m512i zip = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                           21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+      return _mm512_permutexvar_epi16(zip, h);
+    }
+#endif
     const __m512i e = _mm512_srli_epi32(a.bf16_high(), 16);
     return _mm512_ternarylogic_epi32(_mm512_set1_epi32(int(0xffff0000u)), b.bf16_high(), e, 0xCA);
   }
