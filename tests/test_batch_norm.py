@@ -665,3 +665,28 @@ def test_half_input_fp32_bias_gradient_in_fp32(dtype, training):
         grads.append(db)
     assert grads[1].dtype == torch.float32
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-6, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(4, 3, 5, 5), (40, 2, 64, 64)], ids=["fused", "two-step"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
+def test_nonfinite_value_running_stats_as_torch(device, layout, shape, value, first):
+    """A channel holding one infinity has an infinite mean: running_mean gets it, as torch's, also
+    when it is the channel's first value (the pivot of the exact two-pass statistics, which is then
+    taken as 0) and when partial statistics after its own are merged into it (merged_mean).
+    running_var and the channel's y are NaN in both; the other channels are unchanged."""
+    x = torch.randn(shape, device=device)
+    x[(0, 1, 0, 0) if first else (shape[0] // 2, 1, 3, 2)] = value
+    x = channels_last(x) if layout == "channels_last" else x
+    theirs = torch.nn.BatchNorm2d(shape[1]).to(device)
+    ours = fusenorm.BatchNorm2d(shape[1]).to(device)
+    y_theirs, y_ours = theirs(x), ours(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, equal_nan=True)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, equal_nan=True)
+    assert ours.running_mean[1].item() == theirs.running_mean[1].item() or value != value
+    torch.testing.assert_close(y_ours, y_theirs, equal_nan=True, atol=1e-5, rtol=1e-5)
+    mean, var = torch.ops.fusenorm.batch_norm_stats(x)  # SyncBatchNorm's local statistics
+    ref = x.double().transpose(0, 1).reshape(shape[1], -1).mean(1)
+    torch.testing.assert_close(mean.double(), ref, equal_nan=True, atol=1e-5, rtol=1e-5)

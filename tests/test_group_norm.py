@@ -507,3 +507,20 @@ def test_relu_keeps_nan(layout, dtype):
         x = channels_last(x)
     y = fusenorm.group_norm(x, 2, activation="relu")
     assert y[0, :2].isnan().all() and not y[0, 2:].isnan().any() and not y[1].isnan().any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
+def test_nonfinite_value_mean(device, layout, value, first):
+    """The op's mean of a group holding one infinity is that infinity (torch's contiguous CPU kernel
+    gives NaN there, its channels-last one inf), also when it is the group's first value (the
+    pivot, then taken as 0); y is NaN in that group and as torch's elsewhere."""
+    x = torch.randn(4, 6, 5, 5, device=device)
+    x[(0, 2, 0, 0) if first else (2, 3, 3, 3)] = value
+    x = channels_last(x) if layout == "channels_last" else x
+    y, mean, _ = torch.ops.fusenorm.group_norm_fwd(x, 3, None, None, 1e-5, "none")
+    torch.testing.assert_close(mean.double().view(-1), x.double().reshape(12, -1).mean(1), equal_nan=True, atol=1e-5,
+                               rtol=1e-5)
+    torch.testing.assert_close(y, F.group_norm(x, 3), equal_nan=True)

@@ -267,3 +267,21 @@ def test_long_instances_of_repeated_values(device):
     """Instances of 512x512 ReLU-like fp32 values (half of them 0): as precise as torch.nn."""
     x = torch.relu(torch.randn(1, 2, 512, 512, device=device))
     assert_fp32_like_torch(fusenorm.instance_norm, F.instance_norm, x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
+def test_nonfinite_value_running_stats_as_torch(device, layout, value, first):
+    """An instance holding one infinity has an infinite mean, which running_mean gets as torch's,
+    also when it is the instance's first value (the pivot, then taken as 0)."""
+    x = torch.randn(4, 3, 5, 5, device=device)
+    x[(0, 1, 0, 0) if first else (2, 1, 3, 3)] = value
+    x = channels_last(x) if layout == "channels_last" else x
+    theirs = torch.nn.InstanceNorm2d(3, track_running_stats=True).to(device)
+    ours = fusenorm.InstanceNorm2d(3, track_running_stats=True).to(device)
+    y_theirs, y_ours = theirs(x), ours(x)
+    torch.testing.assert_close(ours.running_mean, theirs.running_mean, equal_nan=True)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, equal_nan=True)
+    torch.testing.assert_close(y_ours, y_theirs, equal_nan=True)

@@ -71,3 +71,19 @@ def test_backward_ops_check_saved_statistics():
             torch.ops.fusenorm.group_norm_bwd(x3, x3, mm, rr, g, None, None, None, "none", [True, False, False])
     with pytest.raises(RuntimeError, match="number of channels"):
         torch.ops.fusenorm.group_norm_fwd(torch.randn(2, 0, 5), 1, None, None, 1e-5, "none")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [25, 4096])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("first", [True, False], ids=["first", "later"])
+def test_nonfinite_value_mean(device, dtype, n, value, first):
+    """A row holding one infinity has that infinity as its mean (torch's CPU kernel gives NaN),
+    also when it is the row's first value (the pivot, then taken as 0); y is NaN in that row and
+    as torch's elsewhere."""
+    x = torch.randn(6, n, device=device, dtype=dtype)
+    x[(1, 0) if first else (1, n // 2)] = value
+    y, mean, _ = torch.ops.fusenorm.layer_norm_fwd(x, [n], None, None, 1e-5)
+    torch.testing.assert_close(mean.double(), x.double().mean(-1), equal_nan=True, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, [n]), equal_nan=True, atol=2e-2, rtol=2e-2)

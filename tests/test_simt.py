@@ -419,6 +419,33 @@ def test_channel_statistics_large_mean(simt, monkeypatch, layout, budget):
         assert sum("onchip_nsc_fwd_kernel" in k for k in log) == 1, log
 
 
+@pytest.mark.parametrize("layout,budget", [("contiguous", "0"), ("channels_last", "0"), ("contiguous", "102400"),
+                                           ("channels_last", "102400")],
+                         ids=["contiguous", "channels_last", "contiguous-onchip", "channels_last-onchip"])
+@pytest.mark.parametrize("value", [float("inf"), -float("inf")], ids=["inf", "-inf"])
+def test_nonfinite_value_means(simt, monkeypatch, layout, budget, value):
+    """A channel (group, row) holding one infinity has that infinity as its mean, as torch's
+    running_mean: where it is the first value (the pivot, then taken as 0) and where it sits in a
+    slice whose partials are merged with later ones (merged_mean). Other channels are unchanged."""
+    monkeypatch.setenv("FUSENORM_ONCHIP_BYTES", budget)
+    x = torch.randn(8, 4, 48, 48)
+    x[0, 1, 0, 0] = value  # channel 1's (and group 0's) first value
+    x[3, 2, 5, 7] = value  # inside channel 2 (group 1), ahead of the other samples' partials
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    mean, var = simt.batch_norm_fwd(x, None, None, None, 1e-5, "none")[1:]
+    ref = x.double().transpose(0, 1).reshape(4, -1).mean(1)
+    torch.testing.assert_close(mean.double(), ref, atol=1e-5, rtol=1e-5)
+    assert var[1:3].isnan().all() and var[[0, 3]].isfinite().all()
+    _, gmean, _ = simt.group_norm_fwd(x, 2, None, None, 1e-5, "none")
+    torch.testing.assert_close(gmean.double().reshape(-1), x.double().reshape(16, -1).mean(1), atol=1e-5, rtol=1e-5)
+    for n in (64, 769, 4096):  # register and block kernels
+        r = torch.randn(6, n)
+        r[1, 0], r[4, n // 2] = value, value
+        lmean = simt.layer_norm_fwd(r, [n], None, None, 1e-5)[1]
+        torch.testing.assert_close(lmean.double(), r.double().mean(1), atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------------------------
 # The single-pass forward (cuda/onchip_norm.cuh) with clusters of one block, as every device
 # before sm_90 runs it (the emulator has no clusters; tests/test_batch_norm.py and

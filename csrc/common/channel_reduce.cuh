@@ -46,7 +46,7 @@ __device__ __forceinline__ void chan_merge(ChanPart<A>& p, const ChanPart<A>& q)
       return;
     }
     const A n = p.n + q.n, d = q.a - p.a, f = q.n / n;
-    p.a += d * f;
+    p.a = merged_mean(p.a, q.a, d, p.n, n, f);
     p.b += q.b + d * d * p.n * f;
     p.n = n;
   }
@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kChannelThreads)
   const int64_t total = int64_t(N) * sv;
   const I v0 = static_cast<I>(total * sp / splits), v1 = static_cast<I>(total * (sp + 1) / splits);
   const typename Op::Ctx cx = op.ctx(c, 0);
-  const A mu = GRAD ? A(0) : static_cast<A>(x[(c / pgrp) * pgrp * S]);  // the pivot
+  const A mu = GRAD ? A(0) : pivot_of(static_cast<A>(x[(c / pgrp) * pgrp * S]));  // the pivot
   ChanPart<A> p{A(0), A(0), A(0)};
   for (I v = v0 + threadIdx.x; v < v1; v += blockDim.x) {
     const I n = v / sv, vi = (n * C + c) * sv + (v - n * sv);
@@ -170,7 +170,7 @@ __global__ void __launch_bounds__(kChannelThreads)
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     p[j] = ChanPart<A>{A(0), A(0), A(0)};
-    mu[j] = (!active || GRAD) ? A(0) : static_cast<A>(x[((c0 + j) / pgrp) * pgrp]);
+    mu[j] = (!active || GRAD) ? A(0) : pivot_of(static_cast<A>(x[((c0 + j) / pgrp) * pgrp]));
     if (active) cx[j] = op.ctx(c0 + j, blockIdx.z);
   }
   if (active) {
@@ -190,7 +190,7 @@ __global__ void __launch_bounds__(kChannelThreads)
 #pragma unroll
         for (int j = 0; j < V; ++j) {
           const A v = static_cast<A>(xv.v[j]) - mu[j], d = v - p[j].a;
-          p[j].a += d * inv;
+          p[j].a = added_mean(p[j].a, v, d, inv);
           p[j].b += d * (v - p[j].a);
         }
       }

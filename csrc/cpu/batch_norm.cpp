@@ -533,12 +533,13 @@ struct BatchNormBackend {
               const T* p = x + (n * C + c0) * S;  // the block's runs of sample n: one contiguous span
               for (int64_t c = c0; c < c1; ++c, p += S) {
                 if (n + 1 < s.N) prefetch_run(p + C * S, S);  // this run of the next sample
-                lanes_add_runs<false>(p, S, C * S, n, 1, static_cast<A>(x[c * S]), A(0), channel(c));
+                lanes_add_runs<false>(p, S, C * S, n, 1, pivot_of(static_cast<A>(x[c * S])), A(0), channel(c));
               }
             }
           } else {  // from cache: channel by channel, its lanes in registers over its N runs
             for (int64_t c = c0; c < c1; ++c)
-              lanes_add_runs<true>(x + c * S, S, C * S, 0, s.N, static_cast<A>(x[c * S]), mrel[c - c0], channel(c));
+              lanes_add_runs<true>(x + c * S, S, C * S, 0, s.N, pivot_of(static_cast<A>(x[c * S])), mrel[c - c0],
+                                 channel(c));
           }
           const A count = static_cast<A>(s.count());
           for (int64_t c = c0; c < c1; ++c) {
@@ -546,7 +547,7 @@ struct BatchNormBackend {
             if (pass == 0) {
               mrel[c - c0] = total / count;
             } else {
-              mean[c] = static_cast<A>(x[c * S]) + mrel[c - c0];
+              mean[c] = pivot_of(static_cast<A>(x[c * S])) + mrel[c - c0];
               var[c] = total / count;
             }
           }
@@ -649,7 +650,7 @@ struct BatchNormBackend {
       at::parallel_for(0, planes, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
         Buf<A> buf(reads_direct<T> ? 0 : std::min(S, kBnChunk));  // run_moments' converted copy
         for (int64_t p = begin; p < end; ++p) {
-          const A piv = static_cast<A>(x[(p % C) * S]);
+          const A piv = pivot_of(static_cast<A>(x[(p % C) * S]));
           Welford<A> w;
           for (int64_t i = 0; i < S; i += kBnChunk)
             w.merge(run_moments(x + p * S + i, std::min(kBnChunk, S - i), buf.data(), piv));
@@ -660,7 +661,7 @@ struct BatchNormBackend {
         for (int64_t c = cb; c < ce; ++c) {
           Welford<A> w;
           for (int64_t n = 0; n < s.N; ++n) w.merge(part[n * C + c]);
-          mean[c] = static_cast<A>(x[c * S]) + w.mean;
+          mean[c] = pivot_of(static_cast<A>(x[c * S])) + w.mean;
           var[c] = w.m2 / w.count;
         }
       });
@@ -671,6 +672,7 @@ struct BatchNormBackend {
     std::vector<Welford<A>> part(tasks * C);
     Buf<A> piv(C);  // the first row: every chunk's moments are relative to it
     to_acc(x, piv.data(), C);
+    for (A& p : piv) p = pivot_of(p);
     at::parallel_for(0, tasks, 1, [&](int64_t tb, int64_t te) {
       Buf<A> m(C), q(C);
       for (int64_t t = tb; t < te; ++t) {

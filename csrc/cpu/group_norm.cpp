@@ -412,7 +412,7 @@ struct GroupNormBackend {
         const int64_t g = ng % s.G;
         const T* xg = X + ng * L;
         T* yg = Y + ng * L;
-        const A c = static_cast<A>(xg[0]);
+        const A c = pivot_of(static_cast<A>(xg[0]));
         A mu, sq;
 #ifdef FUSENORM_CPU_AVX2
         if constexpr (std::is_same_v<A, float>) {  // x from memory once, then from cache; a later group prefetched
@@ -472,7 +472,7 @@ struct GroupNormBackend {
       for (int64_t n = nb; n < ne; ++n) {
         const T* xn = X + n * S * C;
         T* yn = Y + n * S * C;
-        for (int64_t c = 0; c < C; ++c) piv[c] = static_cast<A>(xn[(c / cpg) * cpg]);  // group's first element
+        for (int64_t c = 0; c < C; ++c) piv[c] = pivot_of(static_cast<A>(xn[(c / cpg) * cpg]));  // group's first element
         pad_rows(piv.data(), C);
         // Per chunk and channel, the exact two-pass moments of x - pivot (the chunk is re-read from
         // cache, x from memory once): cnt[k], mean part[k][c], M2 part2[k][c].

@@ -616,7 +616,7 @@ void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at
       if constexpr (std::is_same_v<A, float>) {
         // One read of x (converted into buf on the way), one reduction from cache, one write of y.
         const T* xr = X + r * N;
-        const float c = RMS ? 0.f : static_cast<float>(xr[0]);
+        const float c = RMS ? 0.f : pivot_of(static_cast<float>(xr[0]));
         const float s = load_and_sum<RMS>(xr, buf.data(), N, c);
         const float* v = std::is_same_v<T, float> ? reinterpret_cast<const float*>(xr) : buf.data();
         const float mu = RMS ? 0.f : s / float(N);
@@ -630,9 +630,9 @@ void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at
       }
 #endif
       const A* v = row_as_acc(X + r * N, buf.data(), N);
-      // Statistics of v - c with the pivot c = v[0]: exact differences keep a large mean from
-      // swamping a small spread (mean 1e4, std 1e-2 in fp32).
-      const A c = RMS ? A(0) : v[0];
+      // Statistics of v - c with the pivot c = v[0] (pivot_of): exact differences keep a large mean
+      // from swamping a small spread (mean 1e4, std 1e-2 in fp32).
+      const A c = RMS ? A(0) : pivot_of(v[0]);
       const A mu = RMS ? A(0) : sum_of(v, N, c) / A(N);
       const A var = sq_dev_of(v, N, c, mu) / A(N);
       const A rs = A(1) / std::sqrt(var + static_cast<A>(eps));

@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kChannelThreads)
     out_a[c] = p.a;
     out_b[c] = p.b * simt::rsqrt(var[c] + eps);
   } else {
-    out_a[c] = static_cast<A>(x[c * piv_stride]) + p.a;
+    out_a[c] = pivot_of(static_cast<A>(x[c * piv_stride])) + p.a;
     out_b[c] = p.b / p.n;
   }
 }

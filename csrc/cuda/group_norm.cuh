@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kGroupBlock)
     return part[n * stride_n + (k / cpg) * stride_sp + g * cpg + k % cpg];
   });
   if ((threadIdx.x & 31) != 0) return;
-  mean[ng] = static_cast<A>(x[n * piv_n + g * piv_g]) + p.a;
+  mean[ng] = pivot_of(static_cast<A>(x[n * piv_n + g * piv_g])) + p.a;
   rstd[ng] = simt::rsqrt(p.b / p.n + eps);
 }
 

@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kOnchipMaxThreads)
     const int r = one_run ? 0 : u.by_run(j), l = j - r * run_vecs;
     return Pos{base + int64_t(r) * u.run_stride + l, l};
   };
-  const A pivot = static_cast<A>(x[base * V]);
+  const A pivot = pivot_of(static_cast<A>(x[base * V]));
 
   // 1. load the share (four vectors in flight per thread), sum x - pivot
   A s = A(0);
@@ -251,7 +251,7 @@ __global__ void __launch_bounds__(kOnchipMaxThreads, 2)
   auto at = [&](int r) { return base + int64_t(r0 + r) * u.site_vecs + col; };
   A piv[V];
 #pragma unroll
-  for (int e = 0; e < V; ++e) piv[e] = static_cast<A>(x[base * V + (col * V + e) / cpg * cpg]);
+  for (int e = 0; e < V; ++e) piv[e] = pivot_of(static_cast<A>(x[base * V + (col * V + e) / cpg * cpg]));
 
   // The unit's sums of the lanes' v per slot, into out[slots] (every thread reads them after): a
   // full warp per slot adds its cpg channels of the block's rows (part[rr][c] is row rr's channel
@@ -319,7 +319,7 @@ __global__ void __launch_bounds__(kOnchipMaxThreads, 2)
     const A var = stat[slots + g] / count, rstd = simt::rsqrt(var + eps);
     if (k == 0) {
       const int64_t o = (sample * u.chunks + chunk) * slots + g;  // n * G + the group
-      mean_out[o] = static_cast<A>(x[base * V + g * cpg]) + stat[g] / count;
+      mean_out[o] = pivot_of(static_cast<A>(x[base * V + g * cpg])) + stat[g] / count;
       var_out[o] = rstd_out ? rstd : var;
     }
     stat[slots + g] = rstd;  // each thread replaces the sum it alone read

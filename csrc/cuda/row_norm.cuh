@@ -65,10 +65,10 @@ __global__ void __launch_bounds__(block_threads(G))
       for (int j = 0; j < V; ++j) v[k][j] = A(0);
     }
   }
-  // Statistics of v - c with the pivot c = x[row, 0] (see the CPU kernel): v is shifted in place.
+  // Statistics of v - c with the pivot c = x[row, 0] (pivot_of; see the CPU kernel): v is shifted in place.
   A mu = A(0);
   if constexpr (!RMS) {
-    const A c = active ? static_cast<A>(xr[0]) : A(0);
+    const A c = active ? pivot_of(static_cast<A>(xr[0])) : A(0);
     A s = A(0);
 #pragma unroll
     for (int k = 0; k < K; ++k) {
@@ -138,7 +138,7 @@ __global__ void __launch_bounds__(kRowBlock)
   const T* xr = x + row * N;
   // Each thread touches the same indices in every pass, so the cache needs no barrier.
   // pivot c = x[row, 0], as in the register kernel; the cache holds x - c
-  const A c = RMS ? A(0) : static_cast<A>(xr[0]);
+  const A c = RMS ? A(0) : pivot_of(static_cast<A>(xr[0]));
   A mu = A(0);
   if constexpr (!RMS) {
     A s = A(0);
