@@ -403,6 +403,11 @@ def test_errors_match_torch():
         # SyncBatchNorm with track_running_stats switched on after construction: no counter
         lambda ns: setattr(m := ns.SyncBatchNorm(3, track_running_stats=False), "track_running_stats", True)
         or m(torch.randn(2, 3, 2, 2)),
+        # running statistics that require grad (grad mode on), in training and in eval
+        lambda ns: ns.functional.batch_norm(torch.randn(4, 3), torch.zeros(3, requires_grad=True), torch.ones(3),
+                                            training=True),
+        lambda ns: ns.functional.batch_norm(torch.randn(4, 3, 2), torch.zeros(3), torch.ones(3, requires_grad=True),
+                                            training=False),
     ]
     for call in cases:
         with pytest.raises(Exception) as theirs:
@@ -415,6 +420,10 @@ def test_errors_match_torch():
     for x in (torch.randn(()), torch.randn(4)):  # fewer than 2 dims: torch's exception types
         assert_raises_like(lambda f: f(x, torch.zeros(4), torch.ones(4), training=True), F.batch_norm,
                            fusenorm.batch_norm)
+    with torch.no_grad():  # no error there, as torch: the buffers are updated
+        rm = torch.zeros(3, requires_grad=True)
+        fusenorm.batch_norm(torch.randn(4, 3) + 1, rm, torch.ones(3), training=True)
+        assert rm.abs().min() > 0
     with pytest.raises(RuntimeError, match="running_mean must be defined"):
         fusenorm.batch_norm(torch.randn(2, 3), None, None, training=False)
     with pytest.raises(RuntimeError, match="weight should contain 3 elements not 4"):

@@ -120,6 +120,14 @@ def test_errors_match_torch():
         assert str(ours.value) == str(theirs.value)
     with pytest.raises(RuntimeError):
         fusenorm.instance_norm(torch.randn(2, 4, 5), use_input_stats=False)
+    for use_input_stats in (True, False):  # running statistics that require grad, with grad mode on
+        call = lambda f: f(torch.randn(2, 4, 5), torch.zeros(4, requires_grad=True), torch.ones(4),
+                           use_input_stats=use_input_stats)
+        with pytest.raises(Exception) as theirs:
+            call(F.instance_norm)
+        with pytest.raises(Exception) as ours:
+            call(fusenorm.instance_norm)
+        assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
 
 
 def test_drop_in_modules():

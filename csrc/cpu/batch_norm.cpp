@@ -511,7 +511,7 @@ struct BatchNormBackend {
       return compose_fwd_train<BatchNormBackend, T, W>(s, xc, x, w, b, z, eps, act, y, mean, var);
     const int64_t C = s.C, S = s.S, cb_max = channel_block(s, sizeof(T));
     const bool nt = stream_output(s.numel() * int64_t(sizeof(T)));
-    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+    at::parallel_for(0, C, work_grain(s.count()), [&](int64_t cb, int64_t ce) {
       // per channel of the block (RunLanes): the sums of d = x - pivot, then of (d - mean)^2
       constexpr int64_t kFlushed = kLanes + kTailLanes + 1;
       Buf<A> lanes(cb_max * kLanes), tails8(cb_max * kTailLanes), tails(cb_max), flushed(cb_max * kFlushed),
@@ -599,7 +599,7 @@ struct BatchNormBackend {
                                                  dx, dz);
     const int64_t C = s.C, S = s.S, cb_max = channel_block(s, 2 * sizeof(T));
     const bool eval_dx = !training && (dx || dz);  // eval: each run's dx right after its sums, from cache
-    at::parallel_for(0, C, 1, [&](int64_t cb, int64_t ce) {
+    at::parallel_for(0, C, work_grain(2 * s.count()), [&](int64_t cb, int64_t ce) {
       Buf<A> ga(cb_max), gkg(cb_max), ge(cb_max);  // the block's dx coefficients
       for (int64_t c0 = cb; c0 < ce; c0 += cb_max) {
         const int64_t c1 = std::min(ce, c0 + cb_max);

@@ -364,11 +364,12 @@ inline int64_t site_chunk(int64_t C) { return std::max<int64_t>(kNscRows, 16384 
 // same either way. On 2 cores (four alternating runs), whole samples per thread took the fp32 dx
 // backward from 4.2-4.3 to 3.3-3.6 ms at 64x64x32x32 and from 3.0-3.6 to 2.1-2.6 ms at
 // 32x320x16x16; 3 samples on 2 threads were 15 % slower that way.
+// Samples of `per_sample` values: a whole tensor of less than kParallelWork runs on this thread.
 template <typename F>
-void over_samples(int64_t N, F&& f) {
+void over_samples(int64_t N, int64_t per_sample, F&& f) {
   const int64_t threads = at::get_num_threads();
   if (threads > 1 && N >= threads && (N % threads == 0 || N >= 8 * threads)) {
-    at::parallel_for(0, N, 1, f);
+    at::parallel_for(0, N, work_grain(per_sample), f);
   } else {
     f(0, N);
   }
@@ -463,7 +464,7 @@ struct GroupNormBackend {
     const int64_t C = s.C, S = s.S, G = s.G, cpg = s.cpg();
     const int64_t chunk = site_chunk(C), chunks = (S + chunk - 1) / chunk;
     [[maybe_unused]] const bool nt = stream_output(s.N * S * C * int64_t(sizeof(T)));  // rows_for: whole lines
-    over_samples(s.N, [&](int64_t nb, int64_t ne) {
+    over_samples(s.N, S * C, [&](int64_t nb, int64_t ne) {
       // piv, mu_c, scale and the bias padded for rows_for (kRowsPad)
       Buf<A> part(chunks * C), part2(chunks * C), piv(C + kRowsPad), mu_c(C + kRowsPad), scale(C + kRowsPad),
           shift(C + kRowsPad);
@@ -485,7 +486,7 @@ struct GroupNormBackend {
         // Merge each group's cpg * chunks partials, in parallel over groups and in a fixed order.
         // They share the group's pivot, so two passes over them are exact as Chan's merge without
         // its division per partial: mean = sum cnt_k m_k / total, M2 = sum M2_k + cnt_k (m_k - mean)^2.
-        at::parallel_for(0, G, 1, [&](int64_t gb, int64_t ge) {
+        at::parallel_for(0, G, work_grain(chunks * cpg), [&](int64_t gb, int64_t ge) {
           for (int64_t g = gb; g < ge; ++g) {
             A sum = 0, m2 = 0;
             for (int64_t k = 0; k < chunks; ++k) {
@@ -922,7 +923,7 @@ struct GroupNormBackend {
         });
       }
     };
-    over_samples(s.N, samples);
+    over_samples(s.N, s.S * s.C, samples);
   }
 };
 

@@ -352,6 +352,7 @@ def instance_norm(
             y = torch.batch_norm(x, weight, bias, running_mean.to(acc), running_var.to(acc), False, 0.0, float(eps),
                                  torch.backends.cudnn.enabled)
             return _act(y, act)
+        _check_running_grad(running_mean, running_var)
         grad = (torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))) or _jit_tracing()
         y = _bn_eval(x, running_mean.to(acc), running_var.to(acc), weight, bias, None, float(eps),
                      "relu" if act == "relu" else "none", grad)  # any eps, as torch's instance_norm
@@ -368,6 +369,7 @@ def instance_norm(
     x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
     if _reference():
         return _act(F.instance_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), act)
+    _check_running_grad(running_mean, running_var)
     if (torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))) or _jit_tracing():
         y, mean, rstd = InstanceNormStatsFunction.apply(x, weight, bias, float(eps), act)
     else:
@@ -504,6 +506,16 @@ def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor
                            f"input (expect parameter to have scalar type of {_stat_dtype(x)})")
 
 
+def _check_running_grad(running_mean, running_var) -> None:
+    """torch's error for running statistics that require grad while grad mode is on (its batch_norm
+    op is not differentiable with respect to them); fusenorm updated them in place."""
+    if torch.is_grad_enabled():
+        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+            if t is not None and t.requires_grad:
+                raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with respect to argument "
+                                   f"'{name}'. This input cannot have requires_grad True.")
+
+
 def _scalar_name(dtype: torch.dtype) -> str:
     """torch's C++ name of a dtype (Float, Double, Half, BFloat16, Long, ...) for its messages."""
     return {torch.float32: "Float", torch.float64: "Double", torch.float16: "Half", torch.bfloat16: "BFloat16",
@@ -523,14 +535,17 @@ def _update_running(running_mean, running_var, mean, var, count, momentum) -> No
     """torch.nn's rule: running = (1 - momentum) * running + momentum * batch, with the unbiased
     batch variance. momentum may be a 0-d tensor (the cumulative average 1 / num_batches_tracked,
     kept on the device: no host sync)."""
+    # the usual case on CPU, where each small op costs 10-20 us (the form below took ~140 us of a
+    # 2x16x8x8 training step): one op, outside a no_grad block (1.7 us) where mean and var need none
+    # (the training Functions return them non-differentiable)
+    if (isinstance(momentum, (int, float)) and isinstance(count, int) and running_mean is not None
+            and running_var is not None and mean.device.type == "cpu"
+            and running_mean.device.type == "cpu" and running_var.device.type == "cpu"
+            and not (mean.requires_grad or var.requires_grad or running_mean.requires_grad
+                     or running_var.requires_grad)):
+        _BN_UPDATE(running_mean, running_var, mean, var, float(momentum), count / (count - 1))
+        return
     with torch.no_grad():
-        # the usual case on CPU, where each small op costs 10-20 us (the form below took ~140 us of a
-        # 2x16x8x8 training step): one op
-        if (isinstance(momentum, (int, float)) and isinstance(count, int) and running_mean is not None
-                and running_var is not None and mean.device.type == "cpu"
-                and running_mean.device.type == "cpu" and running_var.device.type == "cpu"):
-            _BN_UPDATE(running_mean, running_var, mean, var, float(momentum), count / (count - 1))
-            return
         if running_mean is not None:
             running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
         if running_var is not None:
@@ -562,7 +577,8 @@ def batch_norm(
             torch.nn.functional._verify_batch_size(x.size())  # torch's IndexError
         raise RuntimeError(f"fusenorm.batch_norm: expected an input of at least 2 dimensions [N, C, *], got {x.dim()}D input")
     c = x.size(1)
-    if training and x.size(0) * math.prod(x.shape[2:]) == 1:  # torch's check, without its ~7 us list
+    # torch's check (one value per channel), without its ~7 us list; numel = c * that count
+    if training and (x.numel() == c if c else x.size(0) * math.prod(x.shape[2:]) == 1):
         torch.nn.functional._verify_batch_size(x.size())
     eps = float(_float_arg(eps, "batch_norm", "eps", 8))
     _check_bn_eps(eps, training)
@@ -587,6 +603,7 @@ def batch_norm(
         m = float(momentum) if isinstance(momentum, torch.Tensor) else momentum
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, m, eps)
         return _act(y if residual is None else y + residual, act)
+    _check_running_grad(running_mean, running_var)
     grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias) or _need(residual))
     grad = grad or _jit_tracing()
     if training:
