@@ -127,6 +127,12 @@ def test_half_output_rounding_matches_torch(dtype, layout):
     assert torch.equal(y.isnan(), ref.isnan())
     fin = ~ref.isnan()
     assert torch.equal(y[fin].view(torch.int16), ref[fin].view(torch.int16))
+    if dtype == torch.bfloat16:  # NaN inputs with payloads, either sign, quiet or signaling: 0x7fc0 out
+        bits = x.view(torch.int16).clone()
+        nan_at = tuple(torch.randint(0, n, (90,)) for n in bits.shape)
+        bits[nan_at] = torch.tensor([0xff81 - 0x10000, 0x7f81, 0xffc1 - 0x10000], dtype=torch.int16).repeat(30)
+        y = fusenorm.batch_norm(bits.view(torch.bfloat16), torch.zeros(C), torch.ones(C), w, None, False, 0.1, 0.0)
+        assert torch.equal(y.view(torch.int16)[nan_at], torch.full((90,), 0x7fc0, dtype=torch.int16))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -408,6 +414,11 @@ def test_errors_match_torch():
                                             training=True),
         lambda ns: ns.functional.batch_norm(torch.randn(4, 3, 2), torch.zeros(3), torch.ones(3, requires_grad=True),
                                             training=False),
+        # ... after the weight's size, before the buffers' dtype rule (torch's order)
+        lambda ns: ns.functional.batch_norm(torch.randn(4, 3), torch.zeros(3, requires_grad=True), torch.ones(3),
+                                            torch.ones(4), training=True),
+        lambda ns: ns.functional.batch_norm(torch.randn(4, 3), torch.zeros(3, requires_grad=True, dtype=torch.float64),
+                                            torch.ones(3), training=True),
     ]
     for call in cases:
         with pytest.raises(Exception) as theirs:
@@ -420,6 +431,9 @@ def test_errors_match_torch():
     for x in (torch.randn(()), torch.randn(4)):  # fewer than 2 dims: torch's exception types
         assert_raises_like(lambda f: f(x, torch.zeros(4), torch.ones(4), training=True), F.batch_norm,
                            fusenorm.batch_norm)
+    for training in (True, False):  # an empty input: no error, as torch (it returns before its check)
+        rm = torch.zeros(3, requires_grad=True)
+        assert fusenorm.batch_norm(torch.randn(0, 3, 2), rm, torch.ones(3), training=training).shape == (0, 3, 2)
     with torch.no_grad():  # no error there, as torch: the buffers are updated
         rm = torch.zeros(3, requires_grad=True)
         fusenorm.batch_norm(torch.randn(4, 3) + 1, rm, torch.ones(3), training=True)

@@ -128,6 +128,9 @@ def test_errors_match_torch():
         with pytest.raises(Exception) as ours:
             call(fusenorm.instance_norm)
         assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+        empty = torch.randn(0, 4, 5)  # no error for an empty input, as torch
+        assert fusenorm.instance_norm(empty, torch.zeros(4, requires_grad=True), torch.ones(4),
+                                      use_input_stats=False).shape == empty.shape
 
 
 def test_drop_in_modules():

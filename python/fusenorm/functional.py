@@ -352,7 +352,7 @@ def instance_norm(
             y = torch.batch_norm(x, weight, bias, running_mean.to(acc), running_var.to(acc), False, 0.0, float(eps),
                                  torch.backends.cudnn.enabled)
             return _act(y, act)
-        _check_running_grad(running_mean, running_var)
+        _check_running_grad(x, c, running_mean, running_var)
         grad = (torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))) or _jit_tracing()
         y = _bn_eval(x, running_mean.to(acc), running_var.to(acc), weight, bias, None, float(eps),
                      "relu" if act == "relu" else "none", grad)  # any eps, as torch's instance_norm
@@ -369,7 +369,7 @@ def instance_norm(
     x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
     if _reference():
         return _act(F.instance_norm(x, running_mean, running_var, weight, bias, True, momentum, eps), act)
-    _check_running_grad(running_mean, running_var)
+    _check_running_grad(x, c, running_mean, running_var)
     if (torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias))) or _jit_tracing():
         y, mean, rstd = InstanceNormStatsFunction.apply(x, weight, bias, float(eps), act)
     else:
@@ -501,19 +501,31 @@ def _check_running(name: str, t: Optional[torch.Tensor], c: int, x: torch.Tensor
         if t.numel() != c:
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
         raise RuntimeError(f"{name} should be a 1-D tensor of {c} elements, got shape {tuple(t.shape)}")
-    if dtype and t.dtype != x.dtype and x.is_floating_point() and t.dtype != _stat_dtype(x):
+    if dtype:
+        _check_running_dtype(name, t, x)
+
+
+def _check_running_dtype(name: str, t: Optional[torch.Tensor], x: torch.Tensor) -> None:
+    """BatchNorm's rule for a running statistic: x's dtype, or fp32 for a half x."""
+    if t is not None and t.dtype != x.dtype and x.is_floating_point() and t.dtype != _stat_dtype(x):
         raise RuntimeError(f"mixed dtype: expected {name} of input's dtype or float, got {t.dtype} for {x.dtype} "
                            f"input (expect parameter to have scalar type of {_stat_dtype(x)})")
 
 
-def _check_running_grad(running_mean, running_var) -> None:
+def _check_running_grad(x, c: int, running_mean, running_var, weight=None, bias=None) -> None:
     """torch's error for running statistics that require grad while grad mode is on (its batch_norm
-    op is not differentiable with respect to them); fusenorm updated them in place."""
-    if torch.is_grad_enabled():
-        for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-            if t is not None and t.requires_grad:
-                raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with respect to argument "
-                                   f"'{name}'. This input cannot have requires_grad True.")
+    op is not differentiable with respect to them; fusenorm would update them in place), in torch's
+    order: after the sizes of the buffers and of weight and bias, before any dtype rule; none for an
+    empty input, for which torch returns first."""
+    if not torch.is_grad_enabled():
+        return
+    for name, t in (("running_mean", running_mean), ("running_var", running_var)):
+        if t is not None and t.requires_grad and x.numel() != 0:
+            for pname, p in (("weight", weight), ("bias", bias)):
+                if p is not None and p.numel() != c:
+                    raise RuntimeError(f"{pname} should contain {c} elements not {p.numel()}")
+            raise RuntimeError(f"The function 'native_batch_norm' is not differentiable with respect to argument "
+                               f"'{name}'. This input cannot have requires_grad True.")
 
 
 def _scalar_name(dtype: torch.dtype) -> str:
@@ -585,8 +597,11 @@ def batch_norm(
     if not isinstance(training, bool):  # torch's argument parser: a bool, not 1 or numpy's bool
         raise TypeError(f"batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}")
     momentum = _momentum_value(_float_arg(momentum, "batch_norm", "momentum", 7))
-    _check_running("running_mean", running_mean, c, x)
-    _check_running("running_var", running_var, c, x)
+    _check_running("running_mean", running_mean, c, x, dtype=False)
+    _check_running("running_var", running_var, c, x, dtype=False)
+    _check_running_grad(x, c, running_mean, running_var, weight, bias)
+    _check_running_dtype("running_mean", running_mean, x)
+    _check_running_dtype("running_var", running_var, x)
     if x.dtype in _HALF:  # torch: a half input's parameters and buffers all of one dtype (its own or fp32)
         dts = {t.dtype for t in (weight, bias, running_mean, running_var) if t is not None}
         if len(dts) > 1:
@@ -603,7 +618,6 @@ def batch_norm(
         m = float(momentum) if isinstance(momentum, torch.Tensor) else momentum
         y = F.batch_norm(x, running_mean, running_var, weight, bias, training, m, eps)
         return _act(y if residual is None else y + residual, act)
-    _check_running_grad(running_mean, running_var)
     grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias) or _need(residual))
     grad = grad or _jit_tracing()
     if training:
