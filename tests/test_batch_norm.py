@@ -713,3 +713,25 @@ def test_nonfinite_value_running_stats_as_torch(device, layout, shape, value, fi
     mean, var = torch.ops.fusenorm.batch_norm_stats(x)  # SyncBatchNorm's local statistics
     ref = x.double().transpose(0, 1).reshape(shape[1], -1).mean(1)
     torch.testing.assert_close(mean.double(), ref, equal_nan=True, atol=1e-5, rtol=1e-5)
+
+
+def test_empty_input_as_torch():
+    """An input without values returns before any check of the buffers, weight or bias, as torch's
+    batch_norm does (a copy, times weight[0], plus bias[0]); fewer than 2 dims raise torch's types."""
+    cases = [
+        lambda f: f(torch.randn(0, 3, 2), torch.zeros(4), torch.ones(4), training=True),   # buffers of 4
+        lambda f: f(torch.randn(0, 3, 2), None, None, torch.ones(4) * 2, torch.ones(5), training=True),
+        lambda f: f(torch.randn(0, 3, 2), torch.zeros(3, dtype=torch.float64), torch.ones(3), training=True),
+        lambda f: f(torch.randn(0, 3, 2), None, None, training=False),                      # eval without buffers
+        lambda f: f(torch.zeros(0, 3, 2, dtype=torch.long), torch.zeros(3), torch.ones(3), training=True),
+        lambda f: f(torch.randn(0), torch.zeros(4), torch.ones(4), training=False),          # 1-D, empty
+        lambda f: f(torch.randn(0, 3), None, None, torch.ones(3, requires_grad=True), training=True),
+    ]
+    for call in cases:
+        theirs, ours = call(F.batch_norm), call(fusenorm.batch_norm)
+        assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        assert ours.requires_grad == theirs.requires_grad
+    for call in [lambda f: f(torch.randn(0, 3, 2), None, None, torch.ones(0), training=True),  # weight[0]: IndexError
+                 lambda f: f(torch.randn(1), torch.zeros(4), torch.ones(4), training=True),     # ValueError
+                 lambda f: f(torch.randn(4), torch.zeros(4), torch.ones(4), training=False)]:   # RuntimeError
+        assert_raises_like(call, F.batch_norm, fusenorm.batch_norm)

@@ -584,19 +584,20 @@ def batch_norm(
     statistics. Optional epilogue in the same pass: y = act(bn(x) + residual), act None or "relu"."""
     act = _bn_activation_name(activation)
     x = input
-    if x.dim() < 2:
-        if training and x.dim() == 0:
-            torch.nn.functional._verify_batch_size(x.size())  # torch's IndexError
-        raise RuntimeError(f"fusenorm.batch_norm: expected an input of at least 2 dimensions [N, C, *], got {x.dim()}D input")
-    c = x.size(1)
-    # torch's check (one value per channel), without its ~7 us list; numel = c * that count
-    if training and (x.numel() == c if c else x.size(0) * math.prod(x.shape[2:]) == 1):
+    c = x.size(1) if x.dim() >= 2 else 0
+    # torch's check (one value per channel; 0-D: its IndexError), without its ~7 us list; numel = c
+    # times that count
+    if training and (x.numel() == c if c else x.dim() < 2 or x.size(0) * math.prod(x.shape[2:]) == 1):
         torch.nn.functional._verify_batch_size(x.size())
     eps = float(_float_arg(eps, "batch_norm", "eps", 8))
     _check_bn_eps(eps, training)
     if not isinstance(training, bool):  # torch's argument parser: a bool, not 1 or numpy's bool
         raise TypeError(f"batch_norm(): argument 'training' (position 6) must be bool, not {type(training).__name__}")
     momentum = _momentum_value(_float_arg(momentum, "batch_norm", "momentum", 7))
+    if x.numel() == 0:  # torch returns here, before any check of the buffers, weight or bias
+        return _bn_empty(x, weight, bias, residual, act)
+    if x.dim() < 2:
+        raise RuntimeError(f"fusenorm.batch_norm: expected an input of at least 2 dimensions [N, C, *], got {x.dim()}D input")
     _check_running("running_mean", running_mean, c, x, dtype=False)
     _check_running("running_var", running_var, c, x, dtype=False)
     _check_running_grad(x, c, running_mean, running_var, weight, bias)
@@ -634,6 +635,17 @@ def batch_norm(
     if running_var is None:
         raise RuntimeError("running_var must be defined in evaluation mode")
     return _bn_eval(x, running_mean, running_var, weight, bias, residual, eps, act, grad)
+
+
+def _bn_empty(x, weight, bias, residual, act: str) -> torch.Tensor:
+    """torch's batch_norm of an input without values: a copy (not a view, which would break the
+    gradient chain), times weight[0] and plus bias[0] where given; the epilogue after it."""
+    y = x.clone()
+    if weight is not None:
+        y = y * weight[0]
+    if bias is not None:
+        y = y + bias[0]
+    return _act(y if residual is None else y + residual, act)
 
 
 def _bn_eval(x, running_mean, running_var, weight, bias, residual, eps: float, act: str, grad: bool):
