@@ -304,6 +304,30 @@ def test_errors_match_torch(spec, device):
     assert "tuple of ints" in msg
 
 
+def test_argument_types_as_torch(spec):
+    """normalized_shape, input and weight/bias take what torch's argument parser takes (lists and
+    tuples of Python/numpy integers or 0-d integer tensors; tensors), and anything else raises its
+    TypeError with its message (numpy arrays, 1-element tensors, ranges, floats, bools, strings,
+    nested lists; a list or None for a tensor). The shape mismatch message is torch's own for each op."""
+    import numpy as np
+
+    x = torch.randn(3, 8)
+    for shape in ([8], (8,), torch.Size([8]), [np.int64(8)], [torch.tensor(8)]):
+        torch.testing.assert_close(spec.call(spec.ours, x, shape, None, None), spec.call(spec.theirs, x, shape, None, None))
+    bad = [lambda f, s=shape: spec.call(f, x, s, None, None) for shape in
+           (np.array([8]), torch.tensor([8]), range(8, 9), [8.0], [True], [np.bool_(True)], "8", [[8]], np.int64(8))]
+    bad += [lambda f: spec.call(f, None, [8], None, None), lambda f: spec.call(f, x.tolist(), [8], None, None),
+            lambda f: spec.call(f, x, [8], [1.0] * 8, None), lambda f: spec.call(f, x, [9], None, None)]
+    if spec.has_bias:
+        bad.append(lambda f: spec.call(f, x, [8], None, "b"))
+    for call in bad:
+        with pytest.raises(Exception) as theirs:
+            call(spec.theirs)
+        with pytest.raises(Exception) as ours:
+            call(spec.ours)
+        assert type(ours.value) is type(theirs.value) and str(ours.value) == str(theirs.value)
+
+
 def test_eps_types_as_torch(spec):
     """eps: what torch's argument parser takes as a float (numbers, numpy's, 0-d tensors) works as
     torch's; a string, a 1-element tensor or one requiring grad is its TypeError (float() took them)."""

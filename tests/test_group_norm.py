@@ -407,6 +407,8 @@ def test_errors_match_torch(device):
         (lambda f: f(torch.randn(6, device=device), 3), "rank 1"),
         (lambda f: f(torch.randn(2, 6, 4, device=device), 3, torch.randn(5, device=device)), "weight shape"),
         (lambda f: f(torch.ones(2, 6, 4, dtype=torch.long, device=device), 3), "integer input"),
+        (lambda f: f(torch.randn(2, 6, 4, device=device), 3, [1.0] * 6), "weight not a tensor"),
+        (lambda f: f(torch.randn(2, 6, 4, device=device), 3, None, "b"), "bias not a tensor"),
     ]
     for call, what in cases:
         with pytest.raises(Exception) as theirs:

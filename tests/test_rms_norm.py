@@ -75,3 +75,17 @@ def test_inference_mode_input_with_trainable_weight():
     (y_t * dy).sum().backward()
     torch.testing.assert_close(y_o, y_t)
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+
+
+def test_integer_and_complex_weights_as_torch():
+    """torch's rms_norm takes a weight of any dtype with a float input and returns the input's dtype
+    (an integer or bool weight used as its values; a complex one through torch's composite)."""
+    import warnings
+
+    x = torch.randn(4, 6)
+    for w in (torch.arange(6), torch.tensor([True, False] * 3), torch.ones(6, dtype=torch.complex64)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about the dtypes
+            theirs, ours = torch.nn.functional.rms_norm(x, [6], w), fusenorm.rms_norm(x, [6], w)
+        assert ours.dtype == theirs.dtype
+        torch.testing.assert_close(ours, theirs)

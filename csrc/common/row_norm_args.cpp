@@ -88,9 +88,10 @@ RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRe
   const int64_t d = x.dim();
   bool ok = d >= k;
   for (int64_t i = 0; ok && i < k; ++i) ok = x.size(d - k + i) == normalized_shape[i];
-  // "[*, 8, 8]" is ns = "[8, 8]" with "*, " after its bracket (k >= 1 here)
-  TORCH_CHECK(ok, "Given normalized_shape=", ns, ", expected input with shape [*, ", ns.substr(1),
-              ", but got input of size", shape_str(x.sizes()));
+  // "[*, 8, 8]" is ns = "[8, 8]" with "*, " after its bracket (k >= 1 here); torch's RMSNorm writes
+  // "[*8, 8]" (mixed_dtype_first is LayerNorm's flag)
+  TORCH_CHECK(ok, "Given normalized_shape=", ns, ", expected input with shape ", mixed_dtype_first ? "[*, " : "[*",
+              ns.substr(1), ", but got input of size", shape_str(x.sizes()));
   for (int which = 0; which < 2; ++which) {
     const std::optional<at::Tensor>& p = which == 0 ? weight : bias;
     const char* name = which == 0 ? "weight" : "bias";

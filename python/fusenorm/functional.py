@@ -27,11 +27,41 @@ _ShapeT = Union[int, Sequence[int], torch.Size]
 
 
 def _as_shape(normalized_shape: _ShapeT, op: str) -> List[int]:
-    # list(): the ops' int[] arguments take any integers (numpy's, 0-d tensors), as torch's do; a
-    # bare int is torch's TypeError (its modules take one, the functions do not)
-    if isinstance(normalized_shape, int):
-        raise TypeError(f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints, not int")
+    """normalized_shape as torch's argument parser takes it: a list or tuple (torch.Size) of integers
+    (Python's, numpy's, 0-d integer tensors; not bools); anything else, a bare int included (torch's
+    modules take one, its functions do not), is its TypeError."""
+    head = f"{op}(): argument 'normalized_shape' (position 2) must be tuple of ints"
+    if not isinstance(normalized_shape, (list, tuple)):
+        raise TypeError(f"{head}, not {_type_name(normalized_shape)}")
+    for i, d in enumerate(normalized_shape):
+        if type(d) is not int and not _int_like(d):
+            raise TypeError(f"{head}, but found element of type {_type_name(d)} at pos {i}")
     return list(normalized_shape)
+
+
+def _type_name(v) -> str:
+    """A value's type as torch's messages name it (the C type name: "numpy.int64", "Tensor", "str")."""
+    t = type(v)
+    heap = t.__flags__ & (1 << 9)  # Py_TPFLAGS_HEAPTYPE: a class defined in Python, named plainly
+    return t.__name__ if heap or t.__module__ == "builtins" else f"{t.__module__}.{t.__name__}"
+
+
+def _int_like(d) -> bool:
+    """An integer as torch's int arguments take it, other than a Python int: a numpy integer or a
+    0-d integer tensor (not a bool)."""
+    if isinstance(d, torch.Tensor):
+        return d.dim() == 0 and not d.is_floating_point() and not d.is_complex() and d.dtype != torch.bool
+    if isinstance(d, bool):
+        return False
+    return isinstance(d, int) or (type(d).__module__ == "numpy" and getattr(d, "dtype", None) is not None
+                                  and d.dtype.kind in "iu")
+
+
+def _check_tensor_args(op: str, *args) -> None:
+    """torch's TypeError for a non-tensor argument: args are (name, position, value, optional)."""
+    for name, pos, v, optional in args:
+        if not isinstance(v, torch.Tensor) and not (optional and v is None):
+            raise TypeError(f"{op}(): argument '{name}' (position {pos}) must be Tensor, not {_type_name(v)}")
 
 
 _LN_FWD = torch.ops.fusenorm.layer_norm_fwd.default
@@ -157,6 +187,7 @@ def layer_norm(
     eps: float = 1e-5,
 ) -> torch.Tensor:
     """LayerNorm over the trailing dims. input: [*, *normalized_shape]; weight, bias: normalized_shape."""
+    _check_tensor_args("layer_norm", ("input", 1, input, False), ("weight", 3, weight, True), ("bias", 4, bias, True))
     x, weight, bias = _autocast_fp32(input, weight, bias) if input.is_cuda else (input, weight, bias)
     shape = _as_shape(normalized_shape, "layer_norm")
     _float_arg(eps, "layer_norm", "eps", 5)
@@ -189,6 +220,7 @@ def rms_norm(
     """RMSNorm over the trailing dims. input: [*, *normalized_shape]; weight: normalized_shape.
 
     eps=None uses the machine epsilon of the computation type (fp32 for half types), as torch does."""
+    _check_tensor_args("rms_norm", ("input", 1, input, False), ("weight", 3, weight, True))
     x = input
     if x.is_complex():  # torch's composite takes complex inputs; the kernels are real
         return F.rms_norm(x, normalized_shape, weight, eps)
@@ -199,8 +231,11 @@ def rms_norm(
     shape = _as_shape(normalized_shape, "rms_norm")
     if len(shape) > x.dim():
         raise ValueError(f"Input tensor must have at least {len(shape)} dimensions, but got {x.dim()}")
-    if weight is not None and weight.is_floating_point() and x.is_floating_point():
-        # torch accepts any weight dtype and returns x's; the kernels take x's, or fp32 for half x
+    if weight is not None and weight.is_complex():  # torch's composite takes it, as complex inputs
+        return F.rms_norm(x, shape, weight, eps)
+    if weight is not None and x.is_floating_point():
+        # torch accepts any weight dtype (integer and bool too) and returns x's; the kernels take
+        # x's, or fp32 for half x
         if weight.dtype not in (x.dtype, _stat_dtype(x)):
             weight = weight.to(_stat_dtype(x))
     if _reference():
@@ -275,6 +310,7 @@ def group_norm(
     """GroupNorm over [N, C, *] (contiguous or channels-last, kept in the output), then the optional
     activation ("silu", "gelu" (exact), "relu") in the same pass. weight, bias: [C]."""
     act = _activation_name(activation)
+    _check_tensor_args("group_norm", ("weight", 3, weight, True), ("bias", 4, bias, True))
     _float_arg(eps, "group_norm", "eps", 5)
     if isinstance(num_groups, bool) or not hasattr(type(num_groups), "__index__"):
         raise TypeError(f"group_norm(): argument 'num_groups' (position 2) must be int, not {type(num_groups).__name__}")
