@@ -80,7 +80,7 @@ void check_params(const char* op, const at::Tensor& x, const std::optional<at::T
 
 RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape,
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                             bool mixed_dtype_first) {
+                             bool layer_norm) {
   const int64_t k = static_cast<int64_t>(normalized_shape.size());
   const std::string ns = shape_str(normalized_shape);
   TORCH_CHECK(k >= 1, "Expected normalized_shape to be at least 1-dimensional, i.e., containing at least one "
@@ -89,8 +89,8 @@ RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRe
   bool ok = d >= k;
   for (int64_t i = 0; ok && i < k; ++i) ok = x.size(d - k + i) == normalized_shape[i];
   // "[*, 8, 8]" is ns = "[8, 8]" with "*, " after its bracket (k >= 1 here); torch's RMSNorm writes
-  // "[*8, 8]" (mixed_dtype_first is LayerNorm's flag)
-  TORCH_CHECK(ok, "Given normalized_shape=", ns, ", expected input with shape ", mixed_dtype_first ? "[*, " : "[*",
+  // "[*8, 8]"
+  TORCH_CHECK(ok, "Given normalized_shape=", ns, ", expected input with shape ", layer_norm ? "[*, " : "[*",
               ns.substr(1), ", but got input of size", shape_str(x.sizes()));
   for (int which = 0; which < 2; ++which) {
     const std::optional<at::Tensor>& p = which == 0 ? weight : bias;
@@ -100,7 +100,7 @@ RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRe
                 " to be of same shape as normalized_shape, but got ", name, " of shape ", shape_str(p->sizes()),
                 " and normalized_shape = ", ns);
   }
-  if (mixed_dtype_first) {
+  if (layer_norm) {
     check_input_dtype(op, x, weight, bias);
   } else {
     check_input_dtype(op, x);

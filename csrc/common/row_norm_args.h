@@ -40,11 +40,12 @@ void check_params(const char* op, const at::Tensor& x, const std::optional<at::T
                   const std::optional<at::Tensor>& bias);
 
 // Validates x / normalized_shape / weight / bias like torch.nn and returns the [M, N] view;
-// mixed_dtype_first: check_input_dtype's rule for parameters (LayerNorm's, not RMSNorm's).
+// layer_norm: LayerNorm's rules (check_input_dtype's for parameters, torch's LayerNorm wording of
+// the shape message), else RMSNorm's.
 // Defined once, in row_norm_args.cpp, for every backend.
 RowShape check_row_norm_args(const char* op, const at::Tensor& x, at::IntArrayRef normalized_shape,
                              const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                             bool mixed_dtype_first);
+                             bool layer_norm);
 
 inline at::ScalarType param_dtype(const at::Tensor& x, const std::optional<at::Tensor>& weight,
                                   const std::optional<at::Tensor>& bias) {

@@ -29,6 +29,13 @@ constexpr int64_t kBnTasks = 64;     // NSC: chunk ranges merged independently (
 constexpr int64_t kBnSumRows = 64;   // NSC backward: rows summed apart before they join their task's sums
 constexpr int64_t kBnFuseBytes = int64_t(1) << 19;  // one channel's data kept in L2 between passes
 
+// The pivot of channel c of an NCS input with S sites per run (its first value, pivot_of): every
+// pass that sums x - pivot and every mean that adds it back take it from here.
+template <typename A, typename T>
+inline A ncs_pivot(const T* x, int64_t c, int64_t S) {
+  return pivot_of(static_cast<A>(x[c * S]));
+}
+
 // Exact moments of n <= kBnChunk contiguous values relative to the channel's pivot c (its first
 // value): one read into cache, two passes from there (straight from p where reads_direct<T>;
 // otherwise through a converted copy in buf). The mean stays relative to c until every run is
@@ -533,13 +540,12 @@ struct BatchNormBackend {
               const T* p = x + (n * C + c0) * S;  // the block's runs of sample n: one contiguous span
               for (int64_t c = c0; c < c1; ++c, p += S) {
                 if (n + 1 < s.N) prefetch_run(p + C * S, S);  // this run of the next sample
-                lanes_add_runs<false>(p, S, C * S, n, 1, pivot_of(static_cast<A>(x[c * S])), A(0), channel(c));
+                lanes_add_runs<false>(p, S, C * S, n, 1, ncs_pivot<A>(x, c, S), A(0), channel(c));
               }
             }
           } else {  // from cache: channel by channel, its lanes in registers over its N runs
             for (int64_t c = c0; c < c1; ++c)
-              lanes_add_runs<true>(x + c * S, S, C * S, 0, s.N, pivot_of(static_cast<A>(x[c * S])), mrel[c - c0],
-                                 channel(c));
+              lanes_add_runs<true>(x + c * S, S, C * S, 0, s.N, ncs_pivot<A>(x, c, S), mrel[c - c0], channel(c));
           }
           const A count = static_cast<A>(s.count());
           for (int64_t c = c0; c < c1; ++c) {
@@ -547,7 +553,7 @@ struct BatchNormBackend {
             if (pass == 0) {
               mrel[c - c0] = total / count;
             } else {
-              mean[c] = pivot_of(static_cast<A>(x[c * S])) + mrel[c - c0];
+              mean[c] = ncs_pivot<A>(x, c, S) + mrel[c - c0];
               var[c] = total / count;
             }
           }
@@ -650,7 +656,7 @@ struct BatchNormBackend {
       at::parallel_for(0, planes, std::max<int64_t>(1, kBnChunk / S), [&](int64_t begin, int64_t end) {
         Buf<A> buf(reads_direct<T> ? 0 : std::min(S, kBnChunk));  // run_moments' converted copy
         for (int64_t p = begin; p < end; ++p) {
-          const A piv = pivot_of(static_cast<A>(x[(p % C) * S]));
+          const A piv = ncs_pivot<A>(x, p % C, S);
           Welford<A> w;
           for (int64_t i = 0; i < S; i += kBnChunk)
             w.merge(run_moments(x + p * S + i, std::min(kBnChunk, S - i), buf.data(), piv));
@@ -661,7 +667,7 @@ struct BatchNormBackend {
         for (int64_t c = cb; c < ce; ++c) {
           Welford<A> w;
           for (int64_t n = 0; n < s.N; ++n) w.merge(part[n * C + c]);
-          mean[c] = pivot_of(static_cast<A>(x[c * S])) + w.mean;
+          mean[c] = ncs_pivot<A>(x, c, S) + w.mean;
           var[c] = w.m2 / w.count;
         }
       });

@@ -25,8 +25,8 @@
 #define FUSENORM_CPU_AVX512 1
 // Hosts with AVX512-BF16 (and DQ, for vfpclassps) round to bfloat16 in one instruction
 // (vcvtne(2)ps2bf16: nearest even, as ours). It flushes subnormal inputs to zero and keeps NaN
-// payloads, so a vector holding either class takes the exact integer path below instead
-// (bf16_exact), and the bits stay those of that path on every host.
+// payloads, so a vector holding either class takes the integer rounding below instead
+// (bf16_exact, bf16_high), and the bits stay those of that path on every host.
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
 #define FUSENORM_CPU_BF16 1
 #endif

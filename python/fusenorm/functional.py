@@ -553,10 +553,10 @@ def _check_running_grad(x, c: int, running_mean, running_var, weight=None, bias=
     op is not differentiable with respect to them; fusenorm would update them in place), in torch's
     order: after the sizes of the buffers and of weight and bias, before any dtype rule; none for an
     empty input, for which torch returns first."""
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled() or x.numel() == 0:
         return
     for name, t in (("running_mean", running_mean), ("running_var", running_var)):
-        if t is not None and t.requires_grad and x.numel() != 0:
+        if t is not None and t.requires_grad:
             for pname, p in (("weight", weight), ("bias", bias)):
                 if p is not None and p.numel() != c:
                     raise RuntimeError(f"{pname} should contain {c} elements not {p.numel()}")
