@@ -238,3 +238,43 @@ def test_relu_gradient_passes_at_nan():
             fn(t, w, b).sum().backward()
             got.append(b.grad)
         torch.testing.assert_close(got[0], got[1], equal_nan=True)
+
+
+class _DropFirst(torch.autograd.Function):
+    """a.sum() + b.sum() whose backward gives a no gradient (None): a's producer then runs with its
+    output gradient undefined."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a.sum() + b.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g.expand(3)
+
+
+def _instance_norm_running(fn):
+    return lambda x, w, b: fn(x, torch.zeros(3, dtype=x.dtype, device=x.device),
+                              torch.ones(3, dtype=x.dtype, device=x.device), weight=w, bias=b, use_input_stats=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", list(CASES) + ["instance_norm_running"])
+def test_undefined_output_gradient_as_torch(device, name):
+    """A norm whose output gets no gradient gives its inputs none either (torch's nodes leave them
+    undefined): .grad stays None, where zeros would count as a gradient for optimizers."""
+    if name == "instance_norm_running":
+        shape, ours, theirs = (2, 3, 5), _instance_norm_running(fusenorm.instance_norm), \
+            _instance_norm_running(F.instance_norm)
+    else:
+        shape, ours, theirs = CASES[name]
+    n = shape[-1] if name in ("layer_norm", "rms_norm") else shape[1]
+    x0, w0, b0 = torch.randn(shape, device=device), torch.randn(n, device=device), torch.randn(n, device=device)
+    got = []
+    for fn in (ours, theirs):
+        x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+        other = torch.randn(3, device=device, requires_grad=True)
+        _DropFirst.apply(fn(x, w, b), other).backward()
+        torch.testing.assert_close(other.grad, torch.ones(3, device=device))
+        got.append([t.grad for t in (x, w, b)])
+    assert [g is None for g in got[0]] == [g is None for g in got[1]] == [True] * 3

@@ -220,10 +220,10 @@ struct BatchNormOps {
             mask[0] ? dx.data_ptr<scalar_t>() : nullptr, want_dz ? dz.data_ptr<scalar_t>() : nullptr);
       });
     }
-    if (mask[1] && opt_ptr(weight)) dw = sum_gx.to(weight->scalar_type(), /*non_blocking=*/false, /*copy=*/true);
+    if (mask[1] && opt_ptr(weight)) dw = sum_gx.to(weight->scalar_type());  // the sums themselves for an fp32 weight
     // dbias: the weight's dtype, else the fp32 sums themselves (a half x with an fp32 bias and no
     // weight got its dbias rounded to x's dtype first)
-    if (mask[2]) db = opt_ptr(weight) ? sum_g.to(weight->scalar_type(), false, true) : sum_g;
+    if (mask[2]) db = opt_ptr(weight) ? sum_g.to(weight->scalar_type()) : sum_g;
     return {dx, dw, db, dz};
   }
 
