@@ -3,7 +3,9 @@ modules: torch.fx symbolic tracing, constructor signatures (torch.nn.utils.skip_
 torch.jit.trace. Each norm's own tests cover its numbers."""
 from __future__ import annotations
 
+import copy
 import inspect
+import io
 
 import pytest
 import torch
@@ -138,3 +140,39 @@ def test_jit_trace(ours, theirs, args, shape):
         torch.testing.assert_close(got, want)
         dy = torch.randn_like(want)
         torch.testing.assert_close(torch.autograd.grad(got, x, dy)[0], torch.autograd.grad(want, x, dy)[0])
+
+
+@pytest.mark.parametrize("ours,theirs,args,shape", MODULES, ids=IDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_export(ours, theirs, args, shape, layout):
+    """torch.export with a dynamic batch size (then torch.export.save / load): the loaded program
+    gives the eager module's output and leaves its buffers as the eager module's (training updates
+    the running statistics), in both modes, at two batch sizes; InstanceNorm with running
+    statistics and BatchNorm with momentum=None too."""
+    if layout == "channels_last" and len(shape) != 4:
+        pytest.skip("channels_last is a 4-D layout")
+    torch.manual_seed(0)
+    kwargs = {}
+    if ours in (fusenorm.InstanceNorm1d, fusenorm.InstanceNorm2d, fusenorm.InstanceNorm3d):
+        kwargs = {"affine": True, "track_running_stats": True}
+    for momentum in ((0.1, None) if ours in (fusenorm.BatchNorm2d,) else (None,)):
+        m = ours(*args, **kwargs, **({"momentum": momentum} if ours is fusenorm.BatchNorm2d else {}))
+        for training in (True, False):
+            if training and ours is fusenorm.SyncBatchNorm:
+                continue  # no process group: torch's SyncBatchNorm raises in training too
+            m.train(training)
+            example = torch.randn(shape)
+            ep = torch.export.export(copy.deepcopy(m), (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},))
+            assert any(str(n.target).startswith("fusenorm.") for n in ep.graph.nodes)
+            buf = io.BytesIO()
+            torch.export.save(ep, buf)
+            buf.seek(0)
+            loaded = torch.export.load(buf).module()
+            for extra in range(2):  # twice: the second step from the updated buffers, a batch larger
+                x = torch.randn(shape[0] + extra, *shape[1:])
+                if layout == "channels_last":
+                    x = x.to(memory_format=torch.channels_last)
+                got, want = loaded(x), m(x)
+                torch.testing.assert_close(got, want)
+                for name, t in m.named_buffers():
+                    torch.testing.assert_close(loaded.get_buffer(name), t, msg=name)

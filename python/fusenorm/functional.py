@@ -421,13 +421,13 @@ def instance_norm(
         y, mean, rstd = _GN_FWD(x, c, weight, bias, float(eps), act)
     n = x.numel() // max(1, x.size(0) * c)  # values per instance
     if n > 0:  # no values: torch leaves the running statistics as they are
-        with torch.no_grad():
-            # the biased variance per instance, from x (1 / rstd^2 - eps would cancel where eps is
-            # not small next to the variance); half types reduced in fp32. BatchNorm's update rule
-            # (unbiased by n / (n - 1)) on the means over the batch.
-            dims = tuple(range(2, x.dim()))
-            var = (x.float() if x.dtype in _HALF else x).var(dims, correction=0)
-            _update_running(running_mean, running_var, mean.mean(0), var.mean(0), n, momentum)
+        # the biased variance per instance, from x (1 / rstd^2 - eps would cancel where eps is not
+        # small next to the variance); half types reduced in fp32. BatchNorm's update rule (unbiased
+        # by n / (n - 1)) on the means over the batch. x detached rather than a no_grad block, which
+        # torch.export could not take around the update op (a node without a value)
+        xd = x.detach()
+        var = (xd.float() if xd.dtype in _HALF else xd).var(tuple(range(2, x.dim())), correction=0)
+        _update_running(running_mean, running_var, mean.mean(0), var.mean(0), n, momentum)
     return y
 
 
@@ -603,8 +603,8 @@ def _update_running(running_mean, running_var, mean, var, count, momentum) -> No
     batch variance. momentum may be a 0-d tensor (the cumulative average 1 / num_batches_tracked,
     kept on the device: no host sync)."""
     # the usual case on CPU, where each small op costs 10-20 us (the form below took ~140 us of a
-    # 2x16x8x8 training step): one op, outside a no_grad block (1.7 us) where mean and var need none
-    # (the training Functions return them non-differentiable)
+    # 2x16x8x8 training step): one op, where nothing requires grad (the training Functions return
+    # mean and var non-differentiable)
     if (isinstance(momentum, (int, float)) and isinstance(count, int) and running_mean is not None
             and running_var is not None and mean.device.type == "cpu"
             and running_mean.device.type == "cpu" and running_var.device.type == "cpu"
@@ -612,12 +612,14 @@ def _update_running(running_mean, running_var, mean, var, count, momentum) -> No
                      or running_var.requires_grad)):
         _BN_UPDATE(running_mean, running_var, mean, var, float(momentum), count / (count - 1))
         return
-    with torch.no_grad():
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
-        if running_var is not None:
-            unbiased = var * (count / (count - 1))  # count: an int, or a tensor (SyncBatchNorm)
-            running_var.mul_(1 - momentum).add_((unbiased * momentum).to(running_var.dtype))
+    # detached operands rather than a no_grad block, which torch.export could not save (a node
+    # without a value); a buffer that requires grad got torch's error before, in grad mode
+    mean, var = mean.detach(), var.detach()
+    if running_mean is not None:
+        running_mean.mul_(1 - momentum).add_((mean * momentum).to(running_mean.dtype))
+    if running_var is not None:
+        unbiased = var * (count / (count - 1))  # count: an int, or a tensor (SyncBatchNorm)
+        running_var.mul_(1 - momentum).add_((unbiased * momentum).to(running_var.dtype))
 
 
 def batch_norm(
