@@ -296,3 +296,28 @@ def test_nonfinite_value_running_stats_as_torch(device, layout, value, first):
     torch.testing.assert_close(ours.running_mean, theirs.running_mean, equal_nan=True)
     torch.testing.assert_close(ours.running_var, theirs.running_var, equal_nan=True)
     torch.testing.assert_close(y_ours, y_theirs, equal_nan=True)
+
+
+def test_compile_dynamic_shapes_compile_once():
+    """torch.compile(dynamic=True) with running statistics in training: no recompilation for later
+    batch and spatial sizes (the running-update factor n / (n - 1) is symbolic; it had specialized,
+    one recompile per spatial size), with torch.nn's outputs and buffers."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    ours = fusenorm.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    theirs = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
+    compiled = torch.compile(ours, backend=counter, dynamic=True, fullgraph=True)
+    first = None
+    for n in (2, 4, 5, 7):  # no size equal to C: Dynamo gives equal sizes one symbol
+        x = torch.randn(n, 3, 5, n + 2, requires_grad=True)
+        y, yt = compiled(x), theirs(x)
+        torch.testing.assert_close(y, yt, atol=1e-5, rtol=1e-5)
+        dy = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(yt, x, dy)[0],
+                                   atol=1e-4, rtol=1e-4)
+        first = first or counter.frame_count  # the first call's graphs (Dynamo may trace twice)
+    for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=k)
+    assert counter.frame_count == first

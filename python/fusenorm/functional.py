@@ -604,8 +604,10 @@ def _update_running(running_mean, running_var, mean, var, count, momentum) -> No
     kept on the device: no host sync)."""
     # the usual case on CPU, where each small op costs 10-20 us (the form below took ~140 us of a
     # 2x16x8x8 training step): one op, where nothing requires grad (the training Functions return
-    # mean and var non-differentiable)
-    if (isinstance(momentum, (int, float)) and isinstance(count, int) and running_mean is not None
+    # mean and var non-differentiable). Not under torch.compile, which fuses the form below itself:
+    # the op's float factor count / (count - 1) made a dynamic batch size recompile at every size
+    if (isinstance(momentum, (int, float)) and isinstance(count, int) and not _is_compiling()
+            and running_mean is not None
             and running_var is not None and mean.device.type == "cpu"
             and running_mean.device.type == "cpu" and running_var.device.type == "cpu"
             and not (mean.requires_grad or var.requires_grad or running_mean.requires_grad
