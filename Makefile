@@ -20,6 +20,9 @@ dev:
 	FUSENORM_CUDA=0 $(MAKE) build
 
 test: build
+	@$(PY) -c "import onnx, onnxscript, onnxruntime" 2>/dev/null || \
+		$(PY) -m pip install --quiet --disable-pip-version-check onnx onnxscript onnxruntime || \
+		echo "onnx/onnxscript/onnxruntime unavailable: the ONNX export tests skip"
 	$(PY) -m pytest -q tests
 
 bench: build

@@ -176,3 +176,56 @@ def test_export(ours, theirs, args, shape, layout):
                 torch.testing.assert_close(got, want)
                 for name, t in m.named_buffers():
                     torch.testing.assert_close(loaded.get_buffer(name), t, msg=name)
+
+
+# modules with an activation (and BatchNorm with a residual, in _Block) for the ONNX export
+_ACTIVATED = {
+    "GroupNorm_silu": (lambda: fusenorm.GroupNorm(2, 4, activation="silu"), (2, 4, 5, 3)),
+    "InstanceNorm2d_gelu_running": (lambda: fusenorm.InstanceNorm2d(4, affine=True, track_running_stats=True,
+                                                                    activation="gelu"), (2, 4, 5, 3)),
+    "BatchNorm2d_relu": (lambda: fusenorm.BatchNorm2d(4, activation="relu"), (2, 4, 5, 3)),
+}
+_ONNX_CASES = {IDS[i]: (m[0], m[3]) for i, m in enumerate(MODULES)} | _ACTIVATED
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+@pytest.mark.parametrize("name", list(_ONNX_CASES))
+def test_onnx_export_runs_in_onnxruntime(name, dynamo):
+    """torch.onnx.export (both exporters) of a model holding each module, in eval, gives ONNX's own
+    operators (the modules run torch's composite of the same norm while exporting; our ops have no
+    ONNX form) and onnxruntime's outputs are the eager model's, channels-last inputs included. Where
+    the export fails, torch.nn's module fails alike (RMSNorm in the TorchScript exporter, which has
+    no aten::rms_norm)."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    import warnings
+
+    make, shape = _ONNX_CASES[name]
+    torch.manual_seed(0)
+    norm = make() if name in _ACTIVATED else make(*MODULES[IDS.index(name)][2])
+    for p in list(norm.parameters()) + [b for b in norm.buffers() if b.is_floating_point()]:
+        with torch.no_grad():
+            p.uniform_(0.5, 1.5)
+    last = isinstance(norm, (fusenorm.LayerNorm, fusenorm.RMSNorm))
+    channels = shape[-1] if last else shape[1]
+    if last:
+        shape = (shape[0], shape[-1])
+    model = _Block(norm, channels, len(shape)).eval()
+    x = torch.randn(shape)
+    if len(shape) == 4:
+        x = x.to(memory_format=torch.channels_last)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        buf = io.BytesIO()
+        try:
+            torch.onnx.export(model, (x,), buf, dynamo=dynamo)
+        except Exception as err:
+            theirs = MODULES[IDS.index(name)][1] if name in IDS else None
+            assert theirs is not None, f"{name}: {err!r}"
+            with pytest.raises(type(err)):  # torch's module alone (_Block holds a fusenorm BatchNorm)
+                torch.onnx.export(theirs(*MODULES[IDS.index(name)][2]).eval(), (x,), io.BytesIO(), dynamo=dynamo)
+            return
+    assert not fusenorm.functional._reference()  # the kernels again after the export
+    session = ort.InferenceSession(buf.getvalue())
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.contiguous().numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), atol=1e-5, rtol=1e-5)

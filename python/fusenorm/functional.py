@@ -7,12 +7,14 @@ Higher-order and forward-mode derivatives: the backward ops have no derivative o
 backward run with create_graph=True (a gradient penalty, gradgradcheck) computes its gradients from
 torch's own composite of the same norm (torch.nn.functional), which is differentiable again; and
 under forward-mode AD (torch.autograd.forward_ad, torch.func.jvp) or the other torch.func
-transforms, the functions here call that composite instead of the kernels. First-order training
-and inference always run the kernels.
+transforms, the functions here call that composite instead of the kernels, as they do inside
+torch.onnx.export (ONNX has no form of our ops). First-order training and inference always run the
+kernels.
 """
 from __future__ import annotations
 
 import math
+import sys
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -104,14 +106,25 @@ _functorch_level = torch._C._functorch.maybe_current_level
 
 def _reference() -> bool:
     """True under forward-mode AD or a torch.func transform (grad, jvp, vmap), which the kernels'
-    autograd Functions do not support: the caller then runs torch's composite of the same norm.
-    Inside torch.compile too: Dynamo guards on the forward-AD level and traces the functorch query.
-    (The functions it calls are module globals: each attribute lookup cost ~0.05 us a call.)"""
+    autograd Functions do not support, and inside torch.onnx.export, whose graphs hold only ONNX's
+    operators: the caller then runs torch's composite of the same norm. Inside torch.compile too:
+    Dynamo guards on the forward-AD level and traces the functorch query. (The functions it calls
+    are module globals: each attribute lookup cost ~0.05 us a call.)"""
     if _forward_ad._current_level >= 0:
         return True
     if _is_compiling():  # Dynamo traces this query (not maybe_current_level)
-        return torch._C._are_functorch_transforms_active()
-    return _functorch_level() is not None
+        return torch._C._are_functorch_transforms_active() or (_is_exporting() and _onnx_exporting())
+    return _functorch_level() is not None or _onnx_exporting()
+
+
+_is_exporting = torch.compiler.is_exporting
+_modules = sys.modules
+
+
+def _onnx_exporting() -> bool:
+    """torch.onnx.export is running (its TorchScript or its torch.export-based exporter). torch.onnx
+    is imported on first use, so a process that never imported it skips the query."""
+    return "torch.onnx" in _modules and torch.onnx.is_in_onnx_export()
 
 
 def _double_backward(fn, dy: torch.Tensor, inputs: list, want: list) -> list:
