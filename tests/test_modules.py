@@ -229,3 +229,29 @@ def test_onnx_export_runs_in_onnxruntime(name, dynamo):
     session = ort.InferenceSession(buf.getvalue())
     (got,) = session.run(None, {session.get_inputs()[0].name: x.contiguous().numpy()})
     torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_onnx_export_strict_capture(monkeypatch):
+    """torch.onnx's dynamo exporter falls back to torch.export's strict (Dynamo) capture where the
+    non-strict one fails; Dynamo replaces torch.onnx.is_in_onnx_export() by False, so the modules
+    read the exporter's flags themselves and export as torch's composite there too."""
+    pytest.importorskip("onnxscript")
+    ort = pytest.importorskip("onnxruntime")
+    strategies = pytest.importorskip("torch.onnx._internal.exporter._capture_strategies")
+    if not hasattr(strategies, "TorchExportStrictStrategy"):
+        pytest.skip("this torch's exporter has no strict capture strategy to force")
+    import warnings
+
+    monkeypatch.setattr(strategies, "CAPTURE_STRATEGIES", (strategies.TorchExportStrictStrategy,))
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), fusenorm.GroupNorm(2, 4, activation="silu"),
+                                fusenorm.InstanceNorm2d(4, affine=True), fusenorm.BatchNorm2d(4, activation="relu"),
+                                fusenorm.LayerNorm(5), fusenorm.RMSNorm(5)).eval()
+    x = torch.randn(2, 3, 4, 5)
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), buf, dynamo=True)
+    session = ort.InferenceSession(buf.getvalue())
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), atol=1e-5, rtol=1e-5)

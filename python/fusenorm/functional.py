@@ -14,7 +14,6 @@ kernels.
 from __future__ import annotations
 
 import math
-import sys
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -118,13 +117,35 @@ def _reference() -> bool:
 
 
 _is_exporting = torch.compiler.is_exporting
-_modules = sys.modules
+
+
+def _onnx_flag_holders():
+    """The modules whose globals torch.onnx.export sets while it runs: its torch.export-based
+    exporter's flag and its TorchScript exporter's GLOBALS (None where this torch has them
+    elsewhere). Read directly: Dynamo replaces torch.onnx.is_in_onnx_export() by False, which
+    left our ops in the exporter's strict capture, and the function imports both each call."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+    except ImportError:
+        _flags = None
+    try:
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        try:
+            from torch.onnx._globals import GLOBALS
+        except ImportError:
+            GLOBALS = None
+    return _flags, GLOBALS
+
+
+_ONNX_FLAGS, _ONNX_GLOBALS = _onnx_flag_holders()
 
 
 def _onnx_exporting() -> bool:
-    """torch.onnx.export is running (its TorchScript or its torch.export-based exporter). torch.onnx
-    is imported on first use, so a process that never imported it skips the query."""
-    return "torch.onnx" in _modules and torch.onnx.is_in_onnx_export()
+    """torch.onnx.export is running (either exporter), in any thread: the flags are the process's."""
+    if _ONNX_FLAGS is None or _ONNX_GLOBALS is None:
+        return torch.onnx.is_in_onnx_export()
+    return _ONNX_FLAGS._is_onnx_exporting or _ONNX_GLOBALS.in_onnx_export
 
 
 def _double_backward(fn, dy: torch.Tensor, inputs: list, want: list) -> list:
