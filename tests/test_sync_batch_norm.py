@@ -1,7 +1,8 @@
 """fusenorm.SyncBatchNorm in a real torch.distributed group: 2 and 3 processes with the gloo
 backend, each given an uneven slice of one batch (one rank's slice is empty), against
 torch.nn.BatchNorm on the whole batch: outputs, input gradients, weight/bias gradients summed over
-the ranks (what DDP's all-reduce does), and the running statistics on every rank."""
+the ranks (what DDP's all-reduce does), and the running statistics on every rank. Also a model
+of converted modules trained under DistributedDataParallel against its torch.nn twin."""
 from __future__ import annotations
 
 import datetime
@@ -81,3 +82,48 @@ def test_sync_batch_norm_matches_whole_batch(tmp_path, sizes, layout):
         assert list(r["state"]) == list(ref.state_dict())
         for k, t in ref.state_dict().items():
             torch.testing.assert_close(r["state"][k], t, atol=1e-5, rtol=1e-5, msg=k)
+
+
+def _ddp_worker(rank: int, world: int, store: str, out_dir: str) -> None:
+    sys.path.insert(0, os.path.join(HERE, "..", "python"))
+    import fusenorm
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        states = []
+        for convert in (True, False):
+            torch.manual_seed(0)  # the same initial model on every rank and for both twins
+            model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 8, 1), torch.nn.GroupNorm(4, 8),
+                                        torch.nn.InstanceNorm2d(8, affine=True, track_running_stats=True),
+                                        torch.nn.Flatten(1), torch.nn.Linear(8 * 6 * 6, 4), torch.nn.LayerNorm(4))
+            if convert:
+                fusenorm.convert(model)
+                assert isinstance(model[1], fusenorm.BatchNorm2d)
+            ddp = torch.nn.parallel.DistributedDataParallel(model)
+            opt = torch.optim.SGD(ddp.parameters(), lr=0.1, momentum=0.9)
+            g = torch.Generator().manual_seed(100 + rank)  # each rank its own batches
+            for _ in range(3):
+                loss = ddp(torch.randn(4, 3, 8, 8, generator=g)).pow(2).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            states.append(model.state_dict())
+        torch.save(states, os.path.join(out_dir, f"ddp{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_training_matches_torch(tmp_path):
+    """A model converted to fusenorm modules (BatchNorm, GroupNorm, InstanceNorm with running
+    statistics, LayerNorm) trains under DistributedDataParallel (2 gloo processes, their own
+    batches, 3 SGD steps: gradients all-reduced, BatchNorm buffers broadcast from rank 0) to the
+    same parameters and buffers as the torch.nn model, on every rank."""
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        ours, theirs = torch.load(tmp_path / f"ddp{rank}.pt")
+        assert ours.keys() == theirs.keys()
+        for k in ours:
+            torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-5, msg=k)
