@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _worker(rank: int, world: int, store: str, sizes: list, layout: str, out_dir: str) -> None:
+def _worker(rank: int, world: int, store: str, sizes: list, layout: str, epilogue: bool, out_dir: str) -> None:
     sys.path.insert(0, os.path.join(HERE, "..", "python"))
     import fusenorm
 
@@ -28,23 +28,27 @@ def _worker(rank: int, world: int, store: str, sizes: list, layout: str, out_dir
         g = torch.Generator().manual_seed(7)
         full = torch.randn(sum(sizes), 6, 5, 4, generator=g) * 2 + 3
         dy_full = torch.randn(full.shape, generator=g)
+        z_full = torch.randn(full.shape, generator=g) * 3
         start = sum(sizes[:rank])
         x = full[start:start + sizes[rank]].clone()
         dy = dy_full[start:start + sizes[rank]].clone()
+        z = z_full[start:start + sizes[rank]].clone()
         if layout == "channels_last":
-            x, dy = x.to(memory_format=torch.channels_last), dy.to(memory_format=torch.channels_last)
+            x, dy, z = (t.to(memory_format=torch.channels_last) for t in (x, dy, z))
         x.requires_grad_()
-        m = fusenorm.SyncBatchNorm(6, momentum=0.3)
+        z.requires_grad_()
+        m = fusenorm.SyncBatchNorm(6, momentum=0.3, activation="relu" if epilogue else None)
         with torch.no_grad():
             m.weight.copy_(torch.linspace(0.5, 1.5, 6))
             m.bias.copy_(torch.linspace(-1, 1, 6))
         outs = []
         for step in range(2):  # two steps: the running statistics compound
-            y = m(x)
+            y = m(x, residual=z) if epilogue else m(x)
             (y * dy).sum().backward()
             outs.append({"y": y.detach().clone(), "dx": x.grad.clone(), "dw": m.weight.grad.clone(),
-                         "db": m.bias.grad.clone()})
+                         "db": m.bias.grad.clone(), "dz": z.grad.clone() if epilogue else None})
             x.grad = None
+            z.grad = None
             m.weight.grad = None
             m.bias.grad = None
         torch.save({"steps": outs, "state": m.state_dict()}, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -54,20 +58,29 @@ def _worker(rank: int, world: int, store: str, sizes: list, layout: str, out_dir
 
 @pytest.mark.parametrize("sizes", [[5, 3], [4, 0, 3]], ids=["2-ranks", "3-ranks-one-empty"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_sync_batch_norm_matches_whole_batch(tmp_path, sizes, layout):
+@pytest.mark.parametrize("epilogue", [False, True], ids=["plain", "relu-residual"])
+def test_sync_batch_norm_matches_whole_batch(tmp_path, sizes, layout, epilogue):
+    """With the epilogue: y = relu(bn(x) + z) on every rank, against torch's on the whole batch,
+    the residual's gradient included."""
     world = len(sizes)
-    mp.spawn(_worker, args=(world, str(tmp_path / "store"), sizes, layout, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "store"), sizes, layout, epilogue, str(tmp_path)), nprocs=world,
+             join=True)
     g = torch.Generator().manual_seed(7)
     full = (torch.randn(sum(sizes), 6, 5, 4, generator=g) * 2 + 3).requires_grad_()
     dy_full = torch.randn(full.shape, generator=g)
+    z_full = (torch.randn(full.shape, generator=g) * 3).requires_grad_()
     ref = torch.nn.BatchNorm2d(6, momentum=0.3)
     with torch.no_grad():
         ref.weight.copy_(torch.linspace(0.5, 1.5, 6))
         ref.bias.copy_(torch.linspace(-1, 1, 6))
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for step in range(2):
-        y = ref(full)
-        dx, dw, db = torch.autograd.grad((y * dy_full).sum(), [full, ref.weight, ref.bias])
+        y = torch.relu(ref(full) + z_full) if epilogue else ref(full)
+        dx, dw, db, dz = torch.autograd.grad((y * dy_full).sum(), [full, ref.weight, ref.bias, z_full],
+                                             allow_unused=True)
+        if epilogue:
+            torch.testing.assert_close(torch.cat([r["steps"][step]["dz"] for r in results]), dz)
+            assert (dz == 0).any() and (dz != 0).any()  # the ReLU masks some values and passes others
         got_y = torch.cat([r["steps"][step]["y"] for r in results])
         got_dx = torch.cat([r["steps"][step]["dx"] for r in results])
         torch.testing.assert_close(got_y, y.detach(), atol=1e-5, rtol=1e-5)

@@ -775,12 +775,14 @@ def _momentum_value(momentum):
 
 
 class SyncBatchNormFunction(torch.autograd.Function):
-    """BatchNorm in training over the union of every rank's batch. Forward: local (count, mean, M2)
-    in one pass, one all-gather, Chan's merge; backward: local sums of dy and dy * xhat, one
-    all-reduce, then dx. dweight/dbias stay local (as torch.nn.SyncBatchNorm's; DDP averages them)."""
+    """BatchNorm in training over the union of every rank's batch, with the optional epilogue
+    y = act(bn(x) + residual). Forward: local (count, mean, M2) in one pass, one all-gather, Chan's
+    merge; backward: g = dy masked by ReLU's output, local sums of g and g * xhat, one all-reduce,
+    then dx (the residual's gradient is g). dweight/dbias stay local (as torch.nn.SyncBatchNorm's;
+    DDP averages them)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group):
+    def forward(ctx, x, weight, bias, running_mean, running_var, momentum, eps, group, residual, activation):
         import torch.distributed as dist
 
         c = x.size(1)
@@ -795,8 +797,8 @@ class SyncBatchNormFunction(torch.autograd.Function):
         gmean = (g[:, :c] * counts).sum(0) / total
         gvar = (g[:, c:2 * c] + counts * (g[:, :c] - gmean) ** 2).sum(0) / total
         _update_running(running_mean, running_var, gmean, gvar, total, momentum)
-        y = _BN_APPLY(x, gmean, gvar, weight, bias, None, eps, "none")
-        ctx.save_for_backward(x, weight, gmean, gvar, total)
+        y = _BN_APPLY(x, gmean, gvar, weight, bias, residual, eps, activation)
+        ctx.save_for_backward(x, weight, gmean, gvar, total, y if activation == "relu" else None)
         ctx.eps, ctx.group, ctx.has_bias = eps, group, bias is not None
         return y
 
@@ -805,8 +807,10 @@ class SyncBatchNormFunction(torch.autograd.Function):
     def backward(ctx, dy):
         import torch.distributed as dist
 
-        x, weight, mean, var, total = ctx.saved_tensors
+        x, weight, mean, var, total, y = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if y is not None:  # ReLU: its gradient where y > 0 (a NaN y passes dy, as torch's threshold_backward)
+            dy = torch.where(y <= 0, torch.zeros((), dtype=dy.dtype, device=dy.device), dy)
         sum_dy, sum_dy_xhat = torch.ops.fusenorm.batch_norm_bwd_reduce(dy, x, mean, var, ctx.eps)
         dw = sum_dy_xhat.to(weight.dtype) if weight is not None and need[1] else None
         db = (sum_dy.to(weight.dtype) if weight is not None else sum_dy) if ctx.has_bias and need[2] else None
@@ -817,7 +821,7 @@ class SyncBatchNormFunction(torch.autograd.Function):
             dist.all_reduce(both, group=ctx.group)
             dx = torch.ops.fusenorm.batch_norm_bwd_elemt(dy, x, mean, var, weight, both[:c] / total,
                                                          both[c:] / total, ctx.eps)
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, dy if need[8] else None, None
 
 
 def sync_batch_norm(
@@ -829,11 +833,17 @@ def sync_batch_norm(
     momentum: Union[float, torch.Tensor],
     eps: float,
     group=None,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """BatchNorm in training with statistics over every rank of the torch.distributed group
-    (default: the world); updates the running buffers with the global statistics."""
+    (default: the world); updates the running buffers with the global statistics. Optional
+    epilogue as batch_norm's: y = act(bn(x) + residual), act None or "relu"."""
+    act = _bn_activation_name(activation)
     c = input.size(1)
     _check_bn_eps(float(eps), True)
     _check_running("running_mean", running_mean, c, input)
     _check_running("running_var", running_var, c, input)
-    return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, float(eps), group)
+    return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, float(eps), group,
+                                       residual, act)

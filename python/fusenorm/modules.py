@@ -155,7 +155,8 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
     """torch.nn.SyncBatchNorm computed by fusenorm's kernels, over any torch.distributed backend
     (gloo on CPU, NCCL on GPU): the ranks' (count, mean, M2) are merged with one all-gather in the
     forward, and the two per-channel gradient sums with one all-reduce in the backward. Ranks may
-    hold different batch sizes, an empty one included. Same state_dict as torch.nn.SyncBatchNorm."""
+    hold different batch sizes, an empty one included. Same state_dict as torch.nn.SyncBatchNorm.
+    BatchNorm's epilogue (activation="relu", a residual) works while syncing too."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         super()._check_input_dim(input)
@@ -170,10 +171,8 @@ class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
                      and torch.distributed.is_initialized() and torch.distributed.get_world_size(group) > 1)
         if not need_sync:
             return super()._normalize(input, residual, running_mean, running_var, bn_training, momentum)
-        if residual is not None or self.activation is not None:
-            raise ValueError("fusenorm.SyncBatchNorm: activation and residual are not supported while syncing")
         return F.sync_batch_norm(input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
-                                 group)
+                                 group, activation=self.activation, residual=residual)
 
     @classmethod
     def convert_sync_batchnorm(cls, module: torch.nn.Module, process_group=None) -> torch.nn.Module:
