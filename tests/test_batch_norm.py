@@ -765,3 +765,30 @@ def test_compile_dynamic_batch_compiles_once(momentum, dims):
     for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=k)
     assert counter.frame_count == first
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_activation_checkpointing_updates_as_torch(use_reentrant, momentum):
+    """torch.utils.checkpoint recomputes the forward in the backward; torch.nn.BatchNorm's buffers
+    are updated by both runs (its recomputation stops after the op that updates them). Ours match,
+    num_batches_tracked included, with the same outputs and gradients; they were updated once under
+    the non-reentrant checkpoint."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ours, theirs = fusenorm.BatchNorm2d(4, momentum=momentum), torch.nn.BatchNorm2d(4, momentum=momentum)
+    for step in range(2):
+        x0 = torch.randn(3, 4, 5, 6) * 2 + 1
+        got = []
+        for m in (ours, theirs):
+            x = x0.clone().requires_grad_()
+            y = checkpoint(lambda a: m(a * 2), x, use_reentrant=use_reentrant)
+            y.pow(2).sum().backward()
+            got.append((y.detach(), x.grad, m.weight.grad.clone()))
+            m.weight.grad = None
+        for a, t in zip(*got):
+            torch.testing.assert_close(a, t, atol=1e-4, rtol=1e-4)
+        for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+            torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=k)
+    assert ours.num_batches_tracked.item() == 4

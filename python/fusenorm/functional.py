@@ -532,11 +532,16 @@ class BatchNormFunction(torch.autograd.Function):
 
 class BatchNormTrainFunction(torch.autograd.Function):
     """Training forward in one op: y = act(bn(x) + residual) with x's batch statistics, which are
-    also returned (not differentiable) for the running-statistics update."""
+    also returned (not differentiable) for the running-statistics update. Eagerly, update (the
+    running-statistics update, or None) runs inside: activation checkpointing's recomputation stops
+    once the tensors the backward needs are saved, and torch's op updates its buffers before that
+    point too (so both update twice under checkpointing)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, eps, activation):
+    def forward(ctx, x, weight, bias, residual, eps, activation, update=None):
         y, mean, var = _BN_FWD(x, weight, bias, residual, eps, activation)
+        if update is not None:
+            update(mean, var)
         _bn_save(ctx, x, mean, var, weight, bias, residual, y, eps, True, activation)
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # and no zero tensors made for the statistics' (~6 us)
@@ -545,13 +550,13 @@ class BatchNormTrainFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
         if dy is None:
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         x, mean, var, weight, y = ctx.saved_tensors
         need = ctx.needs_input_grad
         want = [need[0], ctx.has_weight and need[1], ctx.bias_dtype is not None and need[2],
                 ctx.has_residual and need[3]]
         dx, dw, db, dz = _bn_backward(ctx, dy, x, mean, var, weight, y, want)
-        return dx, dw, db, dz, None, None
+        return dx, dw, db, dz, None, None, None
 
 
 def _bn_backward(ctx, dy, x, mean, var, weight, y, want):
@@ -715,12 +720,17 @@ def batch_norm(
     grad = torch.is_grad_enabled() and (x.requires_grad or _need(weight) or _need(bias) or _need(residual))
     grad = grad or _jit_tracing()
     if training:
+        count = x.numel() // c if c else 0
+        update = None
+        if (grad and count > 0 and (running_mean is not None or running_var is not None) and not _is_compiling()
+                and not _jit_tracing()):  # inside the Function (see its docstring)
+            def update(mean, var):
+                _update_running(running_mean, running_var, mean, var, count, momentum)
         if grad:
-            y, mean, var = BatchNormTrainFunction.apply(x, weight, bias, residual, eps, act)
+            y, mean, var = BatchNormTrainFunction.apply(x, weight, bias, residual, eps, act, update)
         else:
             y, mean, var = _BN_FWD(x, weight, bias, residual, eps, act)
-        count = x.numel() // c if c else 0
-        if count > 0:
+        if count > 0 and update is None:
             _update_running(running_mean, running_var, mean, var, count, momentum)
         return y
     if running_mean is None:
