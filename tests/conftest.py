@@ -101,3 +101,26 @@ def big_bf16_normal(device: str, shape, layout: str) -> torch.Tensor:
 FLOAT_ARGS_OK = [0.25, 1, np.float32(0.25), np.float64(0.25), np.int64(1), np.bool_(True), torch.tensor(0.25)]
 FLOAT_ARGS_BAD = ["0.25", torch.tensor([0.25]), torch.tensor(0.25, requires_grad=True), [0.25],
                   fractions.Fraction(1, 4)]
+
+
+def assert_compiles_once_as_torch(ours: torch.nn.Module, theirs: torch.nn.Module, shapes) -> None:
+    """ours under torch.compile(dynamic=True, fullgraph=True), run in training on inputs of each
+    shape: outputs, input gradients and finally the state_dict as torch's module's, and no
+    recompilation after the first call (Dynamo may trace that one twice)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(ours, backend=counter, dynamic=True, fullgraph=True)
+    first = None
+    for shape in shapes:
+        x = torch.randn(shape, requires_grad=True)
+        y, yt = compiled(x), theirs(x)
+        torch.testing.assert_close(y, yt, atol=1e-5, rtol=1e-5)
+        dy = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(yt, x, dy)[0],
+                                   atol=1e-4, rtol=1e-4)
+        first = first or counter.frame_count
+    for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=k)
+    assert counter.frame_count == first

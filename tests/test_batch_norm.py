@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FLOAT_ARGS_BAD, FLOAT_ARGS_OK
-from conftest import (CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch, assert_fp32_like_torch, assert_raises_like,
-                      big_bf16_normal, channels_last)
+from conftest import (CUDA_SKIP, DEVICES, DTYPES, assert_close_as_torch, assert_compiles_once_as_torch,
+                      assert_fp32_like_torch, assert_raises_like, big_bf16_normal, channels_last)
 
 import fusenorm
 
@@ -745,26 +745,10 @@ def test_compile_dynamic_batch_compiles_once(momentum, dims):
     """torch.compile(dynamic=True) in training: no recompilation for later batch sizes (the
     running-update factor count / (count - 1) is symbolic; it had specialized, one recompile per
     size), with torch.nn's outputs, gradients and buffers."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
     ours, theirs = fusenorm.BatchNorm2d(3, momentum=momentum), torch.nn.BatchNorm2d(3, momentum=momentum)
     if dims == 2:
         ours, theirs = fusenorm.BatchNorm1d(3, momentum=momentum), torch.nn.BatchNorm1d(3, momentum=momentum)
-    compiled = torch.compile(ours, backend=counter, dynamic=True, fullgraph=True)
-    first = None
-    for n in (2, 3, 5, 6):
-        x = torch.randn((n, 3) + (4, n) * (dims == 4), requires_grad=True)
-        y, yt = compiled(x), theirs(x)
-        torch.testing.assert_close(y, yt, atol=1e-5, rtol=1e-5)
-        dy = torch.randn_like(y)
-        torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(yt, x, dy)[0],
-                                   atol=1e-4, rtol=1e-4)
-        first = first or counter.frame_count  # the first call's graphs (Dynamo may trace twice)
-    for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
-        torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=k)
-    assert counter.frame_count == first
+    assert_compiles_once_as_torch(ours, theirs, [(n, 3) + (4, n) * (dims == 4) for n in (2, 3, 5, 6)])
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True])

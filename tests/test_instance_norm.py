@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import FLOAT_ARGS_BAD, FLOAT_ARGS_OK
-from conftest import DEVICES, DTYPES, assert_close_as_torch, assert_fp32_like_torch, assert_raises_like, channels_last
+from conftest import (DEVICES, DTYPES, assert_close_as_torch, assert_compiles_once_as_torch, assert_fp32_like_torch,
+                      assert_raises_like, channels_last)
 
 import fusenorm
 
@@ -302,22 +303,7 @@ def test_compile_dynamic_shapes_compile_once():
     """torch.compile(dynamic=True) with running statistics in training: no recompilation for later
     batch and spatial sizes (the running-update factor n / (n - 1) is symbolic; it had specialized,
     one recompile per spatial size), with torch.nn's outputs and buffers."""
-    from torch._dynamo.testing import CompileCounterWithBackend
-
-    torch._dynamo.reset()
-    counter = CompileCounterWithBackend("inductor")
     ours = fusenorm.InstanceNorm2d(3, affine=True, track_running_stats=True)
     theirs = torch.nn.InstanceNorm2d(3, affine=True, track_running_stats=True)
-    compiled = torch.compile(ours, backend=counter, dynamic=True, fullgraph=True)
-    first = None
-    for n in (2, 4, 5, 7):  # no size equal to C: Dynamo gives equal sizes one symbol
-        x = torch.randn(n, 3, 5, n + 2, requires_grad=True)
-        y, yt = compiled(x), theirs(x)
-        torch.testing.assert_close(y, yt, atol=1e-5, rtol=1e-5)
-        dy = torch.randn_like(y)
-        torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(yt, x, dy)[0],
-                                   atol=1e-4, rtol=1e-4)
-        first = first or counter.frame_count  # the first call's graphs (Dynamo may trace twice)
-    for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
-        torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=k)
-    assert counter.frame_count == first
+    # no size equal to C: Dynamo gives equal sizes one symbol
+    assert_compiles_once_as_torch(ours, theirs, [(n, 3, 5, n + 2) for n in (2, 4, 5, 7)])
