@@ -140,3 +140,15 @@ def test_ddp_training_matches_torch(tmp_path):
         assert ours.keys() == theirs.keys()
         for k in ours:
             torch.testing.assert_close(ours[k], theirs[k], atol=1e-5, rtol=1e-5, msg=k)
+
+
+def test_sync_residual_checked_before_the_update():
+    """A residual of the wrong size or device raises before the all-gather and the running update
+    (no process group needed to reach the check), as the non-synced op raises before its own."""
+    import fusenorm
+
+    x, rm, rv = torch.randn(4, 3, 5), torch.zeros(3), torch.ones(3)
+    for bad in (torch.randn(4, 3, 6), torch.randn(4, 3, 5, device="meta")):
+        with pytest.raises(RuntimeError, match="residual of size"):
+            fusenorm.sync_batch_norm(x, rm, rv, None, None, 0.1, 1e-5, residual=bad, activation="relu")
+    assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))

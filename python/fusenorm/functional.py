@@ -135,6 +135,8 @@ def _onnx_flag_holders():
             from torch.onnx._globals import GLOBALS
         except ImportError:
             GLOBALS = None
+    if GLOBALS is not None and not hasattr(GLOBALS, "_in_onnx_export"):
+        GLOBALS = None
     return _flags, GLOBALS
 
 
@@ -142,10 +144,12 @@ _ONNX_FLAGS, _ONNX_GLOBALS = _onnx_flag_holders()
 
 
 def _onnx_exporting() -> bool:
-    """torch.onnx.export is running (either exporter), in any thread: the flags are the process's."""
+    """torch.onnx.export is running (either exporter), in any thread: the flags are the process's.
+    GLOBALS' plain attribute, not its property, which Dynamo refuses to trace (strict torch.export
+    of any module failed on it)."""
     if _ONNX_FLAGS is None or _ONNX_GLOBALS is None:
         return torch.onnx.is_in_onnx_export()
-    return _ONNX_FLAGS._is_onnx_exporting or _ONNX_GLOBALS.in_onnx_export
+    return _ONNX_FLAGS._is_onnx_exporting or _ONNX_GLOBALS._in_onnx_export
 
 
 def _double_backward(fn, dy: torch.Tensor, inputs: list, want: list) -> list:
@@ -855,5 +859,9 @@ def sync_batch_norm(
     _check_bn_eps(float(eps), True)
     _check_running("running_mean", running_mean, c, input)
     _check_running("running_var", running_var, c, input)
+    if residual is not None and (residual.shape != input.shape or residual.device != input.device):
+        # the apply op's check, here before the all-gather and the buffer update
+        raise RuntimeError(f"fusenorm.batch_norm: residual of size {list(residual.shape)} on {residual.device} does "
+                           f"not match input of size {list(input.shape)} on {input.device}")
     return SyncBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, float(eps), group,
                                        residual, act)
