@@ -5,7 +5,7 @@ FROM nvidia/cuda:13.0.1-devel-ubuntu24.04
 ENV DEBIAN_FRONTEND=noninteractive PIP_BREAK_SYSTEM_PACKAGES=1 PYTHONUNBUFFERED=1
 RUN apt-get update && apt-get install -y --no-install-recommends python3 python3-pip python3-dev git make \
     && rm -rf /var/lib/apt/lists/*
-RUN python3 -m pip install --no-cache-dir "torch>=2.9" ninja pytest numpy matplotlib
+RUN python3 -m pip install --no-cache-dir "torch>=2.9" ninja pytest numpy matplotlib onnx onnxscript onnxruntime
 
 WORKDIR /opt/fusenorm
 COPY . .
