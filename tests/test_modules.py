@@ -265,3 +265,32 @@ def test_onnx_export_strict_capture(monkeypatch):
     session = ort.InferenceSession(buf.getvalue())
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(got), model(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_convert_lazy_norms(dims):
+    """fusenorm.convert on a model with torch's lazy norms (LazyBatchNormNd, LazyInstanceNormNd):
+    their first forward materializes them as fusenorm's twins (torch's become torch.nn's), with
+    torch's outputs, gradients and buffers over two training steps and in eval."""
+    def model():
+        lazy_bn = getattr(torch.nn, f"LazyBatchNorm{dims}d")
+        lazy_in = getattr(torch.nn, f"LazyInstanceNorm{dims}d")
+        return torch.nn.Sequential(lazy_bn(), lazy_in(affine=True, track_running_stats=True))
+    torch.manual_seed(0)
+    theirs, ours = model(), fusenorm.convert(model())
+    shape = (4, 5) + (6, 3, 2)[:dims]
+    for step in range(3):
+        for m in (ours, theirs):
+            m.train(step < 2)
+        x = torch.randn(shape, requires_grad=True)
+        y, yt = ours(x), theirs(x)
+        torch.testing.assert_close(y, yt, atol=1e-5, rtol=1e-5)
+        dy = torch.randn_like(y)
+        torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(yt, x, dy)[0],
+                                   atol=1e-4, rtol=1e-4)
+    assert type(ours[0]) is getattr(fusenorm, f"BatchNorm{dims}d")
+    assert type(ours[1]) is getattr(fusenorm, f"InstanceNorm{dims}d")
+    assert type(theirs[0]) is getattr(torch.nn, f"BatchNorm{dims}d")
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for k, t in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], t, atol=1e-5, rtol=1e-5, msg=k)
