@@ -153,7 +153,7 @@ class BatchNorm3d(_BatchNormMixin, torch.nn.BatchNorm3d):
 
 class SyncBatchNorm(_BatchNormMixin, torch.nn.SyncBatchNorm):
     """torch.nn.SyncBatchNorm computed by fusenorm's kernels, over any torch.distributed backend
-    (gloo on CPU, NCCL on GPU): the ranks' (count, mean, M2) are merged with one all-gather in the
+    (gloo on CPU, tested; NCCL on GPU, untested): the ranks' (count, mean, M2) are merged with one all-gather in the
     forward, and the two per-channel gradient sums with one all-reduce in the backward. Ranks may
     hold different batch sizes, an empty one included. Same state_dict as torch.nn.SyncBatchNorm.
     BatchNorm's epilogue (activation="relu", a residual) works while syncing too."""
