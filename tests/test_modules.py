@@ -1,11 +1,14 @@
-"""The drop-in modules (python/fusenorm/modules.py) under the tools that inspect or trace torch.nn
-modules: torch.fx symbolic tracing, constructor signatures (torch.nn.utils.skip_init) and
-torch.jit.trace. Each norm's own tests cover its numbers."""
+"""The drop-in modules (python/fusenorm/modules.py) under the tools that inspect, trace, export or
+transform torch.nn modules: torch.fx symbolic tracing, constructor signatures
+(torch.nn.utils.skip_init), torch.jit.trace, torch.export, AOTInductor, torch.onnx.export,
+inference_mode and CPU autocast, fusenorm.convert on lazy norms. Each norm's own tests cover its
+numbers."""
 from __future__ import annotations
 
 import copy
 import inspect
 import io
+import os
 
 import pytest
 import torch
@@ -294,3 +297,42 @@ def test_convert_lazy_norms(dims):
     assert ours.state_dict().keys() == theirs.state_dict().keys()
     for k, t in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[k], t, atol=1e-5, rtol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("ours,theirs,args,shape", MODULES, ids=IDS)
+def test_inference_mode_and_cpu_autocast(ours, theirs, args, shape):
+    """Under torch.inference_mode (train and eval: training updates the buffers there too) and CPU
+    autocast (bf16), the modules give torch.nn's outputs, dtypes and buffers."""
+    torch.manual_seed(0)
+    m, t = ours(*args), theirs(*args)
+    for training in (True, False):
+        if training and ours is fusenorm.SyncBatchNorm:
+            continue  # no process group: torch's SyncBatchNorm raises in training too
+        m.train(training)
+        t.train(training)
+        x = torch.randn(shape)
+        with torch.inference_mode():
+            torch.testing.assert_close(m(x), t(x), atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            xb = x.bfloat16()
+            got, want = m(xb), t(xb)
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=0.05, rtol=0.02)
+        for (k, a), (_, b) in zip(m.state_dict().items(), t.state_dict().items()):
+            torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3, msg=k)
+
+
+def test_aot_inductor_package():
+    """torch.export then AOTInductor (aoti_compile_and_package / aoti_load_package): the compiled
+    package calls our ops and gives the eager model's output."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), fusenorm.GroupNorm(2, 4, activation="silu"),
+                                fusenorm.BatchNorm2d(4, activation="relu"), fusenorm.LayerNorm(6)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    ep = torch.export.export(model, (x,))
+    assert any("fusenorm" in str(n.target) for n in ep.graph.nodes)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        path = torch._inductor.aoti_compile_and_package(ep, package_path=os.path.join(d, "model.pt2"))
+        loaded = torch._inductor.aoti_load_package(path)
+        torch.testing.assert_close(loaded(x), model(x), atol=1e-5, rtol=1e-5)
