@@ -103,6 +103,16 @@ FLOAT_ARGS_BAD = ["0.25", torch.tensor([0.25]), torch.tensor(0.25, requires_grad
                   fractions.Fraction(1, 4)]
 
 
+def assert_step_as_torch(ours, theirs, x: torch.Tensor) -> None:
+    """ours(x) and theirs(x) (fp32 modules or callables): the same output and input gradient."""
+    x = x.detach().requires_grad_()
+    y, yt = ours(x), theirs(x)
+    torch.testing.assert_close(y, yt, atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(yt, x, dy)[0],
+                               atol=1e-4, rtol=1e-4)
+
+
 def assert_compiles_once_as_torch(ours: torch.nn.Module, theirs: torch.nn.Module, shapes) -> None:
     """ours under torch.compile(dynamic=True, fullgraph=True), run in training on inputs of each
     shape: outputs, input gradients and finally the state_dict as torch's module's, and no
@@ -114,12 +124,7 @@ def assert_compiles_once_as_torch(ours: torch.nn.Module, theirs: torch.nn.Module
     compiled = torch.compile(ours, backend=counter, dynamic=True, fullgraph=True)
     first = None
     for shape in shapes:
-        x = torch.randn(shape, requires_grad=True)
-        y, yt = compiled(x), theirs(x)
-        torch.testing.assert_close(y, yt, atol=1e-5, rtol=1e-5)
-        dy = torch.randn_like(y)
-        torch.testing.assert_close(torch.autograd.grad(y, x, dy)[0], torch.autograd.grad(yt, x, dy)[0],
-                                   atol=1e-4, rtol=1e-4)
+        assert_step_as_torch(compiled, theirs, torch.randn(shape))
         first = first or counter.frame_count
     for (k, a), (_, t) in zip(ours.state_dict().items(), theirs.state_dict().items()):
         torch.testing.assert_close(a, t, atol=1e-5, rtol=1e-5, msg=k)
