@@ -407,7 +407,7 @@ struct GroupNormBackend {
     A* RSTD = rstd.data_ptr<A>();
     constexpr bool direct = reads_direct<T>;  // every pass reads x itself, without a conversion copy
     [[maybe_unused]] const bool nt = stream_rows(x.numel() * int64_t(sizeof(T)), Y, S * int64_t(sizeof(T)));
-    at::parallel_for(0, s.N * s.G, row_grain(L), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.N * s.G, work_grain(L), [&](int64_t begin, int64_t end) {
       Buf<A> buf(direct ? 0 : L), zbuf(std::is_same_v<T, A> ? 0 : S);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t g = ng % s.G;
@@ -623,7 +623,7 @@ struct GroupNormBackend {
     if constexpr (std::is_same_v<A, float>) {
       // each channel's run read twice (the second time from cache), no copies
       const bool nt = stream_rows(s.N * s.C * S * int64_t(sizeof(T)), DX, S * int64_t(sizeof(T)));
-      at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
+      at::parallel_for(0, s.N * s.G, work_grain(2 * L), [&](int64_t begin, int64_t end) {
         Buf<float> dz(act != Act::None ? L : 0);
         for (int64_t ng = begin; ng < end; ++ng) {
           const int64_t n = ng / s.G, g = ng % s.G;
@@ -653,7 +653,7 @@ struct GroupNormBackend {
 #endif
     // Straight from x and dy, without copies (fp64 copied both into buffers: 0.69-0.81x torch.nn),
     // dz kept in a buffer only with an activation.
-    at::parallel_for(0, s.N * s.G, row_grain(2 * L), [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, s.N * s.G, work_grain(2 * L), [&](int64_t begin, int64_t end) {
       Buf<A> dz(act != Act::None ? L : 0);
       for (int64_t ng = begin; ng < end; ++ng) {
         const int64_t n = ng / s.G, g = ng % s.G;

@@ -602,7 +602,6 @@ constexpr int64_t kParallelWork = 32768;
 inline int64_t work_grain(int64_t per_item) {
   return std::max<int64_t>(1, kParallelWork / std::max<int64_t>(per_item, 1));
 }
-inline int64_t row_grain(int64_t N) { return work_grain(N); }
 
 template <typename T, typename W, bool RMS>
 void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at::Tensor* bias, int64_t M,
@@ -617,7 +616,7 @@ void row_norm_fwd_kernel(const at::Tensor& x, const at::Tensor* weight, const at
   const A* wp = w.data();
   const A* bp = b.data();
   [[maybe_unused]] const bool nt = stream_rows(M * N * int64_t(sizeof(T)), Y, N * int64_t(sizeof(T)));
-  at::parallel_for(0, M, row_grain(N), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, M, work_grain(N), [&](int64_t begin, int64_t end) {
     Buf<A> buf(std::is_same_v<T, A> ? 0 : N), obuf(std::is_same_v<T, A> ? 0 : N);
     for (int64_t r = begin; r < end; ++r) {
 #ifdef FUSENORM_CPU_AVX2

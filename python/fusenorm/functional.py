@@ -101,6 +101,7 @@ _HALF = (torch.float16, torch.bfloat16)
 _forward_ad = torch.autograd.forward_ad
 _is_compiling = torch.compiler.is_compiling
 _functorch_level = torch._C._functorch.maybe_current_level
+_is_exporting = torch.compiler.is_exporting
 
 
 def _reference() -> bool:
@@ -115,8 +116,6 @@ def _reference() -> bool:
         return torch._C._are_functorch_transforms_active() or (_is_exporting() and _onnx_exporting())
     return _functorch_level() is not None or _onnx_exporting()
 
-
-_is_exporting = torch.compiler.is_exporting
 
 
 def _onnx_flag_holders():

@@ -235,17 +235,6 @@ _SWAPS = {
 }
 
 
-# torch's lazy norms become their class's cls_to_become on their first forward
-_LAZY_SWAPS = {
-    torch.nn.LazyBatchNorm1d: BatchNorm1d,
-    torch.nn.LazyBatchNorm2d: BatchNorm2d,
-    torch.nn.LazyBatchNorm3d: BatchNorm3d,
-    torch.nn.LazyInstanceNorm1d: InstanceNorm1d,
-    torch.nn.LazyInstanceNorm2d: InstanceNorm2d,
-    torch.nn.LazyInstanceNorm3d: InstanceNorm3d,
-}
-
-
 def convert(module: torch.nn.Module) -> torch.nn.Module:
     """Replace, in place and recursively, every torch.nn norm layer that fusenorm covers with its
     fusenorm twin (same parameters and buffers, shared, not copied); a lazy one (LazyBatchNorm2d,
@@ -254,7 +243,9 @@ def convert(module: torch.nn.Module) -> torch.nn.Module:
     if cls is not None:
         module.__class__ = cls
         return module
-    cls = _LAZY_SWAPS.get(type(module))
+    # a lazy norm becomes its class's cls_to_become (torch's twin) on its first forward
+    lazy = isinstance(module, torch.nn.modules.lazy.LazyModuleMixin)
+    cls = _SWAPS.get(module.cls_to_become) if lazy else None
     if cls is not None:
         module.cls_to_become = cls
         return module
